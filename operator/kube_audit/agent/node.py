@@ -1,0 +1,355 @@
+"""Apply, roll back and uninstall on one control-plane node.
+
+Crash safety comes from content addressing: each desired content lives in its own folder
+``<config_dir>/<hash>/`` that is complete before the manifest names it, and the manifest's atomic
+rename is the single commit point. Killed at any step, the host runs the old manifest with the
+old files or the new manifest with the new files; the next apply finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from kube_audit import hostfs
+from kube_audit.agent.health import HealthCheck
+from kube_audit.agent.layout import MANIFEST_NAME, HostLayout
+from kube_audit.core.diff import render_plan
+from kube_audit.core.manifest import (
+    Manifest,
+    config_hash_of,
+    flag_value,
+    parse_manifest,
+    render_manifest,
+    unpatch_manifest,
+)
+from kube_audit.core.plan import POLICY_FILE, TOKEN_FILE, DesiredState, plan_manifest
+from kube_audit.errors import HostError, ManifestError, RolledBack
+
+KEEP_BACKUPS = 10
+KEEP_FAILED = 20
+FILE_FLAGS = {"--token-auth-file": TOKEN_FILE, "--audit-policy-file": POLICY_FILE}
+
+Outcome = Literal["unchanged", "applied", "rolled-back", "skipped-failed", "uninstalled"]
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    outcome: Outcome
+    config_hash: str
+    message: str
+    restarted: bool = False
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class _Current:
+    text: str
+    manifest: Manifest
+    files: dict[str, bytes]
+    mode: int
+
+
+def read_state(layout: HostLayout) -> dict[str, Any]:
+    """The agent's record of this node: last good hash, pending change, failed hashes."""
+    data = hostfs.read_optional(layout.state_file)
+    if data is None:
+        return {}
+    try:
+        state = json.loads(data)
+    except json.JSONDecodeError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _write_state(layout: HostLayout, state: dict[str, Any]) -> None:
+    hostfs.ensure_dir(layout.state_dir)
+    hostfs.write_atomic(layout.state_file, json.dumps(state, indent=2, sort_keys=True).encode())
+
+
+def _referenced_files(layout: HostLayout, manifest: Manifest) -> dict[str, bytes]:
+    files = {}
+    for flag, name in FILE_FLAGS.items():
+        path = flag_value(manifest, flag)
+        if path and path.startswith(layout.settings.config_dir + "/"):
+            data = hostfs.read_optional(layout.host(path))
+            if data is not None:
+                files[name] = data
+    return files
+
+
+def _read_current(layout: HostLayout) -> _Current:
+    if not layout.static_pod_dir.is_dir():
+        raise HostError(f"static pod folder {layout.static_pod_dir} does not exist")
+    path = layout.manifest
+    raw = hostfs.read_optional(path)
+    if raw is None:
+        raise ManifestError(f"{path} does not exist; is this a kubeadm control-plane node?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text; refusing to change it") from None
+    manifest = parse_manifest(text, str(path))
+    return _Current(
+        text, manifest, _referenced_files(layout, manifest), path.stat().st_mode & 0o777
+    )
+
+
+def _subdir_of(layout: HostLayout, manifest: Manifest) -> str | None:
+    for flag in FILE_FLAGS:
+        path = flag_value(manifest, flag)
+        if path and path.startswith(layout.settings.config_dir + "/"):
+            return posixpath.dirname(path)
+    return None
+
+
+def _cleanup_temporaries(layout: HostLayout) -> None:
+    for folder in (layout.static_pod_dir, layout.config_dir, layout.state_dir, layout.backups):
+        hostfs.remove_stale_temporaries(folder)
+
+
+def plan_node(layout: HostLayout, desired: DesiredState) -> str:
+    """The diff ``apply`` would make; reads only."""
+    current = _read_current(layout)
+    new_text = render_manifest(plan_manifest(current.manifest, desired))
+    new_text = current.text if parse_manifest(new_text) == current.manifest else new_text
+    return render_plan(
+        manifest_old=current.text,
+        manifest_new=new_text,
+        policy_old=current.files.get(POLICY_FILE),
+        policy_new=desired.files.get(POLICY_FILE),
+        tokens_old=current.files.get(TOKEN_FILE),
+        tokens_new=desired.files.get(TOKEN_FILE),
+    )
+
+
+def _backup(layout: HostLayout, current: _Current) -> None:
+    """Keep the current manifest and files outside the static pod folder; keep the last ten."""
+    existing = hostfs.list_dirs(layout.backups)
+    wanted = {MANIFEST_NAME: current.text.encode(), **current.files}
+    if existing and hostfs.read_folder(existing[-1]) == wanted:
+        return
+    seq = int(existing[-1].name.split("-", 1)[0]) + 1 if existing else 1
+    tag = (config_hash_of(current.manifest) or "unpatched")[:16]
+    hostfs.ensure_dir(layout.backups)
+    hostfs.write_folder_atomic(layout.backups / f"{seq:06d}-{tag}", wanted)
+    for old in hostfs.list_dirs(layout.backups)[:-KEEP_BACKUPS]:
+        hostfs.remove_tree(old)
+
+
+def _write_config(layout: HostLayout, subdir: str | None, files: dict[str, bytes]) -> None:
+    """Make ``subdir`` hold exactly ``files``; a folder already complete is not rewritten."""
+    if subdir is None or not files:
+        return
+    hostfs.ensure_dir(layout.config_dir, 0o700)
+    target = layout.host(subdir)
+    if hostfs.read_folder(target) != files:
+        hostfs.write_folder_atomic(target, files)
+
+
+def _write_manifest(layout: HostLayout, text: str, mode: int) -> None:
+    hostfs.write_atomic(layout.manifest, text.encode(), mode=mode or 0o600)
+
+
+def _collect_garbage(layout: HostLayout, keep: set[str]) -> None:
+    """Remove content folders neither the running manifest nor a backup refers to.
+
+    A backup folder is named ``<seq>-<hash16>``, the name of the content folder it needs.
+    """
+    keep |= {b.name.split("-", 1)[1] for b in hostfs.list_dirs(layout.backups) if "-" in b.name}
+    for folder in hostfs.list_dirs(layout.config_dir):
+        if folder.name not in keep:
+            hostfs.remove_tree(folder)
+
+
+def _restore(layout: HostLayout, backup: Path, mode: int) -> str:
+    files = hostfs.read_folder(backup) or {}
+    text = files.pop(MANIFEST_NAME).decode()
+    manifest = parse_manifest(text, str(backup / MANIFEST_NAME))
+    _write_config(layout, _subdir_of(layout, manifest), files)
+    _write_manifest(layout, text, mode)
+    return config_hash_of(manifest) or ""
+
+
+def _record(state: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**state, **changes}
+
+
+def apply_node(
+    layout: HostLayout,
+    desired: DesiredState,
+    health: HealthCheck | None,
+    *,
+    retry_failed: bool = True,
+    now: Callable[[], str] = _now,
+) -> NodeResult:
+    """Bring the node to ``desired``; roll back if the new apiserver never gets ready."""
+    with hostfs.host_lock(layout.lock_file):
+        _cleanup_temporaries(layout)
+        current = _read_current(layout)
+        state = read_state(layout)
+        new = plan_manifest(current.manifest, desired)
+        target_hash = desired.config_hash
+        subdir = _subdir_of(layout, new)
+        files_ok = subdir is None or hostfs.read_folder(layout.host(subdir)) == dict(desired.files)
+        if new == current.manifest and files_ok:
+            if state.get("pending") == target_hash and health is not None:
+                return _finish(
+                    layout, state, target_hash=target_hash, health=health, restarted=False, now=now
+                )
+            return NodeResult("unchanged", target_hash, "nothing to change")
+        if not retry_failed and target_hash in state.get("failed", []):
+            return NodeResult(
+                "skipped-failed",
+                target_hash,
+                f"content {target_hash[:16]} already failed on this node and was rolled back; "
+                "change the inputs or run `kube-audit node apply` by hand to try again",
+            )
+        _backup(layout, current)
+        _write_config(layout, subdir, dict(desired.files))
+        if desired.files.get(POLICY_FILE) is not None:
+            hostfs.ensure_dir(layout.log_dir, 0o700)
+        changed = new != current.manifest
+        if not changed:
+            return _finish(
+                layout, state, target_hash=target_hash, health=None, restarted=False, now=now
+            )
+        state = _record(state, pending=target_hash if health is not None else None)
+        _write_state(layout, state)
+        _write_manifest(layout, render_manifest(new), current.mode)
+        return _finish(
+            layout, state, target_hash=target_hash, health=health, restarted=True, now=now
+        )
+
+
+def _finish(
+    layout: HostLayout,
+    state: dict[str, Any],
+    *,
+    target_hash: str,
+    health: HealthCheck | None,
+    restarted: bool,
+    now: Callable[[], str],
+) -> NodeResult:
+    if health is not None:
+        outcome = health.wait_ready(require_restart=restarted)
+        if not outcome.ready:
+            return _roll_back_failed(
+                layout,
+                state,
+                failed_hash=target_hash,
+                health=health,
+                reason=outcome.reason,
+                now=now,
+            )
+    keep = {
+        posixpath.basename(s) for s in [_subdir_of(layout, _read_current(layout).manifest)] if s
+    }
+    _collect_garbage(layout, keep)
+    _write_state(layout, _record(state, pending=None, lastGood=target_hash, lastApplied=now()))
+    verb = "applied and ready" if health is not None else "applied (not waiting for readiness)"
+    short = target_hash[:16] or "unpatched"
+    return NodeResult("applied", target_hash, f"{verb}: config {short}", restarted=restarted)
+
+
+def _roll_back_failed(
+    layout: HostLayout,
+    state: dict[str, Any],
+    *,
+    failed_hash: str,
+    health: HealthCheck,
+    reason: str,
+    now: Callable[[], str],
+) -> NodeResult:
+    backups = hostfs.list_dirs(layout.backups)
+    failed = [h for h in state.get("failed", []) if h != failed_hash][-KEEP_FAILED + 1 :]
+    state = _record(state, pending=None, failed=[*failed, failed_hash], lastRollback=now())
+    if not backups:
+        _write_state(layout, state)
+        raise RolledBack(
+            f"new kube-apiserver not ready ({reason}) and no backup to restore", failed_hash
+        )
+    restored = _restore(layout, backups[-1], layout.manifest.stat().st_mode & 0o777)
+    back = health.wait_ready(require_restart=True)
+    _write_state(layout, _record(state, lastGood=restored))
+    tail = (
+        "the previous apiserver is ready again"
+        if back.ready
+        else (
+            f"the previous apiserver is not ready either ({back.reason}); "
+            "see docs/recovery.md to recover the node by hand"
+        )
+    )
+    raise RolledBack(
+        f"new kube-apiserver for config {failed_hash[:16]} never became ready ({reason}); "
+        f"restored backup {backups[-1].name}; {tail}",
+        failed_hash,
+    )
+
+
+def rollback_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult:
+    """Restore the newest backup that differs from what runs now."""
+    with hostfs.host_lock(layout.lock_file):
+        _cleanup_temporaries(layout)
+        current = _read_current(layout)
+        wanted_now = {MANIFEST_NAME: current.text.encode(), **current.files}
+        for backup in reversed(hostfs.list_dirs(layout.backups)):
+            if hostfs.read_folder(backup) != wanted_now:
+                _backup(layout, current)
+                restored = _restore(layout, backup, current.mode)
+                if health is not None:
+                    outcome = health.wait_ready(require_restart=True)
+                    if not outcome.ready:
+                        raise RolledBack(
+                            f"restored {backup.name} but kube-apiserver is not ready: "
+                            f"{outcome.reason}",
+                            restored,
+                        )
+                _write_state(layout, _record(read_state(layout), pending=None, lastGood=restored))
+                return NodeResult("rolled-back", restored, f"restored backup {backup.name}", True)
+        raise HostError(f"no backup in {layout.backups} differs from the running manifest")
+
+
+def uninstall_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult:
+    """Put back the manifest as it was before kube-audit; remove our files, keep audit logs."""
+    with hostfs.host_lock(layout.lock_file):
+        _cleanup_temporaries(layout)
+        current = _read_current(layout)
+        original = unpatch_manifest(current.manifest)
+        restarted = original != current.manifest
+        if restarted:
+            _backup(layout, current)
+            _write_manifest(layout, render_manifest(original), current.mode)
+            if health is not None:
+                outcome = health.wait_ready(require_restart=True)
+                if not outcome.ready:
+                    raise RolledBack(
+                        f"unpatched manifest written but kube-apiserver is not ready: "
+                        f"{outcome.reason}; `kube-audit node rollback` restores the last state",
+                        "",
+                    )
+        hostfs.remove_tree(layout.config_dir)
+        hostfs.remove_tree(layout.state_file)
+        kept = f"audit logs kept in {layout.log_dir}; backups kept in {layout.backups}"
+        return NodeResult("uninstalled", "", f"kube-apiserver manifest restored; {kept}", restarted)
+
+
+def default_health_check(layout: HostLayout, timeout: float) -> HealthCheck:
+    """The local apiserver's /readyz over HTTPS, trusting the cluster CA on the host."""
+    manifest = _read_current(layout).manifest
+    address = flag_value(manifest, "--advertise-address") or "127.0.0.1"
+    port = flag_value(manifest, "--secure-port") or "6443"
+    host = f"[{address}]" if ":" in address else address
+    return HealthCheck(
+        url=f"https://{host}:{port}/readyz",
+        ca_file=layout.host("/etc/kubernetes/pki/ca.crt"),
+        timeout=timeout,
+    )

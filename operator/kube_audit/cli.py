@@ -1,0 +1,284 @@
+"""``kube-audit``: the command line. Parses arguments, calls the layers, maps errors to exits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kube_audit import __version__, hostfs
+from kube_audit.agent.health import HealthCheck
+from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
+from kube_audit.agent.node import (
+    NodeResult,
+    apply_node,
+    default_health_check,
+    plan_node,
+    rollback_node,
+    uninstall_node,
+)
+from kube_audit.core.plan import (
+    POLICY_FILE,
+    TOKEN_FILE,
+    DesiredState,
+    Inputs,
+    collect_inputs,
+    parse_documents,
+    plan_desired,
+)
+from kube_audit.core.settings import Settings
+from kube_audit.errors import InvalidInput, KubeAuditError, Problem
+
+_YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def input_files(paths: Sequence[str], problems: list[Problem]) -> list[Path]:
+    """Files named by ``-f``; a folder means its YAML/JSON files, as with ``kubectl apply -f``."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(sorted(p for p in path.iterdir() if p.suffix in _YAML_SUFFIXES))
+        elif path.exists():
+            out.append(path)
+        else:
+            problems.append(Problem(raw, "", "no such file or folder"))
+    return out
+
+
+def read_inputs(paths: Sequence[str]) -> Inputs:
+    """Every object of every file; all problems together, so one run shows every mistake."""
+    documents = []
+    problems: list[Problem] = []
+    for path in input_files(paths, problems):
+        try:
+            text = hostfs.read_bytes(path).decode("utf-8")
+            documents.extend(parse_documents(text, str(path)))
+        except UnicodeDecodeError:
+            problems.append(Problem(str(path), "", "is not UTF-8 text"))
+        except InvalidInput as error:
+            problems.extend(error.problems)
+    inputs = collect_inputs(documents)
+    if problems:
+        raise InvalidInput([*problems, *inputs.problems])
+    return inputs
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        allowed_system_groups=frozenset(getattr(args, "allow_system_group", None) or ()),
+        allowed_system_users=frozenset(getattr(args, "allow_system_user", None) or ()),
+        log_maxage=getattr(args, "audit_log_maxage", Settings.log_maxage),
+        log_maxbackup=getattr(args, "audit_log_maxbackup", Settings.log_maxbackup),
+        log_maxsize=getattr(args, "audit_log_maxsize", Settings.log_maxsize),
+    )
+
+
+def _valid_desired(args: argparse.Namespace, settings: Settings) -> DesiredState:
+    desired = plan_desired(read_inputs(args.file), settings)
+    if desired.problems:
+        raise InvalidInput(desired.problems)
+    return desired
+
+
+def _layout(args: argparse.Namespace) -> HostLayout:
+    return HostLayout.discover(Path(args.host_root), settings_from_args(args), args.kubelet_config)
+
+
+def _health(args: argparse.Namespace, layout: HostLayout) -> HealthCheck | None:
+    if args.no_wait:
+        return None
+    if args.health_url:
+        ca = layout.host("/etc/kubernetes/pki/ca.crt")
+        return HealthCheck(url=args.health_url, ca_file=ca, timeout=args.timeout)
+    return default_health_check(layout, args.timeout)
+
+
+def _report(result: NodeResult) -> int:
+    print(f"{result.outcome}: {result.message}")
+    return 0
+
+
+def cmd_node_plan(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    diff = plan_node(layout, _valid_desired(args, layout.settings))
+    print(diff if diff else "no changes: the node already runs this configuration", end="")
+    if diff:
+        print(f"(static pod folder: {layout.static_pod_dir})")
+    else:
+        print()
+    return 0
+
+
+def cmd_node_apply(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    desired = _valid_desired(args, layout.settings)
+    return _report(apply_node(layout, desired, _health(args, layout), retry_failed=True))
+
+
+def cmd_node_rollback(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    return _report(rollback_node(layout, _health(args, layout)))
+
+
+def cmd_node_uninstall(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    return _report(uninstall_node(layout, _health(args, layout)))
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    desired = plan_desired(read_inputs(args.file), settings_from_args(args))
+    if desired.problems:
+        raise InvalidInput(desired.problems)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInput([Problem(str(out), "--out", "exists and is not a folder")])
+    hostfs.ensure_dir(out)
+    hostfs.write_atomic(out / TOKEN_FILE, desired.files.get(TOKEN_FILE, b""), mode=0o600)
+    records = len(desired.users.records)
+    print(f"wrote {out / TOKEN_FILE} ({records} user{'s' * (records != 1)})")
+    policy = desired.files.get(POLICY_FILE)
+    if policy is None:
+        stale = out / POLICY_FILE
+        print(
+            "no AuditPolicy given: no audit policy written (a policy with 0 rules would stop "
+            "kube-apiserver)" + (f"; {stale} is left from an earlier run" if stale.exists() else "")
+        )
+    else:
+        hostfs.write_atomic(out / POLICY_FILE, policy, mode=0o644)
+        print(f"wrote {out / POLICY_FILE}")
+    return 0
+
+
+def _add_guard_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-system-group",
+        action="append",
+        metavar="GROUP",
+        help="allow this exact system: group in AuditUsers (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-system-user",
+        action="append",
+        metavar="USER",
+        help="allow this exact system: username in AuditUsers (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kube-audit",
+        description="Per-person identities and audit logging for kubeadm clusters.",
+    )
+    parser.add_argument("--version", action="version", version=f"kube-audit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    render = sub.add_parser(
+        "render",
+        help="render tokens.csv and audit-policy.yaml from YAML files",
+        description="Validate AuditUser, AuditPolicy and Secret objects and write the token "
+        "file and audit policy kube-apiserver reads. Writes nothing if any input is invalid.",
+    )
+    render.add_argument("-f", "--file", action="append", required=True, metavar="FILE")
+    render.add_argument("--out", required=True, metavar="DIR")
+    _add_guard_flags(render)
+    render.set_defaults(func=cmd_render)
+
+    node = sub.add_parser("node", help="apply to this control-plane node's host").add_subparsers(
+        dest="node_command", required=True
+    )
+    for name, func, text, needs_inputs, waits in (
+        (
+            "plan",
+            cmd_node_plan,
+            "show what apply would change (tokens as fingerprints)",
+            True,
+            False,
+        ),
+        (
+            "apply",
+            cmd_node_apply,
+            "apply the objects to the node and wait for the apiserver",
+            True,
+            True,
+        ),
+        ("rollback", cmd_node_rollback, "restore the previous good state", False, True),
+        (
+            "uninstall",
+            cmd_node_uninstall,
+            "restore kubeadm's manifest; keep audit logs",
+            False,
+            True,
+        ),
+    ):
+        cmd = node.add_parser(name, help=text, description=text)
+        cmd.add_argument(
+            "--host-root",
+            default="/",
+            metavar="ROOT",
+            help="where the host's / is mounted (default /)",
+        )
+        cmd.add_argument(
+            "--kubelet-config",
+            default=DEFAULT_KUBELET_CONFIG,
+            metavar="PATH",
+            help="kubelet config holding staticPodPath (host path)",
+        )
+        if needs_inputs:
+            cmd.add_argument("-f", "--file", action="append", required=True, metavar="FILE")
+            _add_guard_flags(cmd)
+            for flag, default, unit in (
+                ("maxage", 30, "days"),
+                ("maxbackup", 10, "files"),
+                ("maxsize", 100, "MB"),
+            ):
+                cmd.add_argument(
+                    f"--audit-log-{flag}",
+                    type=int,
+                    default=default,
+                    help=f"audit log rotation, {unit} (default {default})",
+                )
+        if waits:
+            cmd.add_argument(
+                "--health-url",
+                metavar="URL",
+                help="readiness URL (default: https://ADVERTISE-ADDRESS:PORT/readyz)",
+            )
+            cmd.add_argument(
+                "--timeout",
+                type=float,
+                default=180.0,
+                metavar="SECONDS",
+                help="how long to wait for the new apiserver (default 180)",
+            )
+            cmd.add_argument(
+                "--no-wait",
+                action="store_true",
+                help="do not wait for the new apiserver to become ready",
+            )
+        cmd.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except InvalidInput as error:
+        print(
+            f"kube-audit: {len(error.problems)} invalid input(s), nothing written:", file=sys.stderr
+        )
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return error.exit_code
+    except KubeAuditError as error:
+        print(f"kube-audit: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

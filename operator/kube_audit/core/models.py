@@ -1,0 +1,242 @@
+"""Custom resource models (pydantic, at the boundary) and the plain values the core works on."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from kube_audit.errors import InvalidInput, Problem
+
+GROUP = "kube-audit.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+AUDIT_USER = "AuditUser"
+AUDIT_POLICY = "AuditPolicy"
+
+Level = Literal["None", "Metadata", "Request", "RequestResponse"]
+Stage = Literal["RequestReceived", "ResponseStarted", "ResponseComplete", "Panic"]
+STAGE_ORDER: tuple[str, ...] = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
+
+
+class _Spec(BaseModel):
+    """Strict camelCase model: unknown fields are refused, as a structural CRD schema would."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        strict=True,
+    )
+
+
+class SecretKeyRef(_Spec):
+    """Where an AuditUser's token lives when it is not the default Secret."""
+
+    namespace: str = Field(min_length=1, description="Namespace of the Secret.")
+    name: str = Field(min_length=1, description="Name of the Secret.")
+    key: str = Field(default="token", min_length=1, description="Key in the Secret's data.")
+
+
+class AuditUserSpec(_Spec):
+    """One person: the identity kube-apiserver gives to whoever presents the token."""
+
+    username: str | None = Field(
+        default=None, min_length=1, description="User name; defaults to metadata.name."
+    )
+    uid: str | None = Field(default=None, min_length=1, description="UID; defaults to username.")
+    groups: list[str] = Field(default_factory=list, description="Groups the user belongs to.")
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the token; default Secret kube-audit/audituser-<name>.",
+    )
+    disabled: bool = Field(
+        default=False, description="A disabled user keeps its object but its token stops working."
+    )
+
+
+class GroupResources(_Spec):
+    """audit.k8s.io/v1 GroupResources."""
+
+    group: str = Field(default="", description="API group; empty for the core group.")
+    resources: list[str] = Field(default_factory=list, description="Resources, e.g. pods.")
+    resource_names: list[str] = Field(default_factory=list, description="Object names.")
+
+
+class PolicyRule(_Spec):
+    """audit.k8s.io/v1 PolicyRule."""
+
+    level: Level = Field(description="None, Metadata, Request or RequestResponse.")
+    users: list[str] = Field(default_factory=list, description="User names this rule applies to.")
+    user_groups: list[str] = Field(default_factory=list, description="Groups it applies to.")
+    verbs: list[str] = Field(default_factory=list, description="Verbs it applies to.")
+    resources: list[GroupResources] = Field(default_factory=list, description="Resources.")
+    namespaces: list[str] = Field(default_factory=list, description="Namespaces.")
+    non_resource_urls: list[str] = Field(
+        default_factory=list, alias="nonResourceURLs", description="Non-resource URL paths."
+    )
+    omit_stages: list[Stage] = Field(default_factory=list, description="Stages not logged.")
+    omit_managed_fields: bool | None = Field(
+        default=None, description="Drop managedFields from logged bodies."
+    )
+
+
+class AuditPolicySpec(_Spec):
+    """One slice of the node's audit policy; slices are joined in (priority, name) order."""
+
+    priority: int = Field(default=100, description="Lower comes first; ties broken by name.")
+    omit_stages: list[Stage] = Field(
+        default_factory=list, description="Stages omitted for every rule of this object."
+    )
+    omit_managed_fields: bool | None = Field(
+        default=None, description="Default omitManagedFields for every rule of this object."
+    )
+    rules: list[PolicyRule] = Field(min_length=1, description="Rules; first match wins.")
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The parts of metadata the core needs."""
+
+    name: str
+    uid: str = ""
+    generation: int = 0
+    creation_timestamp: str = ""
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditUser:
+    meta: Meta
+    spec: AuditUserSpec
+
+    @property
+    def ref(self) -> str:
+        return f"{AUDIT_USER}/{self.meta.name}"
+
+    @property
+    def username(self) -> str:
+        return self.spec.username if self.spec.username is not None else self.meta.name
+
+    @property
+    def uid(self) -> str:
+        return self.spec.uid if self.spec.uid is not None else self.username
+
+
+@dataclass(frozen=True)
+class AuditPolicy:
+    meta: Meta
+    spec: AuditPolicySpec
+
+    @property
+    def ref(self) -> str:
+        return f"{AUDIT_POLICY}/{self.meta.name}"
+
+
+@dataclass(frozen=True)
+class SecretData:
+    """A Secret's decoded data: key -> bytes."""
+
+    namespace: str
+    name: str
+    data: Mapping[str, bytes]
+
+    @property
+    def ref(self) -> str:
+        return f"Secret {self.namespace}/{self.name}"
+
+
+def _field_path(prefix: str, loc: tuple[int | str, ...]) -> str:
+    path = prefix
+    for part in loc:
+        path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}" if path else part
+    return path
+
+
+def problems_from_validation(obj: str, prefix: str, error: ValidationError) -> list[Problem]:
+    """Turn pydantic's errors into problems with Kubernetes-style field paths."""
+    problems = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function")))
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif item["type"] == "literal_error":
+            msg = f"unsupported value {item['input']!r}: {msg}"
+        problems.append(Problem(obj, _field_path(prefix, loc), msg))
+    return problems
+
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _meta(obj: Mapping[str, Any], ref_kind: str) -> tuple[Meta, list[Problem]]:
+    raw = obj.get("metadata")
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str) or not raw["name"]:
+        return Meta(name=""), [Problem(f"{ref_kind}/?", "metadata.name", "is required")]
+    if len(raw["name"]) > 240 or not _DNS_SUBDOMAIN.match(raw["name"]):
+        return Meta(name=""), [
+            Problem(
+                f"{ref_kind}/{raw['name']}",
+                "metadata.name",
+                "must be a lower-case DNS subdomain of at most 240 characters",
+            )
+        ]
+    annotations = raw.get("annotations") or {}
+    generation = raw.get("generation") or 0
+    return (
+        Meta(
+            name=raw["name"],
+            uid=str(raw.get("uid") or ""),
+            generation=generation if isinstance(generation, int) else 0,
+            creation_timestamp=str(raw.get("creationTimestamp") or ""),
+            annotations={str(k): str(v) for k, v in annotations.items()}
+            if isinstance(annotations, Mapping)
+            else {},
+        ),
+        [],
+    )
+
+
+def parse_audit_user(obj: Mapping[str, Any]) -> AuditUser:
+    """Validate an AuditUser object (a dict as the API returns it)."""
+    meta, problems = _meta(obj, AUDIT_USER)
+    if problems:
+        raise InvalidInput(problems)
+    try:
+        spec = AuditUserSpec.model_validate(obj.get("spec") or {}, by_alias=True)
+    except ValidationError as error:
+        raise InvalidInput(
+            problems_from_validation(f"{AUDIT_USER}/{meta.name}", "spec", error)
+        ) from None
+    return AuditUser(meta, spec)
+
+
+def parse_secret(obj: Mapping[str, Any]) -> SecretData:
+    """Decode a v1 Secret's ``data`` (base64) and ``stringData`` (as kubectl would merge them)."""
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    assert isinstance(meta, Mapping)
+    name = meta.get("name")
+    namespace = meta.get("namespace") or "default"
+    ref = f"Secret/{namespace}/{name or '?'}"
+    if not isinstance(name, str) or not name:
+        raise InvalidInput([Problem(ref, "metadata.name", "is required")])
+    data: dict[str, bytes] = {}
+    problems = []
+    for key, value in (obj.get("data") or {}).items():
+        try:
+            data[str(key)] = base64.b64decode(str(value), validate=True)
+        except (binascii.Error, ValueError):
+            problems.append(Problem(ref, f"data.{key}", "is not valid base64"))
+    for key, value in (obj.get("stringData") or {}).items():
+        data[str(key)] = str(value).encode()
+    if problems:
+        raise InvalidInput(problems)
+    return SecretData(namespace=str(namespace), name=name, data=data)

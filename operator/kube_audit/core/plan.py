@@ -1,0 +1,184 @@
+"""From the cluster's objects to the node's desired files and manifest: the whole decision, pure."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kube_audit.core import yamlio
+from kube_audit.core.manifest import Manifest, ManifestConfig, patch_manifest
+from kube_audit.core.models import (
+    API_VERSION,
+    AUDIT_POLICY,
+    AUDIT_USER,
+    AuditPolicy,
+    AuditUser,
+    SecretData,
+    parse_audit_user,
+    parse_secret,
+)
+from kube_audit.core.policy import parse_audit_policy, render_audit_policy
+from kube_audit.core.settings import Settings
+from kube_audit.core.tokens import render_token_file
+from kube_audit.core.users import UserResolution, resolve_users
+from kube_audit.errors import InvalidInput, Problem
+
+TOKEN_FILE = "tokens.csv"
+POLICY_FILE = "audit-policy.yaml"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Validated objects, plus the problems of those that did not validate."""
+
+    users: tuple[AuditUser, ...] = ()
+    policies: tuple[AuditPolicy, ...] = ()
+    secrets: tuple[SecretData, ...] = ()
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What the node should have: file name -> bytes (none at all: manage nothing)."""
+
+    files: Mapping[str, bytes]
+    config_hash: str
+    users: UserResolution
+    policies_accepted: tuple[str, ...]
+    problems: tuple[Problem, ...]
+    settings: Settings = field(default_factory=Settings)
+
+    @property
+    def config_subdir(self) -> str:
+        """Host folder of this exact content; the manifest switch is the single commit point."""
+        return posixpath.join(self.settings.config_dir, self.config_hash[:16])
+
+    def manifest_config(self) -> ManifestConfig:
+        s = self.settings
+        return ManifestConfig(
+            config_dir=s.config_dir,
+            log_dir=s.log_dir,
+            config_hash=self.config_hash,
+            token_file=posixpath.join(self.config_subdir, TOKEN_FILE)
+            if TOKEN_FILE in self.files
+            else None,
+            policy_file=posixpath.join(self.config_subdir, POLICY_FILE)
+            if POLICY_FILE in self.files
+            else None,
+            log_path=posixpath.join(s.log_dir, s.log_file),
+            log_maxage=s.log_maxage,
+            log_maxbackup=s.log_maxbackup,
+            log_maxsize=s.log_maxsize,
+        )
+
+
+def _kind_of(obj: Mapping[str, Any]) -> tuple[str, str]:
+    return str(obj.get("apiVersion") or ""), str(obj.get("kind") or "")
+
+
+def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
+    """Sort (source, object) pairs into validated users, policies and Secrets.
+
+    ``source`` names where a document came from (``file.yaml#2``) for objects without a name.
+    Lists (``kind: List`` or ``*List``) are flattened, as kubectl does.
+    """
+    users: dict[str, AuditUser] = {}
+    policies: dict[str, AuditPolicy] = {}
+    secrets: dict[tuple[str, str], SecretData] = {}
+    problems: list[Problem] = []
+
+    def add(source: str, obj: Any) -> None:
+        if obj is None:
+            return
+        if not isinstance(obj, Mapping):
+            problems.append(Problem(source, "", "is not a Kubernetes object (a mapping)"))
+            return
+        api_version, kind = _kind_of(obj)
+        if kind.endswith("List") and isinstance(obj.get("items"), list):
+            for i, item in enumerate(obj["items"]):
+                add(f"{source}.items[{i}]", item)
+            return
+        try:
+            if api_version == API_VERSION and kind == AUDIT_USER:
+                user = parse_audit_user(obj)
+                if user.meta.name in users:
+                    problems.append(Problem(user.ref, "metadata.name", "is defined twice"))
+                users[user.meta.name] = user
+            elif api_version == API_VERSION and kind == AUDIT_POLICY:
+                policy = parse_audit_policy(obj)
+                if policy.meta.name in policies:
+                    problems.append(Problem(policy.ref, "metadata.name", "is defined twice"))
+                policies[policy.meta.name] = policy
+            elif api_version == "v1" and kind == "Secret":
+                secret = parse_secret(obj)
+                secrets[(secret.namespace, secret.name)] = secret
+            else:
+                problems.append(
+                    Problem(
+                        source,
+                        "kind",
+                        f"{api_version or '?'} {kind or '?'} is not an AuditUser, AuditPolicy "
+                        f"({API_VERSION}) or v1 Secret",
+                    )
+                )
+        except InvalidInput as error:
+            problems.extend(error.problems)
+
+    for source, obj in documents:
+        add(source, obj)
+    return Inputs(
+        users=tuple(users[k] for k in sorted(users)),
+        policies=tuple(policies[k] for k in sorted(policies)),
+        secrets=tuple(secrets[k] for k in sorted(secrets)),
+        problems=tuple(sorted(problems)),
+    )
+
+
+def parse_documents(text: str, source: str) -> list[tuple[str, Any]]:
+    """Split multi-document YAML (or JSON) into (``source#N``, object) pairs."""
+    try:
+        docs = list(yamlio.load_all(text))
+    except yamlio.YAMLError as error:
+        raise InvalidInput([Problem(source, "", f"not valid YAML: {error}")]) from None
+    return [(f"{source}#{i + 1}", doc) for i, doc in enumerate(docs) if doc is not None]
+
+
+def config_hash(files: Mapping[str, bytes], settings: Settings) -> str:
+    """A content hash of the files and the flags that point at them."""
+    digest = hashlib.sha256()
+    s = settings
+    digest.update(
+        f"{s.config_dir}\0{s.log_dir}\0{s.log_file}\0{s.log_maxage}\0{s.log_maxbackup}\0"
+        f"{s.log_maxsize}\0".encode()
+    )
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(files[name])}\0".encode())
+        digest.update(files[name])
+    return digest.hexdigest()
+
+
+def plan_desired(inputs: Inputs, settings: Settings) -> DesiredState:
+    """Render both files from the valid objects; invalid ones are reported and left out."""
+    resolution = resolve_users(inputs.users, inputs.secrets, settings)
+    files: dict[str, bytes] = {}
+    if resolution.records:
+        files[TOKEN_FILE] = render_token_file(resolution.records)
+    policy = render_audit_policy(inputs.policies)
+    if policy is not None:
+        files[POLICY_FILE] = policy
+    return DesiredState(
+        files=files,
+        config_hash=config_hash(files, settings) if files else "",
+        users=resolution,
+        policies_accepted=tuple(p.meta.name for p in inputs.policies),
+        problems=tuple(sorted({*inputs.problems, *resolution.problems})),
+        settings=settings,
+    )
+
+
+def plan_manifest(current: Manifest, desired: DesiredState) -> Manifest:
+    """The manifest the node should run: patched for the desired files, or unpatched if none."""
+    return patch_manifest(current, desired.manifest_config())

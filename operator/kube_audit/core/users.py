@@ -1,0 +1,162 @@
+"""From AuditUser objects and their Secrets to token file records, with every conflict named."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kube_audit.core.models import AuditUser, SecretData
+from kube_audit.core.settings import Settings
+from kube_audit.core.tokens import TokenRecord, name_problem, token_problem
+from kube_audit.errors import Problem
+
+
+@dataclass(frozen=True)
+class UserResolution:
+    """Records for the users that can be served, and the problems of those that cannot.
+
+    An invalid user is left out without blocking the valid ones; ``problems`` says why per object.
+    """
+
+    records: tuple[TokenRecord, ...]
+    accepted: tuple[str, ...]
+    problems: tuple[Problem, ...] = field(default=())
+
+
+def secret_location(user: AuditUser, settings: Settings) -> tuple[str, str, str]:
+    """(namespace, name, key) of the Secret holding this user's token."""
+    ref = user.spec.token_secret_ref
+    if ref is not None:
+        return ref.namespace, ref.name, ref.key
+    return settings.token_namespace, f"audituser-{user.meta.name}", "token"
+
+
+def _identity_problems(user: AuditUser, settings: Settings) -> list[Problem]:
+    problems = []
+    username_field = "spec.username" if user.spec.username is not None else "metadata.name"
+    why = name_problem(user.username)
+    if why:
+        problems.append(Problem(user.ref, username_field, why))
+    elif user.username.startswith("system:") and user.username not in settings.allowed_system_users:
+        problems.append(
+            Problem(
+                user.ref,
+                username_field,
+                f"{user.username!r} is reserved for Kubernetes components; refused unless the "
+                "operator's allowedSystemUsers setting lists it",
+            )
+        )
+    if user.spec.uid is not None:
+        why = name_problem(user.spec.uid)
+        if why:
+            problems.append(Problem(user.ref, "spec.uid", why))
+    seen: set[str] = set()
+    for i, group in enumerate(user.spec.groups):
+        path = f"spec.groups[{i}]"
+        why = name_problem(group, is_group=True)
+        if why:
+            problems.append(Problem(user.ref, path, why))
+        elif group in seen:
+            problems.append(Problem(user.ref, path, f"duplicate group {group!r}"))
+        elif group.startswith("system:") and group not in settings.allowed_system_groups:
+            extra = " (full cluster-admin, bypassing RBAC)" if group == "system:masters" else ""
+            problems.append(
+                Problem(
+                    user.ref,
+                    path,
+                    f"{group!r} is a privileged system group{extra}; refused unless the "
+                    "operator's allowedSystemGroups setting lists it",
+                )
+            )
+        seen.add(group)
+    return problems
+
+
+def _token(
+    user: AuditUser, secrets: Mapping[tuple[str, str], SecretData], settings: Settings
+) -> tuple[str | None, Problem | None]:
+    namespace, name, key = secret_location(user, settings)
+    path = "spec.tokenSecretRef" if user.spec.token_secret_ref is not None else "spec"
+    secret = secrets.get((namespace, name))
+    if secret is None:
+        how = "" if user.spec.token_secret_ref is not None else " (the operator creates it)"
+        return None, Problem(user.ref, path, f"Secret {namespace}/{name} does not exist{how}")
+    raw = secret.data.get(key)
+    if raw is None:
+        return None, Problem(user.ref, path, f"Secret {namespace}/{name} has no key {key!r}")
+    try:
+        token = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, Problem(user.ref, path, f"Secret {namespace}/{name} key {key!r} is not UTF-8")
+    why = token_problem(token)
+    if why:
+        return None, Problem(
+            user.ref, path, f"token in Secret {namespace}/{name} key {key!r} {why}"
+        )
+    return token, None
+
+
+def _age_key(user: AuditUser) -> tuple[str, str]:
+    """Older objects win conflicts (RFC 3339 timestamps sort as text); name breaks ties."""
+    return (user.meta.creation_timestamp or "~", user.meta.name)
+
+
+def resolve_users(
+    users: Iterable[AuditUser],
+    secrets: Iterable[SecretData],
+    settings: Settings,
+) -> UserResolution:
+    """Token records for every enabled, valid user; problems for the rest.
+
+    When two objects claim the same username or token, the older keeps it and the newer is
+    refused with a message naming both, so adding a bad object never locks out a working user.
+    """
+    by_ref = {(s.namespace, s.name): s for s in secrets}
+    records: list[TokenRecord] = []
+    accepted: list[str] = []
+    problems: list[Problem] = []
+    owner_of_name: dict[str, AuditUser] = {}
+    owner_of_token: dict[str, AuditUser] = {}
+    for user in sorted(users, key=_age_key):
+        own = _identity_problems(user, settings)
+        if own:
+            problems.extend(own)
+            continue
+        other = owner_of_name.get(user.username)
+        if other is not None:
+            problems.append(
+                Problem(
+                    user.ref,
+                    "spec.username",
+                    f"username {user.username!r} is already claimed by {other.ref}",
+                )
+            )
+            continue
+        owner_of_name[user.username] = user
+        if user.spec.disabled:
+            accepted.append(user.meta.name)
+            continue
+        token, problem = _token(user, by_ref, settings)
+        if problem is not None or token is None:
+            problems.extend([problem] if problem else [])
+            continue
+        holder = owner_of_token.get(token)
+        if holder is not None:
+            problems.append(
+                Problem(
+                    user.ref, "spec.tokenSecretRef", f"its token is already used by {holder.ref}"
+                )
+            )
+            continue
+        owner_of_token[token] = user
+        accepted.append(user.meta.name)
+        records.append(
+            TokenRecord(
+                username=user.username, uid=user.uid, groups=tuple(user.spec.groups), token=token
+            )
+        )
+    return UserResolution(
+        records=tuple(sorted(records)),
+        accepted=tuple(sorted(accepted)),
+        problems=tuple(sorted(problems)),
+    )

@@ -1,0 +1,74 @@
+"""The one error hierarchy of the project.
+
+Every layer raises these; the CLI maps them to exit codes and messages, the operator maps them to
+``kopf.PermanentError`` (``retryable is False``) or ``kopf.TemporaryError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One reason an input is refused, naming the object, the field path and why."""
+
+    obj: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.obj}: {self.field}" if self.field else self.obj
+        return f"{where}: {self.message}"
+
+
+class KubeAuditError(Exception):
+    """Base of every expected failure. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+    retryable = False
+
+
+class InvalidInput(KubeAuditError):
+    """One or more input objects are invalid; nothing was written."""
+
+    exit_code = 1
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = tuple(sorted(set(problems)))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ManifestError(KubeAuditError):
+    """The kube-apiserver manifest cannot be patched safely; it was left untouched."""
+
+    exit_code = 3
+
+
+class HostError(KubeAuditError):
+    """Reading or writing the host failed (disk full, read-only, missing folder); retry later."""
+
+    exit_code = 4
+    retryable = True
+
+
+class LockBusy(HostError):
+    """Another writer holds the host lock."""
+
+
+class RolledBack(KubeAuditError):
+    """The new apiserver never became ready; the previous good state was restored."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, failed_hash: str) -> None:
+        self.failed_hash = failed_hash
+        super().__init__(message)
+
+
+class ClusterError(KubeAuditError):
+    """The Kubernetes API answered with an error or was unreachable; retry later."""
+
+    exit_code = 6
+    retryable = True

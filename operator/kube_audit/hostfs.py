@@ -1,0 +1,174 @@
+"""The one gateway to the filesystem: atomic writes, backups, the host lock.
+
+Every temporary name starts with ``.`` because kubelet runs every other file in the static pod
+folder; a failed write removes its temporary file before the error leaves this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from kube_audit.errors import HostError, LockBusy
+
+_TMP_MARK = ".kube-audit-tmp"
+
+
+def _describe(error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        return "no space left on device"
+    if error.errno == errno.EROFS:
+        return "read-only file system"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return error.strerror or str(error)
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise HostError(f"cannot read {path}: {_describe(error)}") from None
+
+
+def read_optional(path: Path) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise HostError(f"cannot read {path}: {_describe(error)}") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path, mode: int = 0o700) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as error:
+        raise HostError(f"cannot create folder {path}: {_describe(error)}") from None
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, sync_dir: bool = True) -> None:
+    """Temporary dot-file in the same folder, fsync, rename over ``path``, fsync the folder.
+
+    A reader sees the old bytes or the new bytes, never a mix; on any error the old file is
+    untouched and the temporary file is gone.
+    """
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        if sync_dir:
+            _fsync_dir(path.parent)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise HostError(f"cannot write {path}: {_describe(error)}; it was left as it was") from None
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove temporary files a killed writer left behind (only ours, by their mark)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") and _TMP_MARK in entry.name:
+            with contextlib.suppress(OSError):
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+
+def write_folder_atomic(path: Path, files: dict[str, bytes], mode: int = 0o600) -> None:
+    """Create folder ``path`` holding exactly ``files``, all at once (built aside, then renamed)."""
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}-{os.getpid()}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(mode=0o700)
+        for name, data in files.items():
+            write_atomic(tmp / name, data, mode, sync_dir=False)
+        _fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        raise HostError(f"cannot write {path}: {_describe(error)}") from None
+    except HostError:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        raise
+
+
+def read_folder(path: Path) -> dict[str, bytes] | None:
+    """Regular files of a folder by name, or None if the folder does not exist."""
+    if not path.is_dir():
+        return None
+    try:
+        return {e.name: e.read_bytes() for e in sorted(path.iterdir()) if e.is_file()}
+    except OSError as error:
+        raise HostError(f"cannot read {path}: {_describe(error)}") from None
+
+
+def list_dirs(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted(e for e in path.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def remove_tree(path: Path) -> None:
+    try:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    except OSError as error:
+        raise HostError(f"cannot remove {path}: {_describe(error)}") from None
+
+
+@contextlib.contextmanager
+def host_lock(path: Path, wait_seconds: float = 30.0) -> Iterator[None]:
+    """An exclusive flock, so two writers (two pods, a pod and a person) never interleave."""
+    ensure_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockBusy(
+                        f"another kube-audit writer holds {path}; try again when it is done"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)

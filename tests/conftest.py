@@ -1,0 +1,49 @@
+"""Shared fixtures: object builders and the kubeadm manifests of distant Kubernetes versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+KUBEADM_VERSIONS = sorted(p.name for p in (FIXTURES / "kubeadm").iterdir())
+
+
+def audit_user(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kube-audit.io/v1alpha1",
+        "kind": "AuditUser",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def audit_policy(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kube-audit.io/v1alpha1",
+        "kind": "AuditPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def token_secret(
+    name: str, token: str, namespace: str = "kube-audit", key: str = "token"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "stringData": {key: token},
+    }
+
+
+def kubeadm_manifest_text(version: str) -> str:
+    return (FIXTURES / "kubeadm" / version / "kube-apiserver.yaml").read_text()
+
+
+@pytest.fixture(params=KUBEADM_VERSIONS)
+def kubeadm_version(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

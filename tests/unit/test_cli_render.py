@@ -1,0 +1,119 @@
+"""``kube-audit render``: validates everything, writes both files or nothing."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.conftest import audit_policy, audit_user, token_secret
+
+from kube_audit.cli import main
+from kube_audit.core.tokens import parse_token_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(path: Path, *objs: object) -> Path:
+    path.write_text(yaml.safe_dump_all(objs))
+    return path
+
+
+def test_renders_the_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(
+        [
+            "render",
+            "-f",
+            str(REPO / "examples"),
+            "-f",
+            str(REPO / "examples/demo"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    tokens = out / "tokens.csv"
+    assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
+    records = parse_token_file(tokens.read_bytes())
+    assert [r.username for r in records] == ["alice", "bob", "ci:deployer"]
+    assert yaml.safe_load((out / "audit-policy.yaml").read_text())["kind"] == "Policy"
+    printed = capsys.readouterr()
+    assert "demo-alice" not in printed.out + printed.err, "tokens are never printed"
+
+
+def test_invalid_input_lists_every_error_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _write(
+        tmp_path / "in.yaml",
+        audit_user("bob", groups=["system:masters"]),
+        audit_user("carol"),
+        audit_policy("p", rules=[{"level": "Metadata", "nonResourceURLs": ["healthz"]}]),
+        token_secret("audituser-bob", "secret-bob-token"),
+    )
+    out = tmp_path / "out"
+    code = main(["render", "-f", str(src), "--out", str(out)])
+    assert code == 1
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "AuditUser/bob: spec.groups[0]:" in err
+    assert "AuditUser/carol: spec: Secret kube-audit/audituser-carol does not exist" in err
+    assert "AuditPolicy/p: spec.rules[0].nonResourceURLs[0]:" in err
+    assert "secret-bob-token" not in err
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: [oops")
+    assert (
+        main(
+            [
+                "render",
+                "-f",
+                str(bad),
+                "-f",
+                str(tmp_path / "nope.yaml"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "bad.yaml: not valid YAML" in err and "nope.yaml: no such file" in err
+
+
+def test_without_policy_writes_only_tokens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _write(tmp_path / "in.yaml", audit_user("a"), token_secret("audituser-a", "t"))
+    assert main(["render", "-f", str(src), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o/tokens.csv").read_bytes() == b"t,a,a\n"
+    assert not (tmp_path / "o/audit-policy.yaml").exists()
+    assert "0 rules would stop" in capsys.readouterr().out
+
+
+def test_allow_system_group_flag(tmp_path: Path) -> None:
+    src = _write(
+        tmp_path / "in.yaml",
+        audit_user("m", groups=["system:monitoring"]),
+        token_secret("audituser-m", "t"),
+    )
+    assert main(["render", "-f", str(src), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "render",
+                "-f",
+                str(src),
+                "--out",
+                str(tmp_path / "o"),
+                "--allow-system-group",
+                "system:monitoring",
+            ]
+        )
+        == 0
+    )

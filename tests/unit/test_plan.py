@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import yaml
+from tests.conftest import audit_policy, audit_user, kubeadm_manifest_text, token_secret
+
+from kube_audit.core.manifest import flag_value, parse_manifest
+from kube_audit.core.plan import (
+    POLICY_FILE,
+    TOKEN_FILE,
+    collect_inputs,
+    parse_documents,
+    plan_desired,
+    plan_manifest,
+)
+from kube_audit.core.settings import Settings
+
+RULES = [{"level": "Metadata", "userGroups": ["developer"]}]
+
+
+def _docs(*objs: object) -> list[tuple[str, object]]:
+    return [(f"test#{i}", o) for i, o in enumerate(objs)]
+
+
+def test_full_plan() -> None:
+    inputs = collect_inputs(
+        _docs(
+            audit_user("alice", groups=["developer"]),
+            audit_policy("dev", rules=RULES),
+            token_secret("audituser-alice", "tok-a"),
+        )
+    )
+    desired = plan_desired(inputs, Settings())
+    assert desired.problems == ()
+    assert desired.files[TOKEN_FILE] == b"tok-a,alice,alice,developer\n"
+    assert yaml.safe_load(desired.files[POLICY_FILE])["rules"] == RULES
+    assert len(desired.config_hash) == 64
+    manifest = plan_manifest(parse_manifest(kubeadm_manifest_text("v1.31")), desired)
+    assert flag_value(manifest, "--token-auth-file") == (
+        f"/etc/kubernetes/kube-audit/{desired.config_hash[:16]}/tokens.csv"
+    )
+
+
+def test_same_input_same_bytes_and_hash() -> None:
+    objs = [
+        audit_user("b"),
+        audit_user("a"),
+        token_secret("audituser-a", "ta"),
+        token_secret("audituser-b", "tb"),
+        audit_policy("p", rules=RULES),
+    ]
+    one = plan_desired(collect_inputs(_docs(*objs)), Settings())
+    two = plan_desired(collect_inputs(_docs(*reversed(objs))), Settings())
+    assert one.files == two.files and one.config_hash == two.config_hash
+
+
+def test_hash_changes_with_content_and_rotation_settings() -> None:
+    objs = _docs(audit_user("a"), token_secret("audituser-a", "ta"))
+    base = plan_desired(collect_inputs(objs), Settings())
+    rotated = plan_desired(
+        collect_inputs(_docs(audit_user("a"), token_secret("audituser-a", "tb"))), Settings()
+    )
+    longer = plan_desired(collect_inputs(objs), Settings(log_maxage=60))
+    assert len({base.config_hash, rotated.config_hash, longer.config_hash}) == 3
+
+
+def test_nothing_managed_when_no_objects() -> None:
+    desired = plan_desired(collect_inputs([]), Settings())
+    assert desired.files == {} and desired.config_hash == ""
+    original = parse_manifest(kubeadm_manifest_text("v1.17"))
+    assert plan_manifest(original, desired) == original
+
+
+def test_invalid_objects_are_reported_and_left_out() -> None:
+    inputs = collect_inputs(
+        _docs(
+            audit_user("alice"),
+            token_secret("audituser-alice", "t"),
+            audit_user("mallory", groups=["system:masters"]),
+            audit_policy("broken", rules=[{"level": "Loud"}]),
+            audit_policy("good", rules=RULES),
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}},
+            "just a string",
+        )
+    )
+    desired = plan_desired(inputs, Settings())
+    assert {p.obj for p in desired.problems} == {
+        "AuditUser/mallory",
+        "AuditPolicy/broken",
+        "test#5",
+        "test#6",
+    }
+    assert desired.users.accepted == ("alice",)
+    assert desired.policies_accepted == ("good",)
+
+
+def test_lists_are_flattened_and_duplicates_reported() -> None:
+    inputs = collect_inputs(
+        _docs({"apiVersion": "v1", "kind": "List", "items": [audit_user("a"), audit_user("a")]})
+    )
+    assert [p.message for p in inputs.problems] == ["is defined twice"]
+
+
+def test_parse_documents_names_sources() -> None:
+    docs = parse_documents("---\na: 1\n---\n---\nb: 2\n", "f.yaml")
+    assert [s for s, _ in docs] == ["f.yaml#1", "f.yaml#3"]

@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import pytest
+from tests.conftest import audit_user, token_secret
+
+from kube_audit.core.models import parse_audit_user, parse_secret
+from kube_audit.core.settings import Settings
+from kube_audit.core.tokens import TokenRecord
+from kube_audit.core.users import resolve_users, secret_location
+from kube_audit.errors import InvalidInput
+
+SETTINGS = Settings()
+
+
+def _resolve(users: list[dict], secrets: list[dict], settings: Settings = SETTINGS):  # type: ignore[no-untyped-def]
+    return resolve_users(
+        [parse_audit_user(u) for u in users], [parse_secret(s) for s in secrets], settings
+    )
+
+
+def test_defaults_username_uid_and_secret() -> None:
+    user = parse_audit_user(audit_user("alice"))
+    assert (user.username, user.uid, user.spec.groups, user.spec.disabled) == (
+        "alice",
+        "alice",
+        [],
+        False,
+    )
+    assert secret_location(user, SETTINGS) == ("kube-audit", "audituser-alice", "token")
+
+
+def test_explicit_secret_ref_key_defaults_to_token() -> None:
+    user = parse_audit_user(audit_user("a", tokenSecretRef={"namespace": "ns", "name": "s"}))
+    assert secret_location(user, SETTINGS) == ("ns", "s", "token")
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "fragment"),
+    [
+        ({"groups": "developer"}, "spec.groups", "list"),
+        ({"groups": ["ok", 3]}, "spec.groups[1]", "string"),
+        ({"nickname": "al"}, "spec.nickname", "unknown field"),
+        ({"tokenSecretRef": {"name": "s"}}, "spec.tokenSecretRef.namespace", "required"),
+        (
+            {"tokenSecretRef": {"namespace": "n", "name": "s", "extra": 1}},
+            "spec.tokenSecretRef.extra",
+            "unknown field",
+        ),
+        ({"disabled": "yes"}, "spec.disabled", "bool"),
+        ({"username": ""}, "spec.username", "at least 1"),
+    ],
+)
+def test_schema_errors_name_object_and_field(spec: dict, field: str, fragment: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(InvalidInput) as info:
+        parse_audit_user(audit_user("bob", **spec))
+    problem = info.value.problems[0]
+    assert problem.obj == "AuditUser/bob"
+    assert problem.field == field
+    assert fragment in problem.message
+    assert str(problem).startswith(f"AuditUser/bob: {field}: ")
+
+
+def test_metadata_name_must_be_a_dns_subdomain() -> None:
+    with pytest.raises(InvalidInput, match=r"metadata\.name"):
+        parse_audit_user(audit_user("Bob_Smith"))
+
+
+def test_records_for_enabled_users_only() -> None:
+    result = _resolve(
+        [
+            audit_user("alice", uid="a@x", groups=["dev"]),
+            audit_user("dave", disabled=True),
+        ],
+        [token_secret("audituser-alice", "tok-a")],
+    )
+    assert result.records == (TokenRecord("alice", "a@x", ("dev",), "tok-a"),)
+    assert result.accepted == ("alice", "dave")
+    assert result.problems == ()
+
+
+def test_missing_secret_names_user_and_secret() -> None:
+    result = _resolve([audit_user("bob")], [])
+    (problem,) = result.problems
+    assert problem.obj == "AuditUser/bob"
+    assert "Secret kube-audit/audituser-bob does not exist" in problem.message
+
+
+def test_missing_key_names_key() -> None:
+    result = _resolve(
+        [audit_user("bob", tokenSecretRef={"namespace": "vault", "name": "bob", "key": "pw"})],
+        [token_secret("bob", "t", namespace="vault")],
+    )
+    (problem,) = result.problems
+    assert (problem.field, problem.message) == (
+        "spec.tokenSecretRef",
+        "Secret vault/bob has no key 'pw'",
+    )
+
+
+@pytest.mark.parametrize("token", ["", "tok\n", "a b", "a,b", 'a"b'])
+def test_bad_tokens_are_refused_and_never_printed(token: str) -> None:
+    result = _resolve([audit_user("bob")], [token_secret("audituser-bob", token)])
+    (problem,) = result.problems
+    assert problem.obj == "AuditUser/bob"
+    if token.strip():
+        assert token not in str(problem)
+    assert result.records == ()
+
+
+def test_shared_token_refuses_the_newer_user() -> None:
+    alice = audit_user("alice")
+    alice["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    bob = audit_user("bob")
+    bob["metadata"]["creationTimestamp"] = "2026-02-01T00:00:00Z"
+    result = _resolve(
+        [bob, alice],
+        [token_secret("audituser-alice", "same"), token_secret("audituser-bob", "same")],
+    )
+    assert [r.username for r in result.records] == ["alice"]
+    (problem,) = result.problems
+    assert problem.obj == "AuditUser/bob" and "AuditUser/alice" in problem.message
+
+
+def test_username_conflict_names_both_objects() -> None:
+    result = _resolve(
+        [audit_user("alice"), audit_user("alice2", username="alice")],
+        [token_secret("audituser-alice", "t1"), token_secret("audituser-alice2", "t2")],
+    )
+    (problem,) = result.problems
+    assert problem.obj == "AuditUser/alice2"
+    assert problem.field == "spec.username"
+    assert "already claimed by AuditUser/alice" in problem.message
+    assert [r.token for r in result.records] == ["t1"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"groups": ["dev", "system:masters"]}, "spec.groups[1]"),
+        ({"groups": ["system:nodes"]}, "spec.groups[0]"),
+        ({"username": "system:kube-controller-manager"}, "spec.username"),
+        ({"groups": ["a,b"]}, "spec.groups[0]"),
+        ({"groups": ["dev", "dev"]}, "spec.groups[1]"),
+        ({"uid": "tab\there"}, "spec.uid"),
+    ],
+)
+def test_identity_guard(spec: dict, field: str) -> None:  # type: ignore[type-arg]
+    result = _resolve([audit_user("eve", **spec)], [token_secret("audituser-eve", "t")])
+    (problem,) = result.problems
+    assert (problem.obj, problem.field) == ("AuditUser/eve", field)
+    assert result.records == ()
+
+
+def test_system_masters_message_says_why() -> None:
+    result = _resolve(
+        [audit_user("eve", groups=["system:masters"])], [token_secret("audituser-eve", "t")]
+    )
+    assert "cluster-admin" in result.problems[0].message
+
+
+def test_allow_list_lets_exact_group_through() -> None:
+    settings = Settings(allowed_system_groups=frozenset({"system:monitoring"}))
+    result = _resolve(
+        [audit_user("mon", groups=["system:monitoring"])],
+        [token_secret("audituser-mon", "t")],
+        settings,
+    )
+    assert result.problems == ()
+    blocked = _resolve(
+        [audit_user("mon", groups=["system:masters"])],
+        [token_secret("audituser-mon", "t")],
+        settings,
+    )
+    assert blocked.problems
+
+
+def test_invalid_user_does_not_block_valid_ones() -> None:
+    result = _resolve(
+        [audit_user("good"), audit_user("bad", groups=["system:masters"])],
+        [token_secret("audituser-good", "g"), token_secret("audituser-bad", "b")],
+    )
+    assert [r.username for r in result.records] == ["good"]
+    assert [p.obj for p in result.problems] == ["AuditUser/bad"]
+
+
+def test_secret_data_is_base64_and_checked() -> None:
+    secret = parse_secret(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s", "namespace": "n"},
+            "data": {"token": "dG9r"},
+        }
+    )
+    assert secret.data == {"token": b"tok"}
+    with pytest.raises(InvalidInput, match=r"data\.token: is not valid base64"):
+        parse_secret({"metadata": {"name": "s", "namespace": "n"}, "data": {"token": "!!"}})
