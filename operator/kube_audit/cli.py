@@ -96,7 +96,7 @@ def _health(args: argparse.Namespace, layout: HostLayout) -> HealthCheck | None:
 
 
 def _report(result: NodeResult) -> int:
-    print(f"{result.outcome}: {result.message}")
+    print(result.message)
     return 0
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import audit_policy, audit_user, token_secret
 
 from kube_audit.cli import main
 from kube_audit.core.tokens import parse_token_file
+from tests.conftest import audit_policy, audit_user, token_secret
 
 REPO = Path(__file__).resolve().parents[2]
 

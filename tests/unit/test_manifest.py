@@ -4,7 +4,6 @@ import copy
 import json
 
 import pytest
-from tests.conftest import kubeadm_manifest_text
 
 from kube_audit.core.manifest import (
     CONFIG_VOLUME,
@@ -20,6 +19,7 @@ from kube_audit.core.manifest import (
     unpatch_manifest,
 )
 from kube_audit.errors import ManifestError
+from tests.conftest import kubeadm_manifest_text
 
 FULL = ManifestConfig(
     config_dir="/etc/kubernetes/kube-audit",

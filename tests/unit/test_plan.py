@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import yaml
-from tests.conftest import audit_policy, audit_user, kubeadm_manifest_text, token_secret
 
 from kube_audit.core.manifest import flag_value, parse_manifest
 from kube_audit.core.plan import (
@@ -13,6 +12,7 @@ from kube_audit.core.plan import (
     plan_manifest,
 )
 from kube_audit.core.settings import Settings
+from tests.conftest import audit_policy, audit_user, kubeadm_manifest_text, token_secret
 
 RULES = [{"level": "Metadata", "userGroups": ["developer"]}]
 

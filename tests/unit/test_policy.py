@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from tests.conftest import audit_policy
 
 from kube_audit.core.policy import parse_audit_policy, render_audit_policy
 from kube_audit.errors import InvalidInput
+from tests.conftest import audit_policy
 
 
 def _rule(**kw: object) -> dict[str, object]:

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import pytest
-from tests.conftest import audit_user, token_secret
 
 from kube_audit.core.models import parse_audit_user, parse_secret
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import TokenRecord
 from kube_audit.core.users import resolve_users, secret_location
 from kube_audit.errors import InvalidInput
+from tests.conftest import audit_user, token_secret
 
 SETTINGS = Settings()
 

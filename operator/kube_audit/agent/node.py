@@ -205,7 +205,8 @@ def apply_node(
                 return _finish(
                     layout, state, target_hash=target_hash, health=health, restarted=False, now=now
                 )
-            return NodeResult("unchanged", target_hash, "nothing to change")
+            short = target_hash[:16] or "unpatched (nothing to manage)"
+            return NodeResult("unchanged", target_hash, f"unchanged: the node runs config {short}")
         if not retry_failed and target_hash in state.get("failed", []):
             return NodeResult(
                 "skipped-failed",
@@ -255,9 +256,14 @@ def _finish(
     }
     _collect_garbage(layout, keep)
     _write_state(layout, _record(state, pending=None, lastGood=target_hash, lastApplied=now()))
-    verb = "applied and ready" if health is not None else "applied (not waiting for readiness)"
-    short = target_hash[:16] or "unpatched"
-    return NodeResult("applied", target_hash, f"{verb}: config {short}", restarted=restarted)
+    short = target_hash[:16] or "unpatched (nothing to manage)"
+    if not restarted:
+        how = "files repaired, apiserver not restarted"
+    elif health is not None:
+        how = "the new apiserver is ready"
+    else:
+        how = "not waiting for the apiserver (--no-wait)"
+    return NodeResult("applied", target_hash, f"applied config {short}; {how}", restarted)
 
 
 def _roll_back_failed(
@@ -314,7 +320,9 @@ def rollback_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult:
                             restored,
                         )
                 _write_state(layout, _record(read_state(layout), pending=None, lastGood=restored))
-                return NodeResult("rolled-back", restored, f"restored backup {backup.name}", True)
+                return NodeResult(
+                    "rolled-back", restored, f"rolled back: restored backup {backup.name}", True
+                )
         raise HostError(f"no backup in {layout.backups} differs from the running manifest")
 
 
@@ -339,7 +347,8 @@ def uninstall_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult
         hostfs.remove_tree(layout.config_dir)
         hostfs.remove_tree(layout.state_file)
         kept = f"audit logs kept in {layout.log_dir}; backups kept in {layout.backups}"
-        return NodeResult("uninstalled", "", f"kube-apiserver manifest restored; {kept}", restarted)
+        message = f"uninstalled: kube-apiserver manifest restored; {kept}"
+        return NodeResult("uninstalled", "", message, restarted)
 
 
 def default_health_check(layout: HostLayout, timeout: float) -> HealthCheck:
