@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kube_audit import __version__, hostfs
 from kube_audit.agent.health import HealthCheck
@@ -151,10 +154,89 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    # Imported here: kopf and the Kubernetes client take a second to import, and only the
+    # operator needs them, not render or node.
+    from kube_audit.controller import main as operator_main  # noqa: PLC0415
+    from kube_audit.controller.runtime import OperatorConfig  # noqa: PLC0415
+    from kube_audit.kube import KubeApi, load_api_client  # noqa: PLC0415
+
+    if not args.node_name:
+        raise InvalidInput([Problem("operator", "--node-name", "is required (or set NODE_NAME)")])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = OperatorConfig(
+        node_name=args.node_name,
+        host_root=Path(args.host_root),
+        kubelet_config=args.kubelet_config,
+        settings=settings_from_args(args),
+        namespace=args.namespace,
+        debounce=args.debounce,
+        resync=args.resync,
+        health_url=args.health_url,
+        timeout=args.timeout,
+        no_wait=args.no_wait,
+    )
+    api = KubeApi(load_api_client(args.kubeconfig))
+    return operator_main.main(config, api, args.metrics_port, args.liveness)
+
+
+def _add_operator_parser(sub: Any) -> None:
+    cmd = sub.add_parser(
+        "operator",
+        help="run the operator (the DaemonSet's process)",
+        description="Watch AuditUser and AuditPolicy objects and apply them to this node. "
+        "Every flag falls back to an environment variable.",
+    )
+    cmd.add_argument("--host-root", default=_env("KUBE_AUDIT_HOST_ROOT", "/"), metavar="ROOT")
+    cmd.add_argument("--kubelet-config", default=DEFAULT_KUBELET_CONFIG, metavar="PATH")
+    cmd.add_argument("--node-name", default=_env("NODE_NAME", ""), help="default $NODE_NAME")
+    cmd.add_argument("--namespace", default=_env("POD_NAMESPACE", "kube-audit"))
+    cmd.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    cmd.add_argument(
+        "--debounce",
+        type=float,
+        default=float(_env("KUBE_AUDIT_DEBOUNCE", "3")),
+        metavar="SECONDS",
+        help="quiet time before applying a burst of changes",
+    )
+    cmd.add_argument(
+        "--resync",
+        type=float,
+        default=float(_env("KUBE_AUDIT_RESYNC", "300")),
+        metavar="SECONDS",
+        help="re-check the host this often (repairs drift)",
+    )
+    cmd.add_argument("--health-url", default=os.environ.get("KUBE_AUDIT_HEALTH_URL"))
+    cmd.add_argument("--timeout", type=float, default=float(_env("KUBE_AUDIT_TIMEOUT", "180")))
+    cmd.add_argument(
+        "--no-wait", action="store_true", default=_env("KUBE_AUDIT_NO_WAIT", "") == "true"
+    )
+    cmd.add_argument(
+        "--metrics-port", type=int, default=int(_env("KUBE_AUDIT_METRICS_PORT", "9090"))
+    )
+    cmd.add_argument(
+        "--liveness", default=_env("KUBE_AUDIT_LIVENESS", "http://0.0.0.0:8080/healthz")
+    )
+    for flag, default in (("maxage", 30), ("maxbackup", 10), ("maxsize", 100)):
+        cmd.add_argument(
+            f"--audit-log-{flag}",
+            type=int,
+            default=int(_env(f"KUBE_AUDIT_LOG_{flag.upper()}", str(default))),
+        )
+    _add_guard_flags(cmd)
+    cmd.set_defaults(func=cmd_operator)
+
+
 def _add_guard_flags(parser: argparse.ArgumentParser) -> None:
+    env_groups = [g for g in os.environ.get("KUBE_AUDIT_ALLOW_SYSTEM_GROUPS", "").split(",") if g]
     parser.add_argument(
         "--allow-system-group",
         action="append",
+        default=env_groups or None,
         metavar="GROUP",
         help="allow this exact system: group in AuditUsers (repeatable)",
     )
@@ -258,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="do not wait for the new apiserver to become ready",
             )
         cmd.set_defaults(func=func)
+    _add_operator_parser(sub)
     return parser
 
 

@@ -72,3 +72,13 @@ class ClusterError(KubeAuditError):
 
     exit_code = 6
     retryable = True
+
+
+class Conflict(ClusterError):
+    """The object changed or already exists (HTTP 409): re-read and decide again."""
+
+
+class NotFound(ClusterError):
+    """The object does not exist (HTTP 404)."""
+
+    retryable = False

@@ -116,6 +116,15 @@ def _cleanup_temporaries(layout: HostLayout) -> None:
         hostfs.remove_stale_temporaries(folder)
 
 
+def needs_change(layout: HostLayout, desired: DesiredState) -> bool:
+    """Whether ``apply_node`` would write anything; reads only (the operator's cheap check)."""
+    current = _read_current(layout)
+    new = plan_manifest(current.manifest, desired)
+    subdir = _subdir_of(layout, new)
+    files_ok = subdir is None or hostfs.read_folder(layout.host(subdir)) == dict(desired.files)
+    return new != current.manifest or not files_ok
+
+
 def plan_node(layout: HostLayout, desired: DesiredState) -> str:
     """The diff ``apply`` would make; reads only."""
     current = _read_current(layout)

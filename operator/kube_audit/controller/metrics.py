@@ -1,0 +1,30 @@
+"""Prometheus metrics of one operator pod (a registry per runtime, so tests can run several)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.applies = Counter(
+            "kube_audit_applies", "Agent applies that changed the node", registry=r
+        )
+        self.failures = Counter("kube_audit_failures", "Reconciles that failed", registry=r)
+        self.rollbacks = Counter("kube_audit_rollbacks", "Applies rolled back", registry=r)
+        self.restarts = Counter(
+            "kube_audit_apiserver_restarts", "kube-apiserver restarts caused", registry=r
+        )
+        self.last_success = Gauge(
+            "kube_audit_last_success_timestamp_seconds", "Last successful reconcile", registry=r
+        )
+        self.invalid = Gauge("kube_audit_invalid_objects", "Objects refused as invalid", registry=r)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)

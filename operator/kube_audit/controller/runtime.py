@@ -1,0 +1,380 @@
+"""One pod's reconciler: coalesce changes, plan, take the rollout lease, apply, report status.
+
+Handlers only record what they see and wake the loop; all decisions happen here, in one task,
+so a burst of 1,000 changes becomes one plan and at most one apiserver restart per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets as random_tokens
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kube_audit.agent.health import HealthCheck
+from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
+from kube_audit.agent.node import (
+    NodeResult,
+    apply_node,
+    default_health_check,
+    needs_change,
+    read_state,
+)
+from kube_audit.controller import lease
+from kube_audit.controller.aio import sleep_unless_stopped
+from kube_audit.controller.metrics import Metrics
+from kube_audit.controller.store import ROTATE_ANNOTATION, ObjectStore
+from kube_audit.core.models import AUDIT_POLICY, AUDIT_USER, parse_audit_user
+from kube_audit.core.plan import DesiredState, collect_inputs, plan_desired
+from kube_audit.core.settings import Settings
+from kube_audit.core.status import (
+    APPLIED,
+    BLOCKED,
+    INVALID,
+    ROLLED_BACK,
+    compute_conditions,
+    conditions_differ,
+    entry_differs,
+    node_entry,
+)
+from kube_audit.core.users import secret_location
+from kube_audit.errors import InvalidInput, KubeAuditError, RolledBack
+from kube_audit.kube import ROTATED_FOR, KubeApi
+
+log = logging.getLogger("kube_audit.operator")
+ROLLOUT_LEASE = "kube-audit-rollout"
+STATUS_LEASE = "kube-audit-status"
+PLURALS = {AUDIT_USER: "auditusers", AUDIT_POLICY: "auditpolicies"}
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    node_name: str
+    host_root: Path = Path("/")
+    kubelet_config: str = DEFAULT_KUBELET_CONFIG
+    settings: Settings = field(default_factory=Settings)
+    namespace: str = "kube-audit"
+    debounce: float = 3.0
+    max_debounce: float = 30.0
+    resync: float = 300.0
+    health_url: str | None = None
+    timeout: float = 180.0
+    no_wait: bool = False
+    lease_poll: float = 2.0
+    retry_backoff: float = 5.0
+    health_factory: Callable[[HostLayout], HealthCheck | None] | None = None
+
+    @property
+    def rollout_lease_seconds(self) -> int:
+        return int(2 * self.timeout + 120)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class NodeRuntime:
+    """The reconciler of one control-plane node."""
+
+    def __init__(self, config: OperatorConfig, api: KubeApi, metrics: Metrics | None = None):
+        self.config = config
+        self.api = api
+        self.metrics = metrics or Metrics()
+        self.store = ObjectStore()
+        self.applies: list[NodeResult] = []
+        self._plan_wanted = asyncio.Event()
+        self._status_wanted = asyncio.Event()
+        self._last_change = 0.0
+        self._first_change = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- what handlers call ----------------------------------------------------------------
+
+    def observe(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """Record a watch event; wake the loop for a new plan or only a status update."""
+        if event_type == "DELETED":
+            changed = self.store.remove(kind, body)
+        else:
+            changed = self.store.upsert(kind, body)
+        if changed:
+            self._wake_plan()
+        elif kind != "secrets":
+            self._status_wanted.set()
+
+    def node_changed(self) -> None:
+        self._status_wanted.set()
+
+    def secret_is_wanted(self, namespace: str | None, name: str | None) -> bool:
+        """Only Secrets some AuditUser reads are kept (the watch sees every Secret)."""
+        key = (namespace or "", name or "")
+        if key in self.store.secrets:
+            return True
+        for body in self.store.users.values():
+            try:
+                user = parse_audit_user(body)
+            except InvalidInput:
+                continue
+            ns, secret, _ = secret_location(user, self.config.settings)
+            if (ns, secret) == key:
+                return True
+        return False
+
+    def _wake_plan(self) -> None:
+        loop_time = asyncio.get_running_loop().time()
+        if not self._plan_wanted.is_set():
+            self._first_change = loop_time
+        self._last_change = loop_time
+        self._plan_wanted.set()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile after each quiet debounce window, and every ``resync`` seconds anyway."""
+        loop = asyncio.get_running_loop()
+        self._wake_plan()
+        while not stop.is_set():
+            await self._wait(stop)
+            if stop.is_set():
+                return
+            await self._debounce(stop, loop)
+            plan = self._plan_wanted.is_set()
+            self._plan_wanted.clear()
+            self._status_wanted.clear()
+            try:
+                if plan:
+                    await self.reconcile(stop)
+                else:
+                    await self.update_status()
+                self.metrics.last_success.set_to_current_time()
+            except KubeAuditError as error:
+                self.metrics.failures.inc()
+                log.warning("reconcile failed, will retry: %s", error)
+                self._plan_wanted.set()
+                await sleep_unless_stopped(stop, self.config.retry_backoff)
+            except Exception:
+                self.metrics.failures.inc()
+                log.exception("reconcile crashed, will retry")
+                self._plan_wanted.set()
+                await sleep_unless_stopped(stop, self.config.retry_backoff)
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        waiters = [
+            asyncio.ensure_future(e.wait()) for e in (self._plan_wanted, self._status_wanted, stop)
+        ]
+        done, pending = await asyncio.wait(
+            waiters, timeout=self.config.resync, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        if not done:
+            self._plan_wanted.set()
+
+    async def _debounce(self, stop: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until no change came for ``debounce`` seconds (at most ``max_debounce``)."""
+        while not stop.is_set() and self._plan_wanted.is_set():
+            now = loop.time()
+            quiet_at = self._last_change + self.config.debounce
+            give_up_at = self._first_change + self.config.max_debounce
+            wake = min(quiet_at, give_up_at)
+            if now >= wake:
+                return
+            await sleep_unless_stopped(stop, wake - now)
+
+    # -- one reconcile -----------------------------------------------------------------------
+
+    def _layout(self) -> HostLayout:
+        return HostLayout.discover(
+            self.config.host_root, self.config.settings, self.config.kubelet_config
+        )
+
+    def _health(self, layout: HostLayout) -> HealthCheck | None:
+        c = self.config
+        if c.health_factory is not None:
+            return c.health_factory(layout)
+        if c.no_wait:
+            return None
+        if c.health_url:
+            ca = layout.host("/etc/kubernetes/pki/ca.crt")
+            return HealthCheck(url=c.health_url, ca_file=ca, timeout=c.timeout)
+        return default_health_check(layout, c.timeout)
+
+    async def ensure_tokens(self) -> None:
+        """Create missing default token Secrets, rotate on request, fetch referenced ones."""
+        for body in list(self.store.users.values()):
+            try:
+                user = parse_audit_user(body)
+            except InvalidInput:
+                continue
+            ns, name, _ = secret_location(user, self.config.settings)
+            if (ns, name) not in self.store.secrets:
+                found = await asyncio.to_thread(self.api.read_secret, ns, name)
+                if found is None and user.spec.token_secret_ref is None and not user.spec.disabled:
+                    owner = {
+                        "apiVersion": body.get("apiVersion", "kube-audit.io/v1alpha1"),
+                        "kind": AUDIT_USER,
+                        "name": user.meta.name,
+                        "uid": user.meta.uid,
+                        "blockOwnerDeletion": False,
+                    }
+                    token = random_tokens.token_urlsafe(32)
+                    created = await asyncio.to_thread(
+                        self.api.create_token_secret, ns, name, token, owner
+                    )
+                    log.info("token Secret %s/%s %s", ns, name, "created" if created else "exists")
+                    found = await asyncio.to_thread(self.api.read_secret, ns, name)
+                if found is not None:
+                    self.store.upsert("secrets", found[1])
+            nonce = user.meta.annotations.get(ROTATE_ANNOTATION)
+            raw = self.store.secrets.get((ns, name))
+            if nonce and raw is not None and user.spec.token_secret_ref is None:
+                meta = raw.get("metadata") or {}
+                if (meta.get("annotations") or {}).get(ROTATED_FOR) != nonce:
+                    await asyncio.to_thread(
+                        self.api.rotate_token_secret,
+                        ns,
+                        name,
+                        random_tokens.token_urlsafe(32),
+                        nonce,
+                        str(meta.get("resourceVersion") or ""),
+                    )
+                    found = await asyncio.to_thread(self.api.read_secret, ns, name)
+                    if found is not None:
+                        self.store.upsert("secrets", found[1])
+
+    def plan(self) -> DesiredState:
+        return plan_desired(collect_inputs(self.store.documents()), self.config.settings)
+
+    async def reconcile(self, stop: asyncio.Event) -> None:
+        await self.ensure_tokens()
+        desired = self.plan()
+        layout = self._layout()
+        outcome, message = APPLIED, "live"
+        if await asyncio.to_thread(needs_change, layout, desired):
+            outcome, message = await self._rollout(layout, desired, stop)
+        await self._write_node_status(desired, outcome, message)
+        await self.update_status()
+
+    async def _rollout(
+        self, layout: HostLayout, desired: DesiredState, stop: asyncio.Event
+    ) -> tuple[str, str]:
+        c = self.config
+        api = self.api
+        failed = await asyncio.to_thread(
+            lease.annotation, api, c.namespace, ROLLOUT_LEASE, lease.FAILED_ANNOTATION
+        )
+        if failed and failed == desired.config_hash:
+            return BLOCKED, "rollout stopped: this configuration failed on another node"
+        if desired.config_hash in read_state(layout).get("failed", []):
+            return ROLLED_BACK, "this configuration failed on this node and was rolled back"
+        holder = c.node_name
+        if not await lease.acquire(
+            api,
+            namespace=c.namespace,
+            name=ROLLOUT_LEASE,
+            holder=holder,
+            duration=c.rollout_lease_seconds,
+            poll=c.lease_poll,
+            stop=stop,
+        ):
+            return BLOCKED, "operator stopping"
+        note: str | None = None
+        try:
+            desired = self.plan()
+            try:
+                result = await asyncio.to_thread(
+                    apply_node, layout, desired, self._health(layout), retry_failed=False
+                )
+            except RolledBack as error:
+                self.metrics.rollbacks.inc()
+                self.metrics.restarts.inc(2)
+                note = error.failed_hash
+                log.error("rolled back on %s: %s", holder, error)
+                return ROLLED_BACK, str(error)
+            self.applies.append(result)
+            if result.outcome == "skipped-failed":
+                return ROLLED_BACK, result.message
+            self.metrics.applies.inc()
+            if result.restarted:
+                self.metrics.restarts.inc()
+            log.info("%s: %s", holder, result.message)
+            return APPLIED, result.message
+        finally:
+            await asyncio.to_thread(
+                lease.release,
+                api,
+                c.namespace,
+                ROLLOUT_LEASE,
+                holder,
+                {lease.FAILED_ANNOTATION: note} if note else {},
+            )
+
+    async def _write_node_status(self, desired: DesiredState, outcome: str, message: str) -> None:
+        """This node's entry on every object whose entry changed, with an Event for each."""
+        problems: dict[str, list[str]] = {}
+        for problem in desired.problems:
+            problems.setdefault(problem.obj, []).append(
+                f"{problem.field}: {problem.message}" if problem.field else problem.message
+            )
+        now = _now()
+        for kind, table in ((AUDIT_USER, self.store.users), (AUDIT_POLICY, self.store.policies)):
+            for name, body in sorted(table.items()):
+                ref = f"{kind}/{name}"
+                meta = body.get("metadata") or {}
+                generation = int(meta.get("generation") or 0)
+                old = ((body.get("status") or {}).get("nodes") or {}).get(self.config.node_name)
+                if ref in problems:
+                    entry_outcome, text = INVALID, "; ".join(problems[ref])
+                elif outcome == APPLIED:
+                    entry_outcome, text = APPLIED, f"live (config {desired.config_hash[:16]})"
+                elif (
+                    old
+                    and old.get("outcome") == APPLIED
+                    and old.get("observedGeneration") == generation
+                ):
+                    continue
+                else:
+                    entry_outcome, text = outcome, message
+                entry = node_entry(
+                    generation=generation,
+                    config_hash=desired.config_hash,
+                    outcome=entry_outcome,
+                    message=text,
+                    time=now,
+                )
+                if not entry_differs(old, entry):
+                    continue
+                patch = {"nodes": {self.config.node_name: entry}}
+                await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
+                body.setdefault("status", {}).setdefault("nodes", {})[self.config.node_name] = entry
+                event_type = "Normal" if entry_outcome == APPLIED else "Warning"
+                reason = {APPLIED: "Applied", INVALID: "Refused"}.get(entry_outcome, entry_outcome)
+                await asyncio.to_thread(
+                    self.api.create_event,
+                    body,
+                    kind,
+                    event_type,
+                    reason,
+                    f"node {self.config.node_name}: {text}",
+                )
+        self.metrics.invalid.set(len(problems))
+
+    async def update_status(self) -> None:
+        """If this pod owns status, turn node entries into kstatus conditions."""
+        c = self.config
+        owner = await asyncio.to_thread(
+            lease.try_acquire, self.api, c.namespace, STATUS_LEASE, c.node_name, 60
+        )
+        if not owner:
+            return
+        nodes = await asyncio.to_thread(self.api.control_plane_nodes)
+        now = _now()
+        for kind, table in ((AUDIT_USER, self.store.users), (AUDIT_POLICY, self.store.policies)):
+            for name, body in sorted(table.items()):
+                patch = compute_conditions(body, nodes, now)
+                if conditions_differ(body.get("status") or {}, patch):
+                    await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
+                    body.setdefault("status", {}).update(patch)

@@ -1,0 +1,78 @@
+"""What this pod knows of the cluster's AuditUsers, AuditPolicies and token Secrets."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ROTATE_ANNOTATION = "kube-audit.io/rotate-token"
+
+
+def _relevant(kind: str, body: Mapping[str, Any]) -> str:
+    """The part of an object whose change needs a new plan (status changes do not)."""
+    meta = body.get("metadata") or {}
+    if kind == "secrets":
+        return json.dumps([body.get("data"), body.get("stringData")], sort_keys=True)
+    return json.dumps(
+        [
+            meta.get("uid"),
+            meta.get("generation"),
+            meta.get("creationTimestamp"),
+            (meta.get("annotations") or {}).get(ROTATE_ANNOTATION),
+            body.get("spec"),
+        ],
+        sort_keys=True,
+    )
+
+
+@dataclass
+class ObjectStore:
+    """Raw objects by key; ``upsert``/``remove`` say whether the change needs a new plan."""
+
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secrets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def _table(self, kind: str) -> dict[Any, dict[str, Any]]:
+        tables: dict[str, dict[Any, dict[str, Any]]] = {
+            "auditusers": self.users,
+            "auditpolicies": self.policies,
+            "secrets": self.secrets,
+        }
+        return tables[kind]
+
+    @staticmethod
+    def key(kind: str, body: Mapping[str, Any]) -> Any:
+        meta = body.get("metadata") or {}
+        if kind == "secrets":
+            return (meta.get("namespace") or "", meta.get("name") or "")
+        return meta.get("name") or ""
+
+    def upsert(self, kind: str, body: Mapping[str, Any]) -> bool:
+        table = self._table(kind)
+        key = self.key(kind, body)
+        old = table.get(key)
+        table[key] = copy.deepcopy(dict(body))
+        return old is None or _relevant(kind, old) != _relevant(kind, body)
+
+    def remove(self, kind: str, body: Mapping[str, Any]) -> bool:
+        return self._table(kind).pop(self.key(kind, body), None) is not None
+
+    def documents(self) -> list[tuple[str, dict[str, Any]]]:
+        """(source, object) pairs in a stable order, for ``collect_inputs``."""
+        docs: list[tuple[str, dict[str, Any]]] = []
+        for name in sorted(self.users):
+            docs.append((f"AuditUser/{name}", self.users[name]))
+        for name in sorted(self.policies):
+            docs.append((f"AuditPolicy/{name}", self.policies[name]))
+        for ns, name in sorted(self.secrets):
+            docs.append(
+                (
+                    f"Secret/{ns}/{name}",
+                    {"apiVersion": "v1", "kind": "Secret", **self.secrets[(ns, name)]},
+                )
+            )
+        return docs

@@ -1,0 +1,108 @@
+"""kstatus-style status for AuditUser and AuditPolicy, computed from per-node results.
+
+Each node writes only ``status.nodes.<node>``; one owner turns them into ``observedGeneration`` and
+the ``Ready``/``Reconciling``/``Stalled`` conditions, so pods never overwrite each other and
+Argo CD and Flux read health the way they read any kstatus-compliant object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+APPLIED = "Applied"
+INVALID = "Invalid"
+ROLLED_BACK = "RolledBack"
+BLOCKED = "Blocked"
+
+
+def node_entry(
+    *, generation: int, config_hash: str, outcome: str, message: str, time: str
+) -> dict[str, Any]:
+    return {
+        "observedGeneration": generation,
+        "configHash": config_hash[:16],
+        "outcome": outcome,
+        "message": message,
+        "time": time,
+    }
+
+
+def entry_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether a node's entry needs writing (the time alone is not a change)."""
+    if old is None:
+        return True
+    return any(old.get(k) != new.get(k) for k in new if k != "time")
+
+
+def _condition(kind: str, true: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": "True" if true else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+
+
+def compute_conditions(
+    obj: Mapping[str, Any], control_plane: Sequence[str], now: str
+) -> dict[str, Any]:
+    """``observedGeneration`` and conditions from the node entries of the current generation."""
+    generation = int((obj.get("metadata") or {}).get("generation") or 0)
+    status = obj.get("status") or {}
+    nodes: Mapping[str, Any] = status.get("nodes") or {}
+    current = {n: e for n, e in nodes.items() if e.get("observedGeneration") == generation}
+    invalid = [e for e in current.values() if e.get("outcome") == INVALID]
+    failed = {n: e for n, e in current.items() if e.get("outcome") in (ROLLED_BACK, BLOCKED)}
+    live = [n for n in control_plane if (current.get(n) or {}).get("outcome") == APPLIED]
+    total = len(control_plane)
+    if invalid:
+        message = str(invalid[0].get("message") or "invalid")
+        conditions = [
+            _condition("Ready", False, INVALID, message, generation),
+            _condition("Reconciling", False, INVALID, "", generation),
+            _condition("Stalled", True, INVALID, message, generation),
+        ]
+    elif failed:
+        node, entry = sorted(failed.items())[0]
+        message = f"node {node}: {entry.get('message') or entry.get('outcome')}"
+        conditions = [
+            _condition("Ready", False, ROLLED_BACK, message, generation),
+            _condition("Reconciling", False, ROLLED_BACK, "", generation),
+            _condition("Stalled", True, ROLLED_BACK, message, generation),
+        ]
+    elif total and len(live) == total:
+        message = f"live on all {total} control-plane node(s)"
+        conditions = [
+            _condition("Ready", True, APPLIED, message, generation),
+            _condition("Reconciling", False, APPLIED, "", generation),
+            _condition("Stalled", False, APPLIED, "", generation),
+        ]
+    else:
+        message = f"live on {len(live)} of {total} control-plane node(s)"
+        conditions = [
+            _condition("Ready", False, "Progressing", message, generation),
+            _condition("Reconciling", True, "Progressing", message, generation),
+            _condition("Stalled", False, "Progressing", "", generation),
+        ]
+    previous = {c.get("type"): c for c in status.get("conditions") or []}
+    for condition in conditions:
+        old = previous.get(condition["type"])
+        same = old is not None and old.get("status") == condition["status"]
+        condition["lastTransitionTime"] = (
+            old.get("lastTransitionTime", now) if same and old else now
+        )
+    return {"observedGeneration": generation, "conditions": conditions}
+
+
+def conditions_differ(status: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    """Whether the owner needs to write: any change but the transition times."""
+    if status.get("observedGeneration") != patch["observedGeneration"]:
+        return True
+    old = [
+        {k: v for k, v in c.items() if k != "lastTransitionTime"}
+        for c in status.get("conditions") or []
+    ]
+    new = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in patch["conditions"]]
+    return old != new

@@ -1,0 +1,250 @@
+"""The one gateway to the Kubernetes API (the official client; blocking, so call it in a thread).
+
+Everything the operator and the CLI read from or write to the cluster, apart from kopf's own
+watches, goes through ``KubeApi``; API failures become ``ClusterError`` and its subclasses.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import kubernetes.client
+import kubernetes.config
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
+
+from kube_audit.core.models import GROUP, VERSION, SecretData, parse_secret
+from kube_audit.errors import ClusterError, Conflict, InvalidInput, NotFound
+
+T = TypeVar("T")
+TOKEN_LABEL = "kube-audit.io/token"
+ROTATED_FOR = "kube-audit.io/rotated-for"
+CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def load_api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
+    """In-cluster credentials inside a pod, else the current kubeconfig context."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        try:
+            kubernetes.config.load_kube_config(
+                config_file=kubeconfig, client_configuration=configuration
+            )
+        except (kubernetes.config.ConfigException, OSError) as error:
+            raise ClusterError(
+                f"no cluster credentials: not in a pod and no usable kubeconfig ({error})"
+            ) from None
+    return kubernetes.client.ApiClient(configuration)
+
+
+def _call(what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    try:
+        return func(*args, **kwargs)
+    except ApiException as error:
+        message = f"{what}: HTTP {error.status} {error.reason}"
+        if error.status == 404:
+            raise NotFound(message) from None
+        if error.status == 409:
+            raise Conflict(message) from None
+        raise ClusterError(message) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        raise ClusterError(f"{what}: Kubernetes API unreachable ({error})") from None
+
+
+def _plain(obj: Any, client: kubernetes.client.ApiClient) -> dict[str, Any]:
+    return obj if isinstance(obj, dict) else client.sanitize_for_serialization(obj)
+
+
+class KubeApi:
+    """Typed calls for what kube-audit needs; nothing else in the project imports the client."""
+
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.coordination = kubernetes.client.CoordinationV1Api(client)
+
+    @property
+    def host(self) -> str:
+        return str(self.client.configuration.host)
+
+    def list_objects(self, plural: str) -> list[dict[str, Any]]:
+        result = _call(
+            f"list {plural}.{GROUP}", self.custom.list_cluster_custom_object, GROUP, VERSION, plural
+        )
+        return list(result.get("items", []))
+
+    def get_object(self, plural: str, name: str) -> dict[str, Any]:
+        return dict(
+            _call(
+                f"get {plural}.{GROUP}/{name}",
+                self.custom.get_cluster_custom_object,
+                GROUP,
+                VERSION,
+                plural,
+                name,
+            )
+        )
+
+    def patch_status(self, plural: str, name: str, patch: Mapping[str, Any]) -> None:
+        """A JSON merge patch of ``status`` (each writer only touches its own keys)."""
+        _call(
+            f"patch {plural}.{GROUP}/{name}/status",
+            self.custom.patch_cluster_custom_object_status,
+            GROUP,
+            VERSION,
+            plural,
+            name,
+            {"status": dict(patch)},
+        )
+
+    def read_secret(self, namespace: str, name: str) -> tuple[SecretData, dict[str, Any]] | None:
+        try:
+            obj = _call(
+                f"read Secret {namespace}/{name}",
+                self.core.read_namespaced_secret,
+                name,
+                namespace,
+            )
+        except NotFound:
+            return None
+        raw = _plain(obj, self.client)
+        raw.setdefault("metadata", {}).setdefault("namespace", namespace)
+        try:
+            return parse_secret(raw), raw
+        except InvalidInput as error:
+            raise ClusterError(str(error)) from None
+
+    def create_token_secret(
+        self, namespace: str, name: str, token: str, owner: Mapping[str, Any]
+    ) -> bool:
+        """Create the Secret unless it exists; False when another writer was first (409)."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {TOKEN_LABEL: "true"},
+                "ownerReferences": [dict(owner)],
+            },
+            "data": {"token": base64.b64encode(token.encode()).decode()},
+        }
+        try:
+            _call(
+                f"create Secret {namespace}/{name}",
+                self.core.create_namespaced_secret,
+                namespace,
+                body,
+            )
+        except Conflict:
+            return False
+        return True
+
+    def rotate_token_secret(
+        self, namespace: str, name: str, token: str, nonce: str, resource_version: str
+    ) -> bool:
+        """Replace the token once per rotation request; False if someone else changed it first."""
+        body = {
+            "metadata": {"resourceVersion": resource_version, "annotations": {ROTATED_FOR: nonce}},
+            "data": {"token": base64.b64encode(token.encode()).decode()},
+        }
+        try:
+            _call(
+                f"rotate Secret {namespace}/{name}",
+                self.core.patch_namespaced_secret,
+                name,
+                namespace,
+                body,
+            )
+        except Conflict:
+            return False
+        return True
+
+    def control_plane_nodes(self) -> list[str]:
+        nodes = _call(
+            "list control-plane Nodes", self.core.list_node, label_selector=CONTROL_PLANE_LABEL
+        )
+        return sorted(
+            _plain(n, self.client)["metadata"]["name"] for n in _items(nodes, self.client)
+        )
+
+    def create_event(
+        self, obj: Mapping[str, Any], kind: str, event_type: str, reason: str, message: str
+    ) -> None:
+        """A core/v1 Event on a cluster-scoped object (such Events live in ``default``)."""
+        meta = obj.get("metadata", {})
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{meta.get('name', 'kube-audit')}.",
+                "namespace": "default",
+            },
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": kind,
+                "name": meta.get("name"),
+                "uid": meta.get("uid"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "kube-audit"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "reportingComponent": "kube-audit",
+        }
+        _call("create Event", self.core.create_namespaced_event, "default", body)
+
+    def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            lease = _call(
+                f"read Lease {namespace}/{name}",
+                self.coordination.read_namespaced_lease,
+                name,
+                namespace,
+            )
+        except NotFound:
+            return None
+        return _plain(lease, self.client)
+
+    def create_lease(self, namespace: str, body: Mapping[str, Any]) -> bool:
+        try:
+            _call(
+                f"create Lease {namespace}",
+                self.coordination.create_namespaced_lease,
+                namespace,
+                dict(body),
+            )
+        except Conflict:
+            return False
+        return True
+
+    def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
+        """Replace with the body's resourceVersion as precondition; False on a lost race."""
+        try:
+            _call(
+                f"replace Lease {namespace}/{name}",
+                self.coordination.replace_namespaced_lease,
+                name,
+                namespace,
+                dict(body),
+            )
+        except Conflict:
+            return False
+        return True
+
+
+def _items(result: Any, client: kubernetes.client.ApiClient) -> list[Any]:
+    raw = _plain(result, client)
+    return list(raw.get("items") or [])
