@@ -121,10 +121,24 @@ class KubeApi:
         except InvalidInput as error:
             raise ClusterError(str(error)) from None
 
+    def list_token_secrets(self, namespace: str) -> list[dict[str, Any]]:
+        """The Secrets the operator made (by label), in one call."""
+        result = _call(
+            f"list Secrets in {namespace}",
+            self.core.list_namespaced_secret,
+            namespace,
+            label_selector=f"{TOKEN_LABEL}=true",
+        )
+        items = []
+        for item in _items(result, self.client):
+            item.setdefault("metadata", {}).setdefault("namespace", namespace)
+            items.append(item)
+        return items
+
     def create_token_secret(
         self, namespace: str, name: str, token: str, owner: Mapping[str, Any]
-    ) -> bool:
-        """Create the Secret unless it exists; False when another writer was first (409)."""
+    ) -> dict[str, Any] | None:
+        """Create the Secret; None when another writer was first (409), else the new object."""
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -138,15 +152,17 @@ class KubeApi:
             "data": {"token": base64.b64encode(token.encode()).decode()},
         }
         try:
-            _call(
+            created = _call(
                 f"create Secret {namespace}/{name}",
                 self.core.create_namespaced_secret,
                 namespace,
                 body,
             )
         except Conflict:
-            return False
-        return True
+            return None
+        raw = _plain(created, self.client)
+        raw.setdefault("metadata", {}).setdefault("namespace", namespace)
+        return raw
 
     def rotate_token_secret(
         self, namespace: str, name: str, token: str, nonce: str, resource_version: str

@@ -17,14 +17,14 @@ def _micro(ts: datetime) -> str:
 
 
 def _parse(value: str | None) -> datetime | None:
+    """RFC 3339 as the API sends it ('Z') or as the client re-serialises it ('+00:00')."""
     if not value:
         return None
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(value, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _free_for(lease: dict[str, Any], holder: str, now: datetime) -> bool:
@@ -33,8 +33,10 @@ def _free_for(lease: dict[str, Any], holder: str, now: datetime) -> bool:
     if not current or current == holder:
         return True
     renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
+    if renewed is None:
+        return False
     duration = int(spec.get("leaseDurationSeconds") or 0)
-    return renewed is None or renewed + timedelta(seconds=duration) < now
+    return renewed + timedelta(seconds=duration) < now
 
 
 def try_acquire(api: KubeApi, namespace: str, name: str, holder: str, duration: int) -> bool:

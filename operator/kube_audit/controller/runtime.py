@@ -28,7 +28,7 @@ from kube_audit.controller import lease
 from kube_audit.controller.aio import sleep_unless_stopped
 from kube_audit.controller.metrics import Metrics
 from kube_audit.controller.store import ROTATE_ANNOTATION, ObjectStore
-from kube_audit.core.models import AUDIT_POLICY, AUDIT_USER, parse_audit_user
+from kube_audit.core.models import AUDIT_POLICY, AUDIT_USER, AuditUser, parse_audit_user
 from kube_audit.core.plan import DesiredState, collect_inputs, plan_desired
 from kube_audit.core.settings import Settings
 from kube_audit.core.status import (
@@ -90,7 +90,10 @@ class NodeRuntime:
         self._status_wanted = asyncio.Event()
         self._last_change = 0.0
         self._first_change = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._holding_rollout = False
+        self._stop = asyncio.Event()
+        self._wanted_cache: tuple[int, set[tuple[str, str]]] = (-1, set())
+        self._failures = 0
 
     # -- what handlers call ----------------------------------------------------------------
 
@@ -111,17 +114,22 @@ class NodeRuntime:
     def secret_is_wanted(self, namespace: str | None, name: str | None) -> bool:
         """Only Secrets some AuditUser reads are kept (the watch sees every Secret)."""
         key = (namespace or "", name or "")
-        if key in self.store.secrets:
-            return True
-        for body in self.store.users.values():
-            try:
-                user = parse_audit_user(body)
-            except InvalidInput:
-                continue
-            ns, secret, _ = secret_location(user, self.config.settings)
-            if (ns, secret) == key:
-                return True
-        return False
+        return key in self.store.secrets or key in self._wanted_secrets()
+
+    def _wanted_secrets(self) -> set[tuple[str, str]]:
+        """Secret keys the users refer to, recomputed only when the users change."""
+        version = self.store.user_version
+        if self._wanted_cache[0] != version:
+            wanted = set()
+            for body in self.store.users.values():
+                try:
+                    user = parse_audit_user(body)
+                except InvalidInput:
+                    continue
+                ns, secret, _ = secret_location(user, self.config.settings)
+                wanted.add((ns, secret))
+            self._wanted_cache = (version, wanted)
+        return self._wanted_cache[1]
 
     def _wake_plan(self) -> None:
         loop_time = asyncio.get_running_loop().time()
@@ -135,6 +143,7 @@ class NodeRuntime:
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile after each quiet debounce window, and every ``resync`` seconds anyway."""
         loop = asyncio.get_running_loop()
+        self._stop = stop
         self._wake_plan()
         while not stop.is_set():
             await self._wait(stop)
@@ -150,16 +159,21 @@ class NodeRuntime:
                 else:
                     await self.update_status()
                 self.metrics.last_success.set_to_current_time()
+                self._failures = 0
             except KubeAuditError as error:
-                self.metrics.failures.inc()
                 log.warning("reconcile failed, will retry: %s", error)
-                self._plan_wanted.set()
-                await sleep_unless_stopped(stop, self.config.retry_backoff)
+                await self._back_off(stop)
             except Exception:
-                self.metrics.failures.inc()
                 log.exception("reconcile crashed, will retry")
-                self._plan_wanted.set()
-                await sleep_unless_stopped(stop, self.config.retry_backoff)
+                await self._back_off(stop)
+
+    async def _back_off(self, stop: asyncio.Event) -> None:
+        """Retry later, doubling the wait up to 30 s (the apiserver may be restarting)."""
+        self.metrics.failures.inc()
+        self._failures += 1
+        self._plan_wanted.set()
+        delay = min(self.config.retry_backoff * 2 ** (self._failures - 1), 30.0)
+        await sleep_unless_stopped(stop, delay)
 
     async def _wait(self, stop: asyncio.Event) -> None:
         waiters = [
@@ -202,59 +216,89 @@ class NodeRuntime:
             return HealthCheck(url=c.health_url, ca_file=ca, timeout=c.timeout)
         return default_health_check(layout, c.timeout)
 
-    async def ensure_tokens(self) -> None:
-        """Create missing default token Secrets, rotate on request, fetch referenced ones."""
-        for body in list(self.store.users.values()):
+    async def ensure_tokens(self, stop: asyncio.Event) -> None:
+        """Create missing default token Secrets, rotate on request, fetch referenced ones.
+
+        One list call learns which of our Secrets exist; a create that loses a race to another
+        pod (409) reads the winner's Secret, so every pod serves the same token.
+        """
+        users = []
+        for body in self.store.users.values():
             try:
-                user = parse_audit_user(body)
+                users.append((body, parse_audit_user(body)))
             except InvalidInput:
                 continue
-            ns, name, _ = secret_location(user, self.config.settings)
+        settings = self.config.settings
+        missing = [
+            u for _, u in users if secret_location(u, settings)[:2] not in self.store.secrets
+        ]
+        if any(u.spec.token_secret_ref is None for u in missing):
+            for raw in await asyncio.to_thread(
+                self.api.list_token_secrets, settings.token_namespace
+            ):
+                self.store.upsert("secrets", raw)
+        for body, user in users:
+            if stop.is_set():
+                return
+            ns, name, _ = secret_location(user, settings)
             if (ns, name) not in self.store.secrets:
-                found = await asyncio.to_thread(self.api.read_secret, ns, name)
-                if found is None and user.spec.token_secret_ref is None and not user.spec.disabled:
-                    owner = {
-                        "apiVersion": body.get("apiVersion", "kube-audit.io/v1alpha1"),
-                        "kind": AUDIT_USER,
-                        "name": user.meta.name,
-                        "uid": user.meta.uid,
-                        "blockOwnerDeletion": False,
-                    }
-                    token = random_tokens.token_urlsafe(32)
-                    created = await asyncio.to_thread(
-                        self.api.create_token_secret, ns, name, token, owner
-                    )
-                    log.info("token Secret %s/%s %s", ns, name, "created" if created else "exists")
-                    found = await asyncio.to_thread(self.api.read_secret, ns, name)
-                if found is not None:
-                    self.store.upsert("secrets", found[1])
-            nonce = user.meta.annotations.get(ROTATE_ANNOTATION)
-            raw = self.store.secrets.get((ns, name))
-            if nonce and raw is not None and user.spec.token_secret_ref is None:
-                meta = raw.get("metadata") or {}
-                if (meta.get("annotations") or {}).get(ROTATED_FOR) != nonce:
-                    await asyncio.to_thread(
-                        self.api.rotate_token_secret,
-                        ns,
-                        name,
-                        random_tokens.token_urlsafe(32),
-                        nonce,
-                        str(meta.get("resourceVersion") or ""),
-                    )
-                    found = await asyncio.to_thread(self.api.read_secret, ns, name)
-                    if found is not None:
-                        self.store.upsert("secrets", found[1])
+                await self._fetch_or_create(body, user, ns, name)
+            await self._rotate_if_asked(user, ns, name)
+
+    async def _fetch_or_create(
+        self, body: Mapping[str, Any], user: AuditUser, ns: str, name: str
+    ) -> None:
+        raw: dict[str, Any] | None = None
+        if user.spec.token_secret_ref is None and not user.spec.disabled:
+            owner = {
+                "apiVersion": body.get("apiVersion", "kube-audit.io/v1alpha1"),
+                "kind": AUDIT_USER,
+                "name": user.meta.name,
+                "uid": user.meta.uid,
+                "blockOwnerDeletion": False,
+            }
+            token = random_tokens.token_urlsafe(32)
+            raw = await asyncio.to_thread(self.api.create_token_secret, ns, name, token, owner)
+            log.info("token Secret %s/%s %s", ns, name, "created" if raw else "made by another pod")
+        if raw is None:
+            found = await asyncio.to_thread(self.api.read_secret, ns, name)
+            raw = found[1] if found is not None else None
+        if raw is not None:
+            self.store.upsert("secrets", raw)
+
+    async def _rotate_if_asked(self, user: AuditUser, ns: str, name: str) -> None:
+        """Rotate once per value of the rotate annotation (recorded on the Secret)."""
+        nonce = user.meta.annotations.get(ROTATE_ANNOTATION)
+        raw = self.store.secrets.get((ns, name))
+        if not nonce or raw is None or user.spec.token_secret_ref is not None:
+            return
+        meta = raw.get("metadata") or {}
+        if (meta.get("annotations") or {}).get(ROTATED_FOR) == nonce:
+            return
+        await asyncio.to_thread(
+            self.api.rotate_token_secret,
+            ns,
+            name,
+            random_tokens.token_urlsafe(32),
+            nonce,
+            str(meta.get("resourceVersion") or ""),
+        )
+        found = await asyncio.to_thread(self.api.read_secret, ns, name)
+        if found is not None:
+            self.store.upsert("secrets", found[1])
 
     def plan(self) -> DesiredState:
         return plan_desired(collect_inputs(self.store.documents()), self.config.settings)
 
     async def reconcile(self, stop: asyncio.Event) -> None:
-        await self.ensure_tokens()
+        await self.ensure_tokens(stop)
         desired = self.plan()
         layout = self._layout()
         outcome, message = APPLIED, "live"
         if await asyncio.to_thread(needs_change, layout, desired):
             outcome, message = await self._rollout(layout, desired, stop)
+        elif self._holding_rollout:
+            await self._release_rollout({})
         await self._write_node_status(desired, outcome, message)
         await self.update_status()
 
@@ -262,17 +306,11 @@ class NodeRuntime:
         self, layout: HostLayout, desired: DesiredState, stop: asyncio.Event
     ) -> tuple[str, str]:
         c = self.config
-        api = self.api
-        failed = await asyncio.to_thread(
-            lease.annotation, api, c.namespace, ROLLOUT_LEASE, lease.FAILED_ANNOTATION
-        )
-        if failed and failed == desired.config_hash:
-            return BLOCKED, "rollout stopped: this configuration failed on another node"
         if desired.config_hash in read_state(layout).get("failed", []):
             return ROLLED_BACK, "this configuration failed on this node and was rolled back"
         holder = c.node_name
         if not await lease.acquire(
-            api,
+            self.api,
             namespace=c.namespace,
             name=ROLLOUT_LEASE,
             holder=holder,
@@ -281,9 +319,15 @@ class NodeRuntime:
             stop=stop,
         ):
             return BLOCKED, "operator stopping"
+        self._holding_rollout = True
         note: str | None = None
         try:
             desired = self.plan()
+            failed = await asyncio.to_thread(
+                lease.annotation, self.api, c.namespace, ROLLOUT_LEASE, lease.FAILED_ANNOTATION
+            )
+            if failed and failed == desired.config_hash:
+                return BLOCKED, "rollout stopped: this configuration failed on another node"
             try:
                 result = await asyncio.to_thread(
                     apply_node, layout, desired, self._health(layout), retry_failed=False
@@ -303,14 +347,15 @@ class NodeRuntime:
             log.info("%s: %s", holder, result.message)
             return APPLIED, result.message
         finally:
-            await asyncio.to_thread(
-                lease.release,
-                api,
-                c.namespace,
-                ROLLOUT_LEASE,
-                holder,
-                {lease.FAILED_ANNOTATION: note} if note else {},
-            )
+            await self._release_rollout({lease.FAILED_ANNOTATION: note} if note else {})
+
+    async def _release_rollout(self, annotations: dict[str, str | None]) -> None:
+        """Let the next node go; if the API is down now, the next reconcile releases it."""
+        c = self.config
+        await asyncio.to_thread(
+            lease.release, self.api, c.namespace, ROLLOUT_LEASE, c.node_name, annotations
+        )
+        self._holding_rollout = False
 
     async def _write_node_status(self, desired: DesiredState, outcome: str, message: str) -> None:
         """This node's entry on every object whose entry changed, with an Event for each."""
@@ -322,6 +367,8 @@ class NodeRuntime:
         now = _now()
         for kind, table in ((AUDIT_USER, self.store.users), (AUDIT_POLICY, self.store.policies)):
             for name, body in sorted(table.items()):
+                if self._stop.is_set():
+                    return
                 ref = f"{kind}/{name}"
                 meta = body.get("metadata") or {}
                 generation = int(meta.get("generation") or 0)
@@ -374,6 +421,8 @@ class NodeRuntime:
         now = _now()
         for kind, table in ((AUDIT_USER, self.store.users), (AUDIT_POLICY, self.store.policies)):
             for name, body in sorted(table.items()):
+                if self._stop.is_set():
+                    return
                 patch = compute_conditions(body, nodes, now)
                 if conditions_differ(body.get("status") or {}, patch):
                     await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)

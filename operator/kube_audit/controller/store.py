@@ -35,6 +35,7 @@ class ObjectStore:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     secrets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    user_version: int = 0
 
     def _table(self, kind: str) -> dict[Any, dict[str, Any]]:
         tables: dict[str, dict[Any, dict[str, Any]]] = {
@@ -56,10 +57,16 @@ class ObjectStore:
         key = self.key(kind, body)
         old = table.get(key)
         table[key] = copy.deepcopy(dict(body))
-        return old is None or _relevant(kind, old) != _relevant(kind, body)
+        changed = old is None or _relevant(kind, old) != _relevant(kind, body)
+        if changed and kind == "auditusers":
+            self.user_version += 1
+        return changed
 
     def remove(self, kind: str, body: Mapping[str, Any]) -> bool:
-        return self._table(kind).pop(self.key(kind, body), None) is not None
+        removed = self._table(kind).pop(self.key(kind, body), None) is not None
+        if removed and kind == "auditusers":
+            self.user_version += 1
+        return removed
 
     def documents(self) -> list[tuple[str, dict[str, Any]]]:
         """(source, object) pairs in a stable order, for ``collect_inputs``."""
