@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   := build/demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test unit lint bench demo e2e clean
+.PHONY: help setup test unit lint bench demo e2e crds clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ demo: setup ## run the node agent on a bundled sample control-plane tree (no clu
 	   $(DEMO)/host/etc/kubernetes/manifests/kube-apiserver.yaml || true
 	@echo; echo "== files the apiserver reads:"; find $(DEMO)/host/etc/kubernetes/kube-audit -type f | sort
 	$(BIN)/kube-audit node apply --no-wait --host-root $(DEMO)/host -f examples -f examples/demo
+
+crds: setup ## regenerate crds/ from the pydantic models
+	$(BIN)/kube-audit crds --out crds
 
 e2e: setup ## end-to-end suite on a kind cluster (needs Docker and kind)
 	$(BIN)/python -m pytest -m e2e tests/e2e -rs

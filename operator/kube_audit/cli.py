@@ -21,6 +21,7 @@ from kube_audit.agent.node import (
     rollback_node,
     uninstall_node,
 )
+from kube_audit.core.crd import CRD_FILES, render_crd_yaml
 from kube_audit.core.plan import (
     POLICY_FILE,
     TOKEN_FILE,
@@ -151,6 +152,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     else:
         hostfs.write_atomic(out / POLICY_FILE, policy, mode=0o644)
         print(f"wrote {out / POLICY_FILE}")
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    hostfs.ensure_dir(out, 0o755)
+    for kind, name in CRD_FILES.items():
+        hostfs.write_atomic(out / name, render_crd_yaml(kind).encode(), mode=0o644)
+        print(f"wrote {out / name}")
     return 0
 
 
@@ -341,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         cmd.set_defaults(func=func)
     _add_operator_parser(sub)
+    crds = sub.add_parser("crds", help="write the CustomResourceDefinitions")
+    crds.add_argument("--out", default="crds", metavar="DIR")
+    crds.set_defaults(func=cmd_crds)
     return parser
 
 

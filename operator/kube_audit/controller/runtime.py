@@ -423,7 +423,16 @@ class NodeRuntime:
             for name, body in sorted(table.items()):
                 if self._stop.is_set():
                     return
-                patch = compute_conditions(body, nodes, now)
+                patch = {**compute_conditions(body, nodes, now), **_columns(kind, body)}
                 if conditions_differ(body.get("status") or {}, patch):
                     await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
                     body.setdefault("status", {}).update(patch)
+
+
+def _columns(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Status fields behind the printer columns that JSONPath cannot compute."""
+    spec = body.get("spec") or {}
+    if kind == AUDIT_USER:
+        return {"username": spec.get("username") or (body.get("metadata") or {}).get("name")}
+    rules = spec.get("rules")
+    return {"ruleCount": len(rules) if isinstance(rules, list) else 0}

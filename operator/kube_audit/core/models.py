@@ -7,7 +7,7 @@ import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -20,6 +20,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 AUDIT_USER = "AuditUser"
 AUDIT_POLICY = "AuditPolicy"
 
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+Url = Annotated[str, Field(min_length=1, max_length=1024)]
+MAX_ITEMS = 256
 Level = Literal["None", "Metadata", "Request", "RequestResponse"]
 Stage = Literal["RequestReceived", "ResponseStarted", "ResponseComplete", "Panic"]
 STAGE_ORDER: tuple[str, ...] = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
@@ -40,19 +43,30 @@ class _Spec(BaseModel):
 class SecretKeyRef(_Spec):
     """Where an AuditUser's token lives when it is not the default Secret."""
 
-    namespace: str = Field(min_length=1, description="Namespace of the Secret.")
-    name: str = Field(min_length=1, description="Name of the Secret.")
-    key: str = Field(default="token", min_length=1, description="Key in the Secret's data.")
+    namespace: str = Field(min_length=1, max_length=63, description="Namespace of the Secret.")
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field(
+        default="token", min_length=1, max_length=253, description="Key in the Secret's data."
+    )
 
 
 class AuditUserSpec(_Spec):
     """One person: the identity kube-apiserver gives to whoever presents the token."""
 
     username: str | None = Field(
-        default=None, min_length=1, description="User name; defaults to metadata.name."
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="User name kube-apiserver gives this person; defaults to metadata.name.",
     )
-    uid: str | None = Field(default=None, min_length=1, description="UID; defaults to username.")
-    groups: list[str] = Field(default_factory=list, description="Groups the user belongs to.")
+    uid: str | None = Field(
+        default=None, min_length=1, max_length=253, description="UID; defaults to the username."
+    )
+    groups: list[Name] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS,
+        description="Groups the user belongs to (RBAC subjects of kind Group).",
+    )
     token_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="Secret key holding the token; default Secret kube-audit/audituser-<name>.",
@@ -65,24 +79,45 @@ class AuditUserSpec(_Spec):
 class GroupResources(_Spec):
     """audit.k8s.io/v1 GroupResources."""
 
-    group: str = Field(default="", description="API group; empty for the core group.")
-    resources: list[str] = Field(default_factory=list, description="Resources, e.g. pods.")
-    resource_names: list[str] = Field(default_factory=list, description="Object names.")
+    group: str = Field(
+        default="", max_length=253, description="API group without version; empty for core."
+    )
+    resources: list[Name] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="Resources, e.g. pods or pods/log."
+    )
+    resource_names: list[Name] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="Object names; needs resources."
+    )
 
 
 class PolicyRule(_Spec):
     """audit.k8s.io/v1 PolicyRule."""
 
     level: Level = Field(description="None, Metadata, Request or RequestResponse.")
-    users: list[str] = Field(default_factory=list, description="User names this rule applies to.")
-    user_groups: list[str] = Field(default_factory=list, description="Groups it applies to.")
-    verbs: list[str] = Field(default_factory=list, description="Verbs it applies to.")
-    resources: list[GroupResources] = Field(default_factory=list, description="Resources.")
-    namespaces: list[str] = Field(default_factory=list, description="Namespaces.")
-    non_resource_urls: list[str] = Field(
-        default_factory=list, alias="nonResourceURLs", description="Non-resource URL paths."
+    users: list[Name] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="User names; empty: all."
     )
-    omit_stages: list[Stage] = Field(default_factory=list, description="Stages not logged.")
+    user_groups: list[Name] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="Groups; empty: all."
+    )
+    verbs: list[Name] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="Verbs; empty: all."
+    )
+    resources: list[GroupResources] = Field(
+        default_factory=list, max_length=64, description="Resources; empty: all."
+    )
+    namespaces: list[Name] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="Namespaces; empty: all."
+    )
+    non_resource_urls: list[Url] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS,
+        alias="nonResourceURLs",
+        description="Non-resource URL paths such as /healthz; '*' only as the last character.",
+    )
+    omit_stages: list[Stage] = Field(
+        default_factory=list, max_length=4, description="Stages not logged for this rule."
+    )
     omit_managed_fields: bool | None = Field(
         default=None, description="Drop managedFields from logged bodies."
     )
@@ -93,12 +128,16 @@ class AuditPolicySpec(_Spec):
 
     priority: int = Field(default=100, description="Lower comes first; ties broken by name.")
     omit_stages: list[Stage] = Field(
-        default_factory=list, description="Stages omitted for every rule of this object."
+        default_factory=list,
+        max_length=4,
+        description="Stages omitted for every rule of this object.",
     )
     omit_managed_fields: bool | None = Field(
         default=None, description="Default omitManagedFields for every rule of this object."
     )
-    rules: list[PolicyRule] = Field(min_length=1, description="Rules; first match wins.")
+    rules: list[PolicyRule] = Field(
+        min_length=1, max_length=512, description="Rules; the first matching rule wins."
+    )
 
 
 @dataclass(frozen=True)

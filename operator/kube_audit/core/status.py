@@ -98,7 +98,7 @@ def compute_conditions(
 
 def conditions_differ(status: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
     """Whether the owner needs to write: any change but the transition times."""
-    if status.get("observedGeneration") != patch["observedGeneration"]:
+    if any(status.get(k) != v for k, v in patch.items() if k != "conditions"):
         return True
     old = [
         {k: v for k, v in c.items() if k != "lastTransitionTime"}

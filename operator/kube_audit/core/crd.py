@@ -1,0 +1,225 @@
+"""CustomResourceDefinitions rendered from the pydantic models, so schema and code cannot drift.
+
+The structural schema comes from the models' fields (types, defaults, lengths, enums,
+descriptions); CEL rules repeat the checks CEL can express, so most mistakes already fail at
+``kubectl apply``. ``crds/*.yaml`` are this module's output (``make crds``), checked by a test.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+import annotated_types
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from kube_audit.core import yamlio
+from kube_audit.core.models import (
+    GROUP,
+    VERSION,
+    AuditPolicySpec,
+    AuditUserSpec,
+    GroupResources,
+    PolicyRule,
+)
+
+_DNS = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+CEL: dict[tuple[type[BaseModel], str | None], list[dict[str, str]]] = {
+    (AuditUserSpec, None): [
+        {
+            "rule": "!has(self.username) || !self.username.startsWith('system:')",
+            "message": "usernames starting with 'system:' are reserved for Kubernetes components",
+            "fieldPath": ".username",
+        },
+    ],
+    (AuditUserSpec, "groups"): [
+        {
+            "rule": "self.all(g, !g.startsWith('system:'))",
+            "message": "'system:' groups (above all system:masters) are refused; see the "
+            "allowedSystemGroups setting",
+        },
+        {"rule": "self.all(g, !g.contains(','))", "message": "a group must not contain ','"},
+    ],
+    (PolicyRule, None): [
+        {
+            "rule": "!(has(self.nonResourceURLs) && size(self.nonResourceURLs) > 0) || "
+            "((!has(self.resources) || size(self.resources) == 0) && "
+            "(!has(self.namespaces) || size(self.namespaces) == 0))",
+            "message": "rules cannot apply to both regular resources and non-resource URLs",
+            "fieldPath": ".nonResourceURLs",
+        },
+    ],
+    (PolicyRule, "non_resource_urls"): [
+        {
+            "rule": "self.all(u, u == '*' || u.matches('^/[^*]*[*]?$'))",
+            "message": "a non-resource URL begins with '/' and may hold '*' only as its last "
+            "character",
+        },
+    ],
+    (GroupResources, None): [
+        {
+            "rule": "!has(self.resourceNames) || size(self.resourceNames) == 0 || "
+            "(has(self.resources) && size(self.resources) > 0)",
+            "message": "using resourceNames requires at least one resource",
+            "fieldPath": ".resourceNames",
+        },
+    ],
+    (GroupResources, "group"): [
+        {
+            "rule": f"self == '' || self.matches('{_DNS}')",
+            "message": "an API group is a lower-case DNS subdomain without a version "
+            "(for example 'rbac.authorization.k8s.io')",
+        },
+    ],
+}
+
+
+def _constraints(metadata: list[Any], schema: dict[str, Any], array: bool) -> None:
+    for item in metadata:
+        if isinstance(item, annotated_types.MinLen):
+            schema["minItems" if array else "minLength"] = item.min_length
+        elif isinstance(item, annotated_types.MaxLen):
+            schema["maxItems" if array else "maxLength"] = item.max_length
+
+
+def _type_schema(annotation: Any, metadata: list[Any]) -> dict[str, Any]:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        inner = args[0]
+        extra = [m for a in args[1:] for m in (a.metadata if isinstance(a, FieldInfo) else [a])]
+        return _type_schema(inner, [*extra, *metadata])
+    if origin in (types.UnionType, typing.Union):
+        (real,) = [a for a in args if a is not type(None)]
+        return _type_schema(real, metadata)
+    if origin is typing.Literal:
+        return {"type": "string", "enum": list(args)}
+    if origin is list:
+        schema: dict[str, Any] = {"type": "array", "items": _type_schema(args[0], [])}
+        _constraints(metadata, schema, array=True)
+        return schema
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return model_schema(annotation)
+    mapping = {str: "string", int: "integer", bool: "boolean"}
+    schema = {"type": mapping[annotation]}
+    if annotation is str:
+        _constraints(metadata, schema, array=False)
+    return schema
+
+
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a spec model (camelCase names, as the API has them)."""
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        schema = _type_schema(info.annotation, list(info.metadata))
+        if info.description:
+            schema = {"description": info.description, **schema}
+        if info.is_required():
+            required.append(key)
+        elif info.default is not None and info.default_factory is None:
+            schema["default"] = info.default
+        rules = CEL.get((model, name))
+        if rules:
+            schema["x-kubernetes-validations"] = rules
+        properties[key] = schema
+    out: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        out["required"] = required
+    rules = CEL.get((model, None))
+    if rules:
+        out["x-kubernetes-validations"] = rules
+    if model.__doc__:
+        out = {"description": " ".join(model.__doc__.split()), **out}
+    return out
+
+
+_STATUS = {
+    "type": "object",
+    "description": "Written by the operator: conditions (kstatus) and per-node results.",
+    "x-kubernetes-preserve-unknown-fields": True,
+}
+_READY = {
+    "name": "Ready",
+    "type": "string",
+    "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+}
+_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+
+
+def render_crd(kind: str) -> dict[str, Any]:
+    """The CustomResourceDefinition object of AuditUser or AuditPolicy."""
+    spec: type[BaseModel]
+    if kind == "AuditUser":
+        plural, short, spec = "auditusers", "au", AuditUserSpec
+        columns = [
+            {"name": "Username", "type": "string", "jsonPath": ".status.username"},
+            {"name": "Groups", "type": "string", "jsonPath": ".spec.groups"},
+            _READY,
+            _AGE,
+        ]
+        what = "A person's identity: a static bearer token for kube-apiserver."
+    else:
+        plural, short, spec = "auditpolicies", "ap", AuditPolicySpec
+        columns = [
+            {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority"},
+            {"name": "Rules", "type": "integer", "jsonPath": ".status.ruleCount"},
+            _READY,
+            _AGE,
+        ]
+        what = "Rules of the kube-apiserver audit policy, joined by (priority, name)."
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Cluster",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
+                "categories": ["kube-audit"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "description": what,
+                            "type": "object",
+                            **({"required": ["spec"]} if kind == "AuditPolicy" else {}),
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": model_schema(spec),
+                                "status": _STATUS,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+CRD_FILES = {
+    "AuditUser": "auditusers.kube-audit.io.yaml",
+    "AuditPolicy": "auditpolicies.kube-audit.io.yaml",
+}
+
+
+def render_crd_yaml(kind: str) -> str:
+    header = "# Generated by `make crds` from operator/kube_audit/core/models.py. Do not edit.\n"
+    return header + yamlio.dump(render_crd(kind))
