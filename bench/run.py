@@ -6,6 +6,7 @@ a no-op apply and a full apply under 100 ms each without the health wait.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -112,6 +113,10 @@ def main() -> int:
         verdict = "ok" if median <= target else "OVER TARGET"
         failed += median > target
         print(f"{name:<{width}}  {median:8.1f} ms  (target {target:.0f} ms)  {verdict}")
+    if os.environ.get("BENCH_SKIP_OPERATOR") != "1":
+        import subprocess  # noqa: PLC0415 - only for the operator benchmark
+
+        failed += subprocess.call([sys.executable, str(REPO / "bench/operator_bench.py")]) != 0
     return 1 if failed else 0
 
 

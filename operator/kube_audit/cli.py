@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from kube_audit.agent.node import (
     rollback_node,
     uninstall_node,
 )
+from kube_audit.core.audit_query import Query, parse_status, parse_time, resource_plural
 from kube_audit.core.crd import CRD_FILES, render_crd_yaml
 from kube_audit.core.plan import (
     POLICY_FILE,
@@ -33,6 +35,7 @@ from kube_audit.core.plan import (
 )
 from kube_audit.core.settings import Settings
 from kube_audit.errors import InvalidInput, KubeAuditError, Problem
+from kube_audit.who import run_who
 
 _YAML_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -162,6 +165,63 @@ def cmd_crds(args: argparse.Namespace) -> int:
         hostfs.write_atomic(out / name, render_crd_yaml(kind).encode(), mode=0o644)
         print(f"wrote {out / name}")
     return 0
+
+
+def cmd_who(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    problems = []
+
+    def convert(flag: str, values: list[str] | None, func: Any) -> frozenset[str]:
+        out = set()
+        for value in values or ():
+            try:
+                out.add(func(value))
+            except ValueError as error:
+                problems.append(Problem("who", flag, str(error)))
+        return frozenset(out)
+
+    since = convert("--since", [args.since] if args.since else None, lambda v: parse_time(v, now))
+    until = convert("--until", [args.until] if args.until else None, lambda v: parse_time(v, now))
+    query = Query(
+        users=frozenset(args.user or ()),
+        groups=frozenset(args.group or ()),
+        verbs=frozenset(v.lower() for v in args.verb or ()),
+        resources=frozenset(resource_plural(r) for r in args.resource or ()),
+        namespaces=frozenset(args.namespace or ()),
+        names=frozenset(args.name or ()),
+        statuses=convert("--status", args.status, parse_status),
+        since=next(iter(since), None),
+        until=next(iter(until), None),
+    )
+    if problems:
+        raise InvalidInput(problems)
+    settings = Settings()
+    paths = args.path or [str(Path(args.host_root) / settings.log_dir.lstrip("/"))]
+    return run_who(
+        paths, query, output=args.output, out=sys.stdout, err=sys.stderr, log_file=settings.log_file
+    )
+
+
+def _add_who_parser(sub: Any) -> None:
+    cmd = sub.add_parser(
+        "who",
+        help="who did it? search the audit log",
+        description="Search kube-apiserver audit logs: one line per request, newest last. "
+        "Filters combine with AND; a repeated filter matches any of its values.",
+    )
+    cmd.add_argument("path", nargs="*", help="audit log files or folders (default: the agent's)")
+    cmd.add_argument("--host-root", default=_env("KUBE_AUDIT_HOST_ROOT", "/"), metavar="ROOT")
+    cmd.add_argument("--user", action="append", help="user name")
+    cmd.add_argument("--group", action="append", help="one of the user's groups")
+    cmd.add_argument("--verb", action="append", help="create, update, patch, delete, get, ...")
+    cmd.add_argument("--resource", action="append", help="plural, singular or short (crd, ing)")
+    cmd.add_argument("--namespace", "-n", action="append")
+    cmd.add_argument("--name", action="append", help="object name")
+    cmd.add_argument("--since", help="RFC 3339 or relative (2h, 30m, 7d); inclusive")
+    cmd.add_argument("--until", help="RFC 3339 or relative; exclusive")
+    cmd.add_argument("--status", action="append", help="HTTP code (403) or class (4xx)")
+    cmd.add_argument("--output", "-o", choices=("table", "wide", "json"), default="table")
+    cmd.set_defaults(func=cmd_who)
 
 
 def _env(name: str, default: str) -> str:
@@ -351,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         cmd.set_defaults(func=func)
     _add_operator_parser(sub)
+    _add_who_parser(sub)
     crds = sub.add_parser("crds", help="write the CustomResourceDefinitions")
     crds.add_argument("--out", default="crds", metavar="DIR")
     crds.set_defaults(func=cmd_crds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gzip
 import os
 import shutil
 import time
@@ -172,3 +173,58 @@ def host_lock(path: Path, wait_seconds: float = 30.0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def audit_log_files(folder: Path, log_file: str = "audit.log") -> list[Path]:
+    """The current audit log and its rotated backups, oldest first.
+
+    kube-apiserver rotates ``audit.log`` to ``audit-<timestamp>.log`` (optionally gzip-compressed);
+    the timestamp sorts as text, and the current file is the newest.
+    """
+    stem, dot, ext = log_file.rpartition(".")
+    stem, ext = (stem, f".{ext}") if dot else (log_file, "")
+    rotated = [
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.name.startswith(f"{stem}-")
+        and (p.name.endswith(ext) or p.name.endswith(f"{ext}.gz"))
+    ]
+    current = folder / log_file
+    return sorted(rotated, key=lambda p: p.name) + ([current] if current.is_file() else [])
+
+
+def read_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a (possibly gzip-compressed) file, streamed."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            yield from handle
+    except (OSError, EOFError) as error:
+        raise HostError(f"cannot read {path}: {error}") from None
+
+
+def read_blocks(path: Path, size: int = 1 << 22) -> Iterator[bytes]:
+    """A (possibly gzip-compressed) file in blocks of whole lines, streamed.
+
+    Each block ends with a newline except, when the file does, the very last one.
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            carry = b""
+            while True:
+                chunk = handle.read(size)
+                if not chunk:
+                    break
+                chunk = carry + chunk
+                cut = chunk.rfind(b"\n") + 1
+                if cut == 0:
+                    carry = chunk
+                    continue
+                carry = chunk[cut:]
+                yield chunk[:cut]
+            if carry:
+                yield carry
+    except (OSError, EOFError) as error:
+        raise HostError(f"cannot read {path}: {error}") from None

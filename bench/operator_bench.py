@@ -1,0 +1,128 @@
+"""Operator benchmark: the real ``kube-audit operator`` process against the in-process API.
+
+Reports the time from the last change of a burst to the agent's apply (it includes the debounce
+window, by design) and the operator's memory (RSS) once 10,000 AuditUsers are live.
+Target: under 150 MB RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import kubernetes.client
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.operator.cluster import ClusterThread  # noqa: E402
+
+from kube_audit.kube import CONTROL_PLANE_LABEL  # noqa: E402
+
+USERS = int(os.environ.get("BENCH_USERS", "10000"))
+DEBOUNCE = 2.0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    cluster = ClusterThread().start()
+    tmp = Path(tempfile.mkdtemp())
+    host = tmp / "host"
+    shutil.copytree(REPO / "examples/demo/host", host)
+    kubeconfig = tmp / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: bench\n"
+        f"clusters: [{{name: bench, cluster: {{server: '{cluster.url}'}}}}]\n"
+        "users: [{name: bench, user: {token: bench}}]\n"
+        "contexts: [{name: bench, context: {cluster: bench, user: bench}}]\n"
+    )
+    client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=cluster.url))
+    core = kubernetes.client.CoreV1Api(client)
+    custom = kubernetes.client.CustomObjectsApi(client)
+    core.create_node({"metadata": {"name": "bench-cp", "labels": {CONTROL_PLANE_LABEL: ""}}})
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    process = subprocess.Popen(
+        [
+            str(REPO / ".venv/bin/kube-audit"),
+            "operator",
+            "--host-root",
+            str(host),
+            "--node-name",
+            "bench-cp",
+            "--no-wait",
+            "--debounce",
+            str(DEBOUNCE),
+            "--metrics-port",
+            "0",
+            "--liveness",
+            "",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    manifest = host / "etc/kubernetes/manifests/kube-apiserver.yaml"
+    try:
+        time.sleep(3)
+        custom.create_cluster_custom_object(
+            "kube-audit.io",
+            "v1alpha1",
+            "auditpolicies",
+            {
+                "apiVersion": "kube-audit.io/v1alpha1",
+                "kind": "AuditPolicy",
+                "metadata": {"name": "dev"},
+                "spec": {"rules": [{"level": "Metadata"}]},
+            },
+        )
+        before = manifest.stat().st_mtime_ns
+        for i in range(USERS):
+            custom.create_cluster_custom_object(
+                "kube-audit.io",
+                "v1alpha1",
+                "auditusers",
+                {
+                    "apiVersion": "kube-audit.io/v1alpha1",
+                    "kind": "AuditUser",
+                    "metadata": {"name": f"user-{i:05d}"},
+                    "spec": {"groups": ["developer"]},
+                },
+            )
+        last_change = time.time()
+        deadline = last_change + 900
+        while time.time() < deadline:
+            text = manifest.read_text() if manifest.stat().st_mtime_ns != before else ""
+            if "token-auth-file" in text:
+                tokens = next((host / "etc/kubernetes/kube-audit").iterdir()) / "tokens.csv"
+                if tokens.exists() and tokens.read_bytes().count(b"\n") == USERS:
+                    break
+            time.sleep(0.05)
+        applied_after = manifest.stat().st_mtime - last_change
+        time.sleep(5)
+        memory = rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(30)
+        cluster.stop()
+    print(
+        f"operator: last change of a burst of {USERS} creates -> agent apply "
+        f"{applied_after:6.2f} s (debounce {DEBOUNCE:.0f} s)"
+    )
+    verdict = "ok" if memory < 150 else "OVER TARGET"
+    print(f"operator: RSS with {USERS} AuditUsers  {memory:6.1f} MB (target 150 MB)  {verdict}")
+    return 0 if memory < 150 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Questions over kube-apiserver audit events ("who did it?"), as pure functions.
+
+Matching is two-step for speed: ``needles`` are byte strings that must occur in a log line for it
+to possibly match (checked before any JSON parsing); ``matches`` is the exact test on the event.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+STAGE_RANK = {"RequestReceived": 0, "ResponseStarted": 1, "ResponseComplete": 2, "Panic": 3}
+
+_ALIASES = {
+    "au": "auditusers", "ap": "auditpolicies", "crd": "customresourcedefinitions",
+    "crds": "customresourcedefinitions", "cm": "configmaps", "cj": "cronjobs",
+    "csr": "certificatesigningrequests", "deploy": "deployments", "ds": "daemonsets",
+    "ep": "endpoints", "ev": "events", "hpa": "horizontalpodautoscalers", "ing": "ingresses",
+    "limits": "limitranges", "netpol": "networkpolicies", "no": "nodes", "ns": "namespaces",
+    "pc": "priorityclasses", "pdb": "poddisruptionbudgets", "po": "pods",
+    "pv": "persistentvolumes", "pvc": "persistentvolumeclaims", "quota": "resourcequotas",
+    "rs": "replicasets", "sa": "serviceaccounts", "sc": "storageclasses", "sts": "statefulsets",
+    "svc": "services", "ingress": "ingresses", "endpoints": "endpoints",
+    "ingressclass": "ingressclasses", "networkpolicy": "networkpolicies",
+    "priorityclass": "priorityclasses", "storageclass": "storageclasses",
+    "auditpolicy": "auditpolicies",
+}  # fmt: skip
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_STATUS = re.compile(r"^[1-5](\d\d|xx)$")
+
+
+def resource_plural(name: str) -> str:
+    """kubectl's short and singular names to the plural in objectRef (``ing`` -> ``ingresses``)."""
+    lower = name.lower()
+    if lower in _ALIASES:
+        return _ALIASES[lower]
+    if "." in lower:
+        lower = lower.split(".", 1)[0]
+    if lower.endswith("s"):
+        return lower
+    if lower.endswith("y") and lower[-2:-1] not in "aeiou":
+        return lower[:-1] + "ies"
+    if lower.endswith(("ss", "x", "ch", "sh")):
+        return lower + "es"
+    return lower + "s"
+
+
+def parse_time(value: str, now: datetime) -> str:
+    """RFC 3339 or relative (``2h``, ``30m``, ``7d``) -> the audit log's timestamp format."""
+    match = _RELATIVE.match(value.strip())
+    if match:
+        moment = now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    else:
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is neither RFC 3339 (2026-11-27T10:00:00Z) nor relative (2h, 30m, 7d)"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_status(value: str) -> str:
+    if not _STATUS.match(value):
+        raise ValueError(f"{value!r} is not an HTTP status code (404) or class (4xx)")
+    return value
+
+
+@dataclass(frozen=True)
+class Query:
+    """All filters combine with AND; the values of one repeated filter combine with OR."""
+
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    verbs: frozenset[str] = frozenset()
+    resources: frozenset[str] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()
+    statuses: frozenset[str] = frozenset()
+    since: str | None = None
+    until: str | None = None
+    needles: tuple[tuple[bytes, ...], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        groups = [self.users, self.groups, self.verbs, self.resources, self.namespaces, self.names]
+        needles = tuple(tuple(orjson.dumps(v) for v in sorted(g)) for g in groups if g)
+        object.__setattr__(self, "needles", needles)
+
+
+def may_match(line: bytes, needles: Sequence[Sequence[bytes]]) -> bool:
+    """The cheap byte-level test: each filter's quoted value occurs in the raw line."""
+    return all(any(n in line for n in group) for group in needles)
+
+
+def _status_ok(code: Any, wanted: Iterable[str]) -> bool:
+    if not isinstance(code, int):
+        return False
+    text = str(code)
+    return any(text == w or (w.endswith("xx") and text[0] == w[0]) for w in wanted)
+
+
+def matches(event: Mapping[str, Any], q: Query) -> bool:
+    """The exact test on a parsed event."""
+    user = event.get("user") or {}
+    ref = event.get("objectRef") or {}
+    if q.users and user.get("username") not in q.users:
+        return False
+    if q.groups and not q.groups.intersection(user.get("groups") or ()):
+        return False
+    if q.verbs and event.get("verb") not in q.verbs:
+        return False
+    if q.resources and ref.get("resource") not in q.resources:
+        return False
+    if q.namespaces and ref.get("namespace") not in q.namespaces:
+        return False
+    if q.names and ref.get("name") not in q.names:
+        return False
+    received = str(event.get("requestReceivedTimestamp") or "")
+    if q.since and received < q.since:
+        return False
+    if q.until and received >= q.until:
+        return False
+    return not q.statuses or _status_ok((event.get("responseStatus") or {}).get("code"), q.statuses)
+
+
+def _what(event: Mapping[str, Any]) -> tuple[str, str]:
+    ref = event.get("objectRef") or {}
+    if not ref:
+        return str(event.get("requestURI") or ""), ""
+    resource = str(ref.get("resource") or "")
+    if ref.get("subresource"):
+        resource += "/" + str(ref["subresource"])
+    if ref.get("apiGroup"):
+        resource += "." + str(ref["apiGroup"])
+    where = "/".join(str(p) for p in (ref.get("namespace"), ref.get("name")) if p)
+    return resource, where
+
+
+def table_row(event: Mapping[str, Any], wide: bool) -> list[str]:
+    user = event.get("user") or {}
+    resource, where = _what(event)
+    row = [
+        str(event.get("requestReceivedTimestamp") or "")[:19].replace("T", " "),
+        str(user.get("username") or ""),
+        str(event.get("verb") or ""),
+        resource,
+        where,
+        str((event.get("responseStatus") or {}).get("code") or "-"),
+        ",".join(event.get("sourceIPs") or []),
+        str(event.get("userAgent") or "")[: None if wide else 40],
+    ]
+    if wide:
+        groups = [g for g in user.get("groups") or [] if g != "system:authenticated"]
+        row += [
+            ",".join(groups),
+            str(event.get("stage") or ""),
+            str(event.get("auditID") or ""),
+            str(event.get("requestURI") or ""),
+        ]
+    return row
+
+
+HEADER = [
+    "TIME (UTC)",
+    "USER",
+    "VERB",
+    "RESOURCE",
+    "NAMESPACE/NAME",
+    "CODE",
+    "SOURCE IP",
+    "USER AGENT",
+]
+WIDE_HEADER = [*HEADER, "GROUPS", "STAGE", "AUDIT ID", "URI"]
+
+
+def render_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(lines) + "\n"

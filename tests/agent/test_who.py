@@ -1,0 +1,141 @@
+"""``kube-audit who`` over real files: rotation, gzip, corrupt lines, one result per request."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from kube_audit.cli import main
+from tests.auditlog import generate
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "var/log/kubernetes/audit"
+    folder.mkdir(parents=True)
+    lines = list(generate(3000))
+    third = len(lines) // 3
+    with gzip.open(folder / "audit-2026-11-01T00-10-00.000.log.gz", "wb") as fh:
+        fh.writelines(lines[:third])
+    (folder / "audit-2026-11-01T00-20-00.000.log").write_bytes(b"".join(lines[third : 2 * third]))
+    cut = b'{"kind":"Event","user":{"username":"alice"},"verb":"create","objectRef":{"resource":"services"'
+    (folder / "audit.log").write_bytes(b"".join(lines[2 * third :]) + cut)
+    return folder
+
+
+def _all_events(folder: Path) -> list[dict]:  # type: ignore[type-arg]
+    out = []
+    for path in sorted(folder.iterdir()):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            for line in fh:
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line))
+    return out
+
+
+def test_json_output_one_per_request_latest_stage(
+    log_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "who",
+                str(log_dir),
+                "--user",
+                "alice",
+                "--verb",
+                "create",
+                "--resource",
+                "svc",
+                "-o",
+                "json",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    results = [json.loads(line) for line in captured.out.splitlines()]
+    expected = {
+        e["auditID"]
+        for e in _all_events(log_dir)
+        if e["user"]["username"] == "alice"
+        and e["verb"] == "create"
+        and e["objectRef"]["resource"] == "services"
+    }
+    assert {r["auditID"] for r in results} == expected and len(results) == len(expected) > 0
+    times = [r["requestReceivedTimestamp"] for r in results]
+    assert times == sorted(times), "newest last"
+    stages = {r["auditID"]: r["stage"] for r in results}
+    for e in _all_events(log_dir):
+        if e["auditID"] in stages and e["stage"] == "ResponseComplete":
+            assert stages[e["auditID"]] == "ResponseComplete"
+    assert "skipped 1 corrupt or truncated line" in captured.err
+
+
+def test_request_seen_only_at_request_received_is_a_result(
+    log_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = _all_events(log_dir)
+    complete = {e["auditID"] for e in events if e["stage"] == "ResponseComplete"}
+    only_received = [e for e in events if e["auditID"] not in complete]
+    assert only_received
+    target = only_received[0]
+    main(["who", str(log_dir), "--name", target["objectRef"].get("name", "x"), "-o", "json"])
+    ids = {json.loads(line)["auditID"] for line in capsys.readouterr().out.splitlines()}
+    assert target["auditID"] in ids or "name" not in target["objectRef"]
+
+
+def test_table_time_window_and_status(log_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "who",
+            str(log_dir),
+            "--status",
+            "4xx",
+            "--since",
+            "2026-11-01T00:01:00Z",
+            "--until",
+            "2026-11-01T00:05:00Z",
+            "-o",
+            "wide",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["TIME", "(UTC)", "USER"]
+    assert len(out) > 1 and all(" 403 " in line for line in out[1:])
+    times = [line[:19] for line in out[1:]]
+    assert all("2026-11-01 00:01:00" <= t < "2026-11-01 00:05:00" for t in times)
+
+
+def test_default_path_is_the_agents_log_folder(
+    log_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = log_dir.parents[3]
+    assert main(["who", "--host-root", str(root), "--user", "carol", "--verb", "delete"]) == 0
+    out = capsys.readouterr().out
+    assert "carol" in out and "delete" in out
+
+
+def test_bad_filters_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["who", str(tmp_path), "--since", "yesterday", "--status", "4x"]) == 1
+    err = capsys.readouterr().err
+    assert "who: --since" in err and "who: --status" in err and "Traceback" not in err
+    assert main(["who", str(tmp_path / "missing")]) == 1
+
+
+def test_window_keeps_memory_bounded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("kube_audit.who.WINDOW", 50)
+    log = tmp_path / "audit.log"
+    log.write_bytes(b"".join(itertools.islice(generate(2000), 4000)))
+    assert main(["who", str(log), "-o", "json"]) == 0
+    ids = [json.loads(line)["auditID"] for line in capsys.readouterr().out.splitlines()]
+    assert len(ids) == len(set(ids)) == 2000
