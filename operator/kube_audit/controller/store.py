@@ -28,6 +28,27 @@ def _relevant(kind: str, body: Mapping[str, Any]) -> str:
     )
 
 
+_KEEP_META = ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
+_KEEP_ANNOTATIONS = (ROTATE_ANNOTATION, "kube-audit.io/rotated-for")
+
+
+def compact(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Only what the operator reads: no managedFields, labels or other annotations.
+
+    Memory matters at 10,000 users: a full object from the API is several times larger.
+    """
+    meta = body.get("metadata") or {}
+    kept_meta = {k: meta[k] for k in _KEEP_META if k in meta}
+    notes = {k: v for k, v in (meta.get("annotations") or {}).items() if k in _KEEP_ANNOTATIONS}
+    if notes:
+        kept_meta["annotations"] = notes
+    out: dict[str, Any] = {"metadata": kept_meta}
+    for key in ("apiVersion", "kind", "spec", "status", "data", "stringData"):
+        if key in body:
+            out[key] = copy.deepcopy(body[key])
+    return out
+
+
 @dataclass
 class ObjectStore:
     """Raw objects by key; ``upsert``/``remove`` say whether the change needs a new plan."""
@@ -56,7 +77,7 @@ class ObjectStore:
         table = self._table(kind)
         key = self.key(kind, body)
         old = table.get(key)
-        table[key] = copy.deepcopy(dict(body))
+        table[key] = compact(body)
         changed = old is None or _relevant(kind, old) != _relevant(kind, body)
         if changed and kind == "auditusers":
             self.user_version += 1

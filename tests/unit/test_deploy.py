@@ -1,0 +1,216 @@
+"""What `kubectl apply -k deploy/` installs, the image's entry point, and the Argo CD health."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lupa import LuaRuntime
+
+from kube_audit.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+needs_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl is not installed"
+)
+
+
+def _build(path: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(REPO / path)], check=True, capture_output=True, text=True
+    )
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict[str, Any]]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    return _build("deploy")
+
+
+def _one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, (kind, name)
+    return found[0]
+
+
+@needs_kubectl
+def test_base_installs_what_it_should(objects: list[dict[str, Any]]) -> None:
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == sorted(
+        ["Namespace", "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
+         "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Role", "RoleBinding", "DaemonSet"]
+    )  # fmt: skip
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition"} == {
+        "auditusers.kube-audit.io",
+        "auditpolicies.kube-audit.io",
+    }
+    assert not [o for o in objects if o.get("apiVersion", "").startswith("kube-audit.io")], (
+        "examples stay out"
+    )
+
+
+@needs_kubectl
+def test_rbac_is_least_privilege(objects: list[dict[str, Any]]) -> None:
+    for role in (o for o in objects if o["kind"] in ("ClusterRole", "Role")):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], role["metadata"][
+                "name"
+            ]
+    cluster = _one(objects, "ClusterRole")
+    secrets = [r for r in cluster["rules"] if "secrets" in r["resources"]]
+    assert secrets and all(set(r["verbs"]) <= {"get", "list", "watch"} for r in secrets)
+    assert _one(objects, "Role", "kube-audit-operator")["metadata"]["namespace"] == "kube-audit"
+
+
+@needs_kubectl
+def test_daemonset(objects: list[dict[str, Any]]) -> None:
+    ds = _one(objects, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"node-role.kubernetes.io/control-plane": ""}
+    assert {t["key"] for t in pod["tolerations"]} >= {"node-role.kubernetes.io/control-plane"}
+    assert pod["hostNetwork"] is True and pod["priorityClassName"] == "system-node-critical"
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["privileged"] is False and security["capabilities"]["drop"] == ["ALL"]
+    assert security["allowPrivilegeEscalation"] is False
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["KUBE_AUDIT_HOST_ROOT"]["value"] == "/host"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["livenessProbe"]["httpGet"]["port"] == 10281
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    host_paths = {
+        volumes[n]["hostPath"]["path"]: m for n, m in mounts.items() if "hostPath" in volumes[n]
+    }
+    assert set(host_paths) == {
+        "/etc/kubernetes/manifests",
+        "/etc/kubernetes/kube-audit",
+        "/var/log/kubernetes/audit",
+        "/var/lib/kube-audit",
+        "/var/lib/kubelet/config.yaml",
+        "/etc/kubernetes/pki/ca.crt",
+    }
+    for path, mount in host_paths.items():
+        assert mount["mountPath"] == "/host" + path
+    assert host_paths["/var/lib/kubelet/config.yaml"]["readOnly"] is True
+    assert volumes["static-pods"]["hostPath"]["type"] == "Directory"
+
+
+@needs_kubectl
+def test_admission_policy_builds() -> None:
+    kinds = sorted(o["kind"] for o in _build("deploy/admission"))
+    assert kinds == ["ConfigMap", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+
+
+def test_dockerfile_runs_the_daemonsets_entry_point() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    entry = next(line for line in text.splitlines() if line.startswith("ENTRYPOINT"))
+    entrypoint = json.loads(entry.split(None, 1)[1])
+    ds = yaml.safe_load((REPO / "deploy/daemonset.yaml").read_text())
+    command = ds["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert entrypoint == command[:1] == ["kube-audit"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["kube-audit"] == "kube_audit.cli:main"
+    assert build_parser().parse_args([*command[1:], "--node-name", "n"]).command == "operator"
+    assert (REPO / ".dockerignore").is_file()
+
+
+LUA = (REPO / "deploy/argocd/health.lua").read_text()
+
+
+def _health(obj: dict[str, Any]) -> tuple[str, str]:
+    lua = LuaRuntime(unpack_returned_tuples=True)
+    table = _to_lua(lua, obj)
+    result = lua.execute("local obj = ...\n" + LUA, table)
+    return str(result["status"]), str(result["message"])
+
+
+def _to_lua(lua: LuaRuntime, value: Any) -> Any:
+    if isinstance(value, dict):
+        return lua.table_from({k: _to_lua(lua, v) for k, v in value.items()})
+    if isinstance(value, list):
+        return lua.table_from([_to_lua(lua, v) for v in value])
+    return value
+
+
+def _cond(kind: str, status: str, message: str = "") -> dict[str, str]:
+    return {"type": kind, "status": status, "reason": kind, "message": message}
+
+
+@pytest.mark.parametrize(
+    ("obj", "status"),
+    [
+        ({"metadata": {"generation": 1}}, "Progressing"),
+        (
+            {
+                "metadata": {"generation": 2},
+                "status": {"observedGeneration": 1, "conditions": [_cond("Ready", "True")]},
+            },
+            "Progressing",
+        ),
+        (
+            {
+                "metadata": {"generation": 1},
+                "status": {
+                    "observedGeneration": 1,
+                    "conditions": [
+                        _cond("Ready", "True", "live on all 3"),
+                        _cond("Stalled", "False"),
+                    ],
+                },
+            },
+            "Healthy",
+        ),
+        (
+            {
+                "metadata": {"generation": 1},
+                "status": {
+                    "observedGeneration": 1,
+                    "conditions": [
+                        _cond("Ready", "False"),
+                        _cond("Stalled", "True", "spec.groups[0]: refused"),
+                    ],
+                },
+            },
+            "Degraded",
+        ),
+        (
+            {
+                "metadata": {"generation": 1},
+                "status": {
+                    "observedGeneration": 1,
+                    "conditions": [
+                        _cond("Ready", "False"),
+                        _cond("Reconciling", "True", "live on 1 of 3"),
+                    ],
+                },
+            },
+            "Progressing",
+        ),
+    ],
+)
+def test_argocd_health(obj: dict[str, Any], status: str) -> None:
+    assert _health(obj)[0] == status
+
+
+def test_argocd_health_message_carries_the_reason() -> None:
+    obj = {
+        "metadata": {"generation": 1},
+        "status": {
+            "observedGeneration": 1,
+            "conditions": [_cond("Stalled", "True", "spec.groups[0]: refused")],
+        },
+    }
+    assert _health(obj) == ("Degraded", "spec.groups[0]: refused")
