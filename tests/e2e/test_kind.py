@@ -166,7 +166,9 @@ def test_full_flow(cluster: Path, tmp_path: Path) -> None:
     wait(
         lambda: (
             "Unauthorized"
-            in subprocess.run([*as_alice, "auth", "whoami"], capture_output=True, text=True).stderr
+            in subprocess.run(
+                [*as_alice, "auth", "whoami"], capture_output=True, text=True, check=False
+            ).stderr
         ),
         180,
         "alice's token refused",
