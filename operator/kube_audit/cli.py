@@ -22,8 +22,16 @@ from kube_audit.agent.node import (
     rollback_node,
     uninstall_node,
 )
-from kube_audit.core.audit_query import Query, parse_status, parse_time, resource_plural
+from kube_audit.core.audit_query import (
+    Query,
+    parse_status,
+    parse_time,
+    render_table,
+    resource_plural,
+)
 from kube_audit.core.crd import CRD_FILES, render_crd_yaml
+from kube_audit.core.kubeconfig import render_kubeconfig
+from kube_audit.core.models import parse_audit_user
 from kube_audit.core.plan import (
     POLICY_FILE,
     TOKEN_FILE,
@@ -34,6 +42,8 @@ from kube_audit.core.plan import (
     plan_desired,
 )
 from kube_audit.core.settings import Settings
+from kube_audit.core.status import summarize
+from kube_audit.core.users import secret_location
 from kube_audit.errors import InvalidInput, KubeAuditError, Problem
 from kube_audit.who import run_who
 
@@ -224,6 +234,82 @@ def _add_who_parser(sub: Any) -> None:
     cmd.set_defaults(func=cmd_who)
 
 
+def _cluster_api(args: argparse.Namespace) -> Any:
+    from kube_audit.kube import KubeApi, load_api_client  # noqa: PLC0415 - slow import
+
+    return KubeApi(load_api_client(args.kubeconfig))
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    from kube_audit.kube import current_cluster  # noqa: PLC0415 - slow import
+
+    api = _cluster_api(args)
+    ref = f"AuditUser/{args.audituser}"
+    try:
+        body = api.get_object("auditusers", args.audituser)
+    except KubeAuditError as error:
+        raise InvalidInput([Problem(ref, "", f"cannot be read: {error}")]) from None
+    user = parse_audit_user(body)
+    if user.spec.disabled:
+        raise InvalidInput([Problem(ref, "spec.disabled", "the user is disabled; no kubeconfig")])
+    conditions = {c.get("type"): c for c in (body.get("status") or {}).get("conditions") or []}
+    ready = conditions.get("Ready") or {}
+    if ready.get("status") != "True":
+        why = ready.get("message") or "the operator has not applied it yet"
+        raise InvalidInput([Problem(ref, "status", f"not Ready ({why}); its token would not work")])
+    namespace, name, key = secret_location(user, Settings())
+    found = api.read_secret(namespace, name)
+    token = found[0].data.get(key) if found else None
+    if not token:
+        raise InvalidInput([Problem(ref, "spec", f"Secret {namespace}/{name} key {key!r} missing")])
+    cluster, server, ca_data, insecure = current_cluster(args.kubeconfig)
+    text = render_kubeconfig(
+        cluster=cluster or "kubernetes",
+        server=args.server or server,
+        ca_data=ca_data,
+        insecure=insecure,
+        user=user.username,
+        token=token.decode(),
+    )
+    out = Path(args.output or f"{args.audituser}.kubeconfig")
+    hostfs.write_atomic(out, text.encode(), mode=0o600)
+    print(
+        f"wrote {out} for {user.username} (mode 0600); try: kubectl --kubeconfig {out} auth whoami"
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    api = _cluster_api(args)
+    objects = [("AuditUser", o) for o in api.list_objects("auditusers")]
+    objects += [("AuditPolicy", o) for o in api.list_objects("auditpolicies")]
+    object_rows, node_rows = summarize(objects, api.control_plane_nodes())
+    if object_rows:
+        print(render_table(object_rows, ["OBJECT", "READY", "LIVE ON", "LAST ERROR"]), end="")
+    else:
+        print("no AuditUser or AuditPolicy objects")
+    print()
+    print(render_table(node_rows, ["NODE", "CONFIG", "LAST APPLY", "LAST ROLLBACK"]), end="")
+    return 0
+
+
+def _add_cluster_parsers(sub: Any) -> None:
+    kc = sub.add_parser(
+        "kubeconfig",
+        help="write a kubeconfig for one AuditUser",
+        description="Server and CA from the current kubeconfig (or --server), the user's token "
+        "from its Secret, a context named after the user. Refuses disabled or not-Ready users.",
+    )
+    kc.add_argument("audituser", metavar="AUDITUSER")
+    kc.add_argument("--server", help="API server URL people use (default: the current one)")
+    kc.add_argument("-o", "--output", metavar="FILE", help="default: AUDITUSER.kubeconfig")
+    kc.add_argument("--kubeconfig", default=None, help="the admin kubeconfig to read from")
+    kc.set_defaults(func=cmd_kubeconfig)
+    st = sub.add_parser("status", help="per object and per node: what is live where")
+    st.add_argument("--kubeconfig", default=None)
+    st.set_defaults(func=cmd_status)
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
@@ -412,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=func)
     _add_operator_parser(sub)
     _add_who_parser(sub)
+    _add_cluster_parsers(sub)
     crds = sub.add_parser("crds", help="write the CustomResourceDefinitions")
     crds.add_argument("--out", default="crds", metavar="DIR")
     crds.set_defaults(func=cmd_crds)

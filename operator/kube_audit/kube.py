@@ -7,16 +7,20 @@ watches, goes through ``KubeApi``; API failures become ``ClusterError`` and its 
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import kubernetes.client
-import orjson
 import kubernetes.config
+import orjson
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
+from kube_audit import hostfs
+from kube_audit.core import yamlio
 from kube_audit.core.models import GROUP, VERSION, SecretData, parse_secret
 from kube_audit.errors import ClusterError, Conflict, InvalidInput, NotFound
 
@@ -42,6 +46,43 @@ def load_api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClien
                 f"no cluster credentials: not in a pod and no usable kubeconfig ({error})"
             ) from None
     return kubernetes.client.ApiClient(configuration)
+
+
+def current_cluster(kubeconfig: str | None = None) -> tuple[str, str, str | None, bool]:
+    """(cluster name, server, base64 CA data or None, insecure) of the current context.
+
+    Follows kubectl: ``--kubeconfig``, else every file in ``$KUBECONFIG``, else ~/.kube/config;
+    the first file that sets a value wins.
+    """
+    paths = (
+        [kubeconfig]
+        if kubeconfig
+        else [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+        or [os.path.expanduser("~/.kube/config")]
+    )
+    docs = []
+    for path in paths:
+        data = hostfs.read_optional(Path(path))
+        if data is not None:
+            docs.append(yamlio.load(data) or {})
+    current = next((d.get("current-context") for d in docs if d.get("current-context")), None)
+    contexts = {c["name"]: c.get("context", {}) for d in docs for c in d.get("contexts") or []}
+    clusters = {
+        c["name"]: c.get("cluster", {}) for d in reversed(docs) for c in d.get("clusters") or []
+    }
+    if not current or current not in contexts:
+        raise ClusterError(f"no current context in kubeconfig {os.pathsep.join(paths)}")
+    name = str(contexts[current].get("cluster") or "")
+    entry = clusters.get(name) or {}
+    ca_data = entry.get("certificate-authority-data")
+    if not ca_data and entry.get("certificate-authority"):
+        ca_data = base64.b64encode(hostfs.read_bytes(Path(entry["certificate-authority"]))).decode()
+    return (
+        name,
+        str(entry.get("server") or ""),
+        ca_data,
+        bool(entry.get("insecure-skip-tls-verify")),
+    )
 
 
 def _call(what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -106,3 +106,51 @@ def conditions_differ(status: Mapping[str, Any], patch: Mapping[str, Any]) -> bo
     ]
     new = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in patch["conditions"]]
     return old != new
+
+
+def summarize(
+    objects: Sequence[tuple[str, Mapping[str, Any]]], control_plane: Sequence[str]
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Rows for ``kube-audit status``: one per object, one per control-plane node.
+
+    ``objects`` are (kind, object) pairs as the API returns them.
+    """
+    object_rows = []
+    latest: dict[str, dict[str, str]] = {n: {} for n in control_plane}
+    for kind, obj in sorted(objects, key=lambda ko: (ko[0], ko[1]["metadata"]["name"])):
+        generation = int(obj["metadata"].get("generation") or 0)
+        status = obj.get("status") or {}
+        nodes = status.get("nodes") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        live = sorted(
+            n
+            for n, e in nodes.items()
+            if e.get("observedGeneration") == generation and e.get("outcome") == APPLIED
+        )
+        stalled = conditions.get("Stalled") or {}
+        error = str(stalled.get("message") or "") if stalled.get("status") == "True" else ""
+        object_rows.append(
+            [
+                f"{kind}/{obj['metadata']['name']}",
+                str((conditions.get("Ready") or {}).get("status") or "Unknown"),
+                f"{len(live)}/{len(control_plane)}" + (f" ({','.join(live)})" if live else ""),
+                error,
+            ]
+        )
+        for node, entry in nodes.items():
+            facts = latest.setdefault(node, {})
+            when = str(entry.get("time") or "")
+            key = (
+                "applied"
+                if entry.get("outcome") == APPLIED
+                else ("rollback" if entry.get("outcome") == ROLLED_BACK else "")
+            )
+            if key and when > facts.get(key, ""):
+                facts[key] = when
+                if key == "applied":
+                    facts["hash"] = str(entry.get("configHash") or "")
+    node_rows = [
+        [node, facts.get("hash", "-"), facts.get("applied", "-"), facts.get("rollback", "-")]
+        for node, facts in sorted(latest.items())
+    ]
+    return object_rows, node_rows

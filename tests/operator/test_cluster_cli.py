@@ -1,0 +1,113 @@
+"""``kube-audit kubeconfig`` and ``kube-audit status`` against the in-process API."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kube_audit.cli import main
+from tests.operator.conftest import Harness, eventually
+from tests.operator.test_operator import _ready, _token
+
+
+def _admin_kubeconfig(harness: Harness, tmp_path: Path) -> str:
+    path = tmp_path / "admin.kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "admin@test",
+                "clusters": [
+                    {
+                        "name": "test",
+                        "cluster": {
+                            "server": harness.cluster.url,
+                            "certificate-authority-data": "Q0EK",
+                        },
+                    }
+                ],
+                "users": [{"name": "admin", "user": {"token": "admin-token"}}],
+                "contexts": [
+                    {"name": "admin@test", "context": {"cluster": "test", "user": "admin"}}
+                ],
+            }
+        )
+    )
+    return str(path)
+
+
+def test_kubeconfig_for_a_ready_user(
+    harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness.add_control_plane("cp-1")
+    harness.start("cp-1")
+    harness.apply_user("alice", groups=["developer"])
+    eventually(lambda: _ready(harness, "auditusers", "alice"))
+    admin = _admin_kubeconfig(harness, tmp_path)
+    out = tmp_path / "alice.kubeconfig"
+    assert (
+        main(
+            [
+                "kubeconfig",
+                "alice",
+                "--kubeconfig",
+                admin,
+                "-o",
+                str(out),
+                "--server",
+                "https://api.example:6443",
+            ]
+        )
+        == 0
+    )
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    config = yaml.safe_load(out.read_text())
+    assert config["current-context"] == "alice@test"
+    assert config["clusters"][0]["cluster"] == {
+        "server": "https://api.example:6443",
+        "certificate-authority-data": "Q0EK",
+    }
+    assert config["users"] == [{"name": "alice", "user": {"token": _token(harness, "alice")}}]
+    assert _token(harness, "alice") not in capsys.readouterr().out
+
+
+def test_kubeconfig_refuses_disabled_and_unready(
+    harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = _admin_kubeconfig(harness, tmp_path)
+    harness.apply_user("bob", disabled=True)
+    assert main(["kubeconfig", "bob", "--kubeconfig", admin, "-o", str(tmp_path / "b")]) == 1
+    assert "AuditUser/bob: spec.disabled: the user is disabled" in capsys.readouterr().err
+    harness.apply_user("carol")
+    assert main(["kubeconfig", "carol", "--kubeconfig", admin, "-o", str(tmp_path / "c")]) == 1
+    assert "AuditUser/carol: status: not Ready" in capsys.readouterr().err
+    assert main(["kubeconfig", "nobody", "--kubeconfig", admin]) == 1
+    assert "AuditUser/nobody" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_status_table(harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    harness.add_control_plane("cp-1")
+    harness.start("cp-1")
+    harness.apply_user("alice")
+    harness.apply_user("mallory", groups=["system:masters"])
+    harness.apply_policy("dev", rules=[{"level": "Metadata"}])
+    eventually(
+        lambda: _ready(harness, "auditusers", "alice") and _ready(harness, "auditpolicies", "dev")
+    )
+    eventually(
+        lambda: (
+            (harness.condition("auditusers", "mallory", "Stalled") or {}).get("status") == "True"
+        )
+    )
+    assert main(["status", "--kubeconfig", _admin_kubeconfig(harness, tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "True" in lines["AuditUser/alice"] and "1/1 (cp-1)" in lines["AuditUser/alice"]
+    assert "False" in lines["AuditUser/mallory"] and "system:masters" in lines["AuditUser/mallory"]
+    assert "AuditPolicy/dev" in lines
+    assert lines["cp-1"].split()[1] != "-", "the node's applied config hash"
