@@ -7,9 +7,10 @@ so a burst of 1,000 changes becomes one plan and at most one apiserver restart p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets as random_tokens
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,7 @@ log = logging.getLogger("kube_audit.operator")
 ROLLOUT_LEASE = "kube-audit-rollout"
 STATUS_LEASE = "kube-audit-status"
 PLURALS = {AUDIT_USER: "auditusers", AUDIT_POLICY: "auditpolicies"}
+API_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,14 @@ class NodeRuntime:
     def secret_is_wanted(self, namespace: str | None, name: str | None) -> bool:
         """Only Secrets some AuditUser reads are kept (the watch sees every Secret)."""
         key = (namespace or "", name or "")
-        return key in self.store.secrets or key in self._wanted_secrets()
+        return self.store.has("secrets", key) or key in self._wanted_secrets()
 
     def _wanted_secrets(self) -> set[tuple[str, str]]:
         """Secret keys the users refer to, recomputed only when the users change."""
         version = self.store.user_version
         if self._wanted_cache[0] != version:
             wanted = set()
-            for body in self.store.users.values():
+            for _, body in self.store.items("auditusers"):
                 try:
                     user = parse_audit_user(body)
                 except InvalidInput:
@@ -223,27 +225,43 @@ class NodeRuntime:
         pod (409) reads the winner's Secret, so every pod serves the same token.
         """
         users = []
-        for body in self.store.users.values():
+        for _, body in self.store.items("auditusers"):
             try:
                 users.append((body, parse_audit_user(body)))
             except InvalidInput:
                 continue
         settings = self.config.settings
         missing = [
-            u for _, u in users if secret_location(u, settings)[:2] not in self.store.secrets
+            u for _, u in users if not self.store.has("secrets", secret_location(u, settings)[:2])
         ]
         if any(u.spec.token_secret_ref is None for u in missing):
             for raw in await asyncio.to_thread(
                 self.api.list_token_secrets, settings.token_namespace
             ):
                 self.store.upsert("secrets", raw)
-        for body, user in users:
-            if stop.is_set():
-                return
+
+        async def one(body: Mapping[str, Any], user: AuditUser) -> None:
             ns, name, _ = secret_location(user, settings)
-            if (ns, name) not in self.store.secrets:
+            if not self.store.has("secrets", (ns, name)):
                 await self._fetch_or_create(body, user, ns, name)
             await self._rotate_if_asked(user, ns, name)
+
+        await self._concurrently([functools.partial(one, b, u) for b, u in users], stop)
+
+    async def _concurrently(
+        self, jobs: Sequence[Callable[[], Awaitable[None]]], stop: asyncio.Event
+    ) -> None:
+        """Run API jobs with a few requests in flight (10,000 users, one call each, add up)."""
+        limit = asyncio.Semaphore(API_CONCURRENCY)
+
+        async def guarded(job: Callable[[], Awaitable[None]]) -> None:
+            if stop.is_set():
+                return
+            async with limit:
+                if not stop.is_set():
+                    await job()
+
+        await asyncio.gather(*(guarded(job) for job in jobs))
 
     async def _fetch_or_create(
         self, body: Mapping[str, Any], user: AuditUser, ns: str, name: str
@@ -269,7 +287,7 @@ class NodeRuntime:
     async def _rotate_if_asked(self, user: AuditUser, ns: str, name: str) -> None:
         """Rotate once per value of the rotate annotation (recorded on the Secret)."""
         nonce = user.meta.annotations.get(ROTATE_ANNOTATION)
-        raw = self.store.secrets.get((ns, name))
+        raw = self.store.get("secrets", (ns, name))
         if not nonce or raw is None or user.spec.token_secret_ref is not None:
             return
         meta = raw.get("metadata") or {}
@@ -365,16 +383,14 @@ class NodeRuntime:
                 f"{problem.field}: {problem.message}" if problem.field else problem.message
             )
         now = _now()
-        for kind, table in ((AUDIT_USER, self.store.users), (AUDIT_POLICY, self.store.policies)):
-            for name, body in sorted(table.items()):
-                if self._stop.is_set():
-                    return
-                ref = f"{kind}/{name}"
-                meta = body.get("metadata") or {}
-                generation = int(meta.get("generation") or 0)
-                old = ((body.get("status") or {}).get("nodes") or {}).get(self.config.node_name)
-                if ref in problems:
-                    entry_outcome, text = INVALID, "; ".join(problems[ref])
+        node = self.config.node_name
+        jobs = []
+        for kind, plural in PLURALS.items():
+            for name, body in self.store.items(plural):
+                generation = int((body.get("metadata") or {}).get("generation") or 0)
+                old = ((body.get("status") or {}).get("nodes") or {}).get(node)
+                if f"{kind}/{name}" in problems:
+                    entry_outcome, text = INVALID, "; ".join(problems[f"{kind}/{name}"])
                 elif outcome == APPLIED:
                     entry_outcome, text = APPLIED, f"live (config {desired.config_hash[:16]})"
                 elif (
@@ -392,22 +408,29 @@ class NodeRuntime:
                     message=text,
                     time=now,
                 )
-                if not entry_differs(old, entry):
-                    continue
-                patch = {"nodes": {self.config.node_name: entry}}
-                await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
-                body.setdefault("status", {}).setdefault("nodes", {})[self.config.node_name] = entry
-                event_type = "Normal" if entry_outcome == APPLIED else "Warning"
-                reason = {APPLIED: "Applied", INVALID: "Refused"}.get(entry_outcome, entry_outcome)
-                await asyncio.to_thread(
-                    self.api.create_event,
-                    body,
-                    kind,
-                    event_type,
-                    reason,
-                    f"node {self.config.node_name}: {text}",
-                )
+                if entry_differs(old, entry):
+                    jobs.append(functools.partial(self._report, kind, name, body, entry))
+        await self._concurrently(jobs, self._stop)
         self.metrics.invalid.set(len(problems))
+
+    async def _report(
+        self, kind: str, name: str, body: dict[str, Any], entry: dict[str, Any]
+    ) -> None:
+        """Write one node entry and the Event that goes with it."""
+        node = self.config.node_name
+        await asyncio.to_thread(
+            self.api.patch_status, PLURALS[kind], name, {"nodes": {node: entry}}
+        )
+        self.store.merge_status(PLURALS[kind], name, {"nodes": {node: entry}})
+        outcome = entry["outcome"]
+        await asyncio.to_thread(
+            self.api.create_event,
+            body,
+            kind,
+            "Normal" if outcome == APPLIED else "Warning",
+            {APPLIED: "Applied", INVALID: "Refused"}.get(outcome, outcome),
+            f"node {node}: {entry['message']}",
+        )
 
     async def update_status(self) -> None:
         """If this pod owns status, turn node entries into kstatus conditions."""
@@ -419,14 +442,17 @@ class NodeRuntime:
             return
         nodes = await asyncio.to_thread(self.api.control_plane_nodes)
         now = _now()
-        for kind, table in ((AUDIT_USER, self.store.users), (AUDIT_POLICY, self.store.policies)):
-            for name, body in sorted(table.items()):
-                if self._stop.is_set():
-                    return
+        jobs = []
+        for kind, plural in PLURALS.items():
+            for name, body in self.store.items(plural):
                 patch = {**compute_conditions(body, nodes, now), **_columns(kind, body)}
                 if conditions_differ(body.get("status") or {}, patch):
-                    await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
-                    body.setdefault("status", {}).update(patch)
+                    jobs.append(functools.partial(self._write_conditions, kind, name, patch))
+        await self._concurrently(jobs, self._stop)
+
+    async def _write_conditions(self, kind: str, name: str, patch: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
+        self.store.merge_status(PLURALS[kind], name, patch)
 
 
 def _columns(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:

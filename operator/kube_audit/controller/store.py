@@ -1,14 +1,22 @@
-"""What this pod knows of the cluster's AuditUsers, AuditPolicies and token Secrets."""
+"""What this pod knows of the cluster's AuditUsers, AuditPolicies and token Secrets.
+
+Objects are kept as compact JSON bytes, not dicts: with 10,000 users a dict tree costs about
+4 KB per object, its JSON under 1 KB, and decoding one takes microseconds.
+"""
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 ROTATE_ANNOTATION = "kube-audit.io/rotate-token"
+KINDS = ("auditusers", "auditpolicies", "secrets")
+_KEEP_META = ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
+_KEEP_ANNOTATIONS = (ROTATE_ANNOTATION, "kube-audit.io/rotated-for")
 
 
 def _relevant(kind: str, body: Mapping[str, Any]) -> str:
@@ -28,15 +36,8 @@ def _relevant(kind: str, body: Mapping[str, Any]) -> str:
     )
 
 
-_KEEP_META = ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
-_KEEP_ANNOTATIONS = (ROTATE_ANNOTATION, "kube-audit.io/rotated-for")
-
-
 def compact(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Only what the operator reads: no managedFields, labels or other annotations.
-
-    Memory matters at 10,000 users: a full object from the API is several times larger.
-    """
+    """Only what the operator reads: no managedFields, labels or other annotations."""
     meta = body.get("metadata") or {}
     kept_meta = {k: meta[k] for k in _KEEP_META if k in meta}
     notes = {k: v for k, v in (meta.get("annotations") or {}).items() if k in _KEEP_ANNOTATIONS}
@@ -45,62 +46,76 @@ def compact(body: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"metadata": kept_meta}
     for key in ("apiVersion", "kind", "spec", "status", "data", "stringData"):
         if key in body:
-            out[key] = copy.deepcopy(body[key])
+            out[key] = body[key]
     return out
+
+
+def key_of(kind: str, body: Mapping[str, Any]) -> Any:
+    meta = body.get("metadata") or {}
+    if kind == "secrets":
+        return (meta.get("namespace") or "", meta.get("name") or "")
+    return meta.get("name") or ""
 
 
 @dataclass
 class ObjectStore:
-    """Raw objects by key; ``upsert``/``remove`` say whether the change needs a new plan."""
+    """Objects by kind and key; ``upsert``/``remove`` say whether the change needs a new plan."""
 
-    users: dict[str, dict[str, Any]] = field(default_factory=dict)
-    policies: dict[str, dict[str, Any]] = field(default_factory=dict)
-    secrets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    _data: dict[str, dict[Any, bytes]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    _marks: dict[str, dict[Any, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
     user_version: int = 0
 
-    def _table(self, kind: str) -> dict[Any, dict[str, Any]]:
-        tables: dict[str, dict[Any, dict[str, Any]]] = {
-            "auditusers": self.users,
-            "auditpolicies": self.policies,
-            "secrets": self.secrets,
-        }
-        return tables[kind]
-
-    @staticmethod
-    def key(kind: str, body: Mapping[str, Any]) -> Any:
-        meta = body.get("metadata") or {}
-        if kind == "secrets":
-            return (meta.get("namespace") or "", meta.get("name") or "")
-        return meta.get("name") or ""
-
     def upsert(self, kind: str, body: Mapping[str, Any]) -> bool:
-        table = self._table(kind)
-        key = self.key(kind, body)
-        old = table.get(key)
-        table[key] = compact(body)
-        changed = old is None or _relevant(kind, old) != _relevant(kind, body)
+        key = key_of(kind, body)
+        mark = hash(_relevant(kind, body))
+        changed = self._marks[kind].get(key) != mark
+        self._marks[kind][key] = mark
+        self._data[kind][key] = orjson.dumps(compact(body))
         if changed and kind == "auditusers":
             self.user_version += 1
         return changed
 
     def remove(self, kind: str, body: Mapping[str, Any]) -> bool:
-        removed = self._table(kind).pop(self.key(kind, body), None) is not None
+        key = key_of(kind, body)
+        self._marks[kind].pop(key, None)
+        removed = self._data[kind].pop(key, None) is not None
         if removed and kind == "auditusers":
             self.user_version += 1
         return removed
 
+    def has(self, kind: str, key: Any) -> bool:
+        return key in self._data[kind]
+
+    def get(self, kind: str, key: Any) -> dict[str, Any] | None:
+        data = self._data[kind].get(key)
+        return orjson.loads(data) if data is not None else None
+
+    def items(self, kind: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """Decoded objects in key order (decoded one at a time)."""
+        table = self._data[kind]
+        for key in sorted(table):
+            yield key, orjson.loads(table[key])
+
+    def merge_status(self, kind: str, key: Any, patch: Mapping[str, Any]) -> None:
+        """Record a status write of ours (``nodes`` merged per node, other keys replaced)."""
+        body = self.get(kind, key)
+        if body is None:
+            return
+        status = body.setdefault("status", {})
+        for name, value in patch.items():
+            if name == "nodes":
+                status.setdefault("nodes", {}).update(value)
+            else:
+                status[name] = value
+        self._data[kind][key] = orjson.dumps(body)
+
     def documents(self) -> list[tuple[str, dict[str, Any]]]:
         """(source, object) pairs in a stable order, for ``collect_inputs``."""
         docs: list[tuple[str, dict[str, Any]]] = []
-        for name in sorted(self.users):
-            docs.append((f"AuditUser/{name}", self.users[name]))
-        for name in sorted(self.policies):
-            docs.append((f"AuditPolicy/{name}", self.policies[name]))
-        for ns, name in sorted(self.secrets):
-            docs.append(
-                (
-                    f"Secret/{ns}/{name}",
-                    {"apiVersion": "v1", "kind": "Secret", **self.secrets[(ns, name)]},
-                )
-            )
+        for name, body in self.items("auditusers"):
+            docs.append((f"AuditUser/{name}", body))
+        for name, body in self.items("auditpolicies"):
+            docs.append((f"AuditPolicy/{name}", body))
+        for (ns, name), body in self.items("secrets"):
+            docs.append((f"Secret/{ns}/{name}", {"apiVersion": "v1", "kind": "Secret", **body}))
         return docs
