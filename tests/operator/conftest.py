@@ -106,16 +106,15 @@ class Harness:
                 ready=functools.partial(self.is_healthy, name),
             )
 
-        config = OperatorConfig(
-            node_name=name,
-            host_root=root,
-            debounce=debounce,
-            max_debounce=20,
-            resync=3600,
-            lease_poll=0.05,
-            retry_backoff=0.2,
-            health_factory=health,
+        options: dict[str, Any] = {
+            "max_debounce": 20,
+            "resync": 3600,
+            "lease_poll": 0.05,
+            "retry_backoff": 0.2,
             **overrides,
+        }
+        config = OperatorConfig(
+            node_name=name, host_root=root, debounce=debounce, health_factory=health, **options
         )
         client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=self.cluster.url))
         holder: dict[str, NodeRuntime] = {}

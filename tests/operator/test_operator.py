@@ -6,6 +6,7 @@ import base64
 import functools
 import itertools
 import time
+from pathlib import Path
 
 from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
 from kube_audit.core.tokens import parse_token_file
@@ -291,3 +292,15 @@ def test_metrics_count_applies(harness: Harness) -> None:
     eventually(lambda: _ready(harness, "auditusers", "alice"))
     assert node.runtime.metrics.applies._value.get() == 1
     assert node.runtime.metrics.restarts._value.get() == 1
+
+
+def test_periodic_resync_repairs_drift(harness: Harness) -> None:
+    harness.add_control_plane("cp-1")
+    node = harness.start("cp-1", resync=1.0)
+    harness.apply_user("alice")
+    eventually(lambda: "alice" in _records(node), what="alice live")
+    kubeadm = (
+        Path(__file__).resolve().parents[1] / "fixtures/kubeadm/v1.31/kube-apiserver.yaml"
+    ).read_text()
+    node.layout.manifest.write_text(kubeadm)
+    eventually(lambda: "alice" in _records(node), what="a kubeadm rewrite repaired by the resync")

@@ -1,7 +1,9 @@
 """kopf handlers: thin. They record what they see in the runtime and never write to objects.
 
 No progress or diff-base annotations (event handlers keep no state on objects), no finalizers:
-several pods watch the same objects and must not fight over them.
+several pods watch the same objects and must not fight over them. The runtime's object store
+plays the part of ``kopf.index``: the reconciler runs as one task outside any handler, where
+kopf would not inject indices.
 """
 
 from __future__ import annotations
