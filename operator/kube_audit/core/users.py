@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -50,26 +51,36 @@ def _identity_problems(user: AuditUser, settings: Settings) -> list[Problem]:
         why = name_problem(user.spec.uid)
         if why:
             problems.append(Problem(user.ref, "spec.uid", why))
+    for path, why in _group_problems(tuple(user.spec.groups), settings.allowed_system_groups):
+        problems.append(Problem(user.ref, path, why))
+    return problems
+
+
+@functools.lru_cache(maxsize=4096)
+def _group_problems(
+    groups: tuple[str, ...], allowed: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """(field path, why) per bad group. Cached: many people share the same groups."""
+    problems = []
     seen: set[str] = set()
-    for i, group in enumerate(user.spec.groups):
+    for i, group in enumerate(groups):
         path = f"spec.groups[{i}]"
         why = name_problem(group, is_group=True)
         if why:
-            problems.append(Problem(user.ref, path, why))
+            problems.append((path, why))
         elif group in seen:
-            problems.append(Problem(user.ref, path, f"duplicate group {group!r}"))
-        elif group.startswith("system:") and group not in settings.allowed_system_groups:
+            problems.append((path, f"duplicate group {group!r}"))
+        elif group.startswith("system:") and group not in allowed:
             extra = " (full cluster-admin, bypassing RBAC)" if group == "system:masters" else ""
             problems.append(
-                Problem(
-                    user.ref,
+                (
                     path,
                     f"{group!r} is a privileged system group{extra}; refused unless the "
                     "operator's allowedSystemGroups setting lists it",
                 )
             )
         seen.add(group)
-    return problems
+    return tuple(problems)
 
 
 def _token(
