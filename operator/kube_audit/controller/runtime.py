@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import secrets as random_tokens
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -218,23 +218,26 @@ class NodeRuntime:
             return HealthCheck(url=c.health_url, ca_file=ca, timeout=c.timeout)
         return default_health_check(layout, c.timeout)
 
+    def _users(self) -> Iterator[tuple[dict[str, Any], AuditUser]]:
+        """Valid users, decoded one at a time (never all 10,000 at once)."""
+        for _, body in self.store.items("auditusers"):
+            try:
+                yield body, parse_audit_user(body)
+            except InvalidInput:
+                continue
+
     async def ensure_tokens(self, stop: asyncio.Event) -> None:
         """Create missing default token Secrets, rotate on request, fetch referenced ones.
 
         One list call learns which of our Secrets exist; a create that loses a race to another
         pod (409) reads the winner's Secret, so every pod serves the same token.
         """
-        users = []
-        for _, body in self.store.items("auditusers"):
-            try:
-                users.append((body, parse_audit_user(body)))
-            except InvalidInput:
-                continue
         settings = self.config.settings
-        missing = [
-            u for _, u in users if not self.store.has("secrets", secret_location(u, settings)[:2])
-        ]
-        if any(u.spec.token_secret_ref is None for u in missing):
+        if any(
+            user.spec.token_secret_ref is None
+            and not self.store.has("secrets", secret_location(user, settings)[:2])
+            for _, user in self._users()
+        ):
             for raw in await asyncio.to_thread(
                 self.api.list_token_secrets, settings.token_namespace
             ):
@@ -246,22 +249,22 @@ class NodeRuntime:
                 await self._fetch_or_create(body, user, ns, name)
             await self._rotate_if_asked(user, ns, name)
 
-        await self._concurrently([functools.partial(one, b, u) for b, u in users], stop)
+        await self._concurrently((functools.partial(one, b, u) for b, u in self._users()), stop)
 
     async def _concurrently(
-        self, jobs: Sequence[Callable[[], Awaitable[None]]], stop: asyncio.Event
+        self, jobs: Iterable[Callable[[], Awaitable[None]]], stop: asyncio.Event
     ) -> None:
-        """Run API jobs with a few requests in flight (10,000 users, one call each, add up)."""
-        limit = asyncio.Semaphore(API_CONCURRENCY)
+        """Run API jobs, a few in flight, pulling them lazily: with 10,000 users neither all
+        jobs nor all their objects exist at once."""
+        source = iter(jobs)
 
-        async def guarded(job: Callable[[], Awaitable[None]]) -> None:
-            if stop.is_set():
-                return
-            async with limit:
-                if not stop.is_set():
-                    await job()
+        async def worker() -> None:
+            for job in source:
+                if stop.is_set():
+                    return
+                await job()
 
-        await asyncio.gather(*(guarded(job) for job in jobs))
+        await asyncio.gather(*(worker() for _ in range(API_CONCURRENCY)))
 
     async def _fetch_or_create(
         self, body: Mapping[str, Any], user: AuditUser, ns: str, name: str
@@ -384,38 +387,39 @@ class NodeRuntime:
             )
         now = _now()
         node = self.config.node_name
-        jobs = []
-        for kind, plural in PLURALS.items():
-            for name, body in self.store.items(plural):
-                generation = int((body.get("metadata") or {}).get("generation") or 0)
-                old = ((body.get("status") or {}).get("nodes") or {}).get(node)
-                if f"{kind}/{name}" in problems:
-                    entry_outcome, text = INVALID, "; ".join(problems[f"{kind}/{name}"])
-                elif outcome == APPLIED:
-                    entry_outcome, text = APPLIED, f"live (config {desired.config_hash[:16]})"
-                elif (
-                    old
-                    and old.get("outcome") == APPLIED
-                    and old.get("observedGeneration") == generation
-                ):
-                    continue
-                else:
-                    entry_outcome, text = outcome, message
-                entry = node_entry(
-                    generation=generation,
-                    config_hash=desired.config_hash,
-                    outcome=entry_outcome,
-                    message=text,
-                    time=now,
-                )
-                if entry_differs(old, entry):
-                    jobs.append(functools.partial(self._report, kind, name, body, entry))
-        await self._concurrently(jobs, self._stop)
+
+        def jobs() -> Iterator[Callable[[], Awaitable[None]]]:
+            for kind, plural in PLURALS.items():
+                for name, body in self.store.items(plural):
+                    generation = int((body.get("metadata") or {}).get("generation") or 0)
+                    old = ((body.get("status") or {}).get("nodes") or {}).get(node)
+                    if f"{kind}/{name}" in problems:
+                        entry_outcome, text = INVALID, "; ".join(problems[f"{kind}/{name}"])
+                    elif outcome == APPLIED:
+                        entry_outcome, text = APPLIED, f"live (config {desired.config_hash[:16]})"
+                    elif (
+                        old
+                        and old.get("outcome") == APPLIED
+                        and old.get("observedGeneration") == generation
+                    ):
+                        continue
+                    else:
+                        entry_outcome, text = outcome, message
+                    entry = node_entry(
+                        generation=generation,
+                        config_hash=desired.config_hash,
+                        outcome=entry_outcome,
+                        message=text,
+                        time=now,
+                    )
+                    if entry_differs(old, entry):
+                        uid = str((body.get("metadata") or {}).get("uid") or "")
+                        yield functools.partial(self._report, kind, name, uid, entry)
+
+        await self._concurrently(jobs(), self._stop)
         self.metrics.invalid.set(len(problems))
 
-    async def _report(
-        self, kind: str, name: str, body: dict[str, Any], entry: dict[str, Any]
-    ) -> None:
+    async def _report(self, kind: str, name: str, uid: str, entry: dict[str, Any]) -> None:
         """Write one node entry and the Event that goes with it."""
         node = self.config.node_name
         await asyncio.to_thread(
@@ -425,7 +429,7 @@ class NodeRuntime:
         outcome = entry["outcome"]
         await asyncio.to_thread(
             self.api.create_event,
-            body,
+            {"metadata": {"name": name, "uid": uid}},
             kind,
             "Normal" if outcome == APPLIED else "Warning",
             {APPLIED: "Applied", INVALID: "Refused"}.get(outcome, outcome),
@@ -442,13 +446,15 @@ class NodeRuntime:
             return
         nodes = await asyncio.to_thread(self.api.control_plane_nodes)
         now = _now()
-        jobs = []
-        for kind, plural in PLURALS.items():
-            for name, body in self.store.items(plural):
-                patch = {**compute_conditions(body, nodes, now), **_columns(kind, body)}
-                if conditions_differ(body.get("status") or {}, patch):
-                    jobs.append(functools.partial(self._write_conditions, kind, name, patch))
-        await self._concurrently(jobs, self._stop)
+
+        def jobs() -> Iterator[Callable[[], Awaitable[None]]]:
+            for kind, plural in PLURALS.items():
+                for name, body in self.store.items(plural):
+                    patch = {**compute_conditions(body, nodes, now), **_columns(kind, body)}
+                    if conditions_differ(body.get("status") or {}, patch):
+                        yield functools.partial(self._write_conditions, kind, name, patch)
+
+        await self._concurrently(jobs(), self._stop)
 
     async def _write_conditions(self, kind: str, name: str, patch: dict[str, Any]) -> None:
         await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)

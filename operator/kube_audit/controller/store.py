@@ -91,10 +91,12 @@ class ObjectStore:
         return orjson.loads(data) if data is not None else None
 
     def items(self, kind: str) -> Iterator[tuple[Any, dict[str, Any]]]:
-        """Decoded objects in key order (decoded one at a time)."""
+        """Decoded objects in key order, one at a time; safe while the store changes."""
         table = self._data[kind]
         for key in sorted(table):
-            yield key, orjson.loads(table[key])
+            data = table.get(key)
+            if data is not None:
+                yield key, orjson.loads(data)
 
     def merge_status(self, kind: str, key: Any, patch: Mapping[str, Any]) -> None:
         """Record a status write of ours (``nodes`` merged per node, other keys replaced)."""

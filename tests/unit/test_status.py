@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from kube_audit.core.kubeconfig import render_kubeconfig
+from kube_audit.core.status import (
+    APPLIED,
+    INVALID,
+    ROLLED_BACK,
+    compute_conditions,
+    conditions_differ,
+    entry_differs,
+    node_entry,
+    summarize,
+)
+
+NOW = "2026-11-27T10:00:00Z"
+
+
+def _obj(
+    generation: int,
+    nodes: dict[str, tuple[int, str]],
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "alice", "generation": generation},
+        "status": {
+            "nodes": {
+                n: node_entry(
+                    generation=g, config_hash="abc", outcome=o, message=f"{o} msg", time=NOW
+                )
+                for n, (g, o) in nodes.items()
+            },
+            "conditions": conditions or [],
+        },
+    }
+
+
+def _by_type(patch: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in patch["conditions"]}
+
+
+def test_ready_only_when_every_node_has_the_generation() -> None:
+    patch = compute_conditions(_obj(2, {"a": (2, APPLIED), "b": (1, APPLIED)}), ["a", "b"], NOW)
+    c = _by_type(patch)
+    assert patch["observedGeneration"] == 2
+    assert (c["Ready"]["status"], c["Reconciling"]["status"], c["Stalled"]["status"]) == (
+        "False",
+        "True",
+        "False",
+    )
+    assert "1 of 2" in c["Reconciling"]["message"]
+    c = _by_type(
+        compute_conditions(_obj(2, {"a": (2, APPLIED), "b": (2, APPLIED)}), ["a", "b"], NOW)
+    )
+    assert c["Ready"]["status"] == "True" and c["Reconciling"]["status"] == "False"
+
+
+def test_invalid_and_rolled_back_are_stalled() -> None:
+    c = _by_type(compute_conditions(_obj(1, {"a": (1, INVALID)}), ["a"], NOW))
+    assert c["Stalled"]["status"] == "True" and c["Stalled"]["reason"] == INVALID
+    assert c["Stalled"]["message"] == "Invalid msg"
+    c = _by_type(
+        compute_conditions(_obj(1, {"a": (1, APPLIED), "b": (1, ROLLED_BACK)}), ["a", "b"], NOW)
+    )
+    assert c["Ready"]["reason"] == ROLLED_BACK and "node b" in c["Stalled"]["message"]
+
+
+def test_no_nodes_is_not_ready() -> None:
+    c = _by_type(compute_conditions(_obj(1, {}), [], NOW))
+    assert c["Ready"]["status"] == "False"
+
+
+def test_transition_time_kept_while_status_unchanged() -> None:
+    old = [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+    patch = compute_conditions(_obj(1, {"a": (1, APPLIED)}, old), ["a"], NOW)
+    assert _by_type(patch)["Ready"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert _by_type(patch)["Stalled"]["lastTransitionTime"] == NOW
+    obj = _obj(1, {"a": (1, APPLIED)})
+    obj["status"].update(patch)
+    assert not conditions_differ(
+        obj["status"], compute_conditions(obj, ["a"], "2027-01-01T00:00:00Z")
+    )
+
+
+def test_entry_time_alone_is_no_change() -> None:
+    a = node_entry(generation=1, config_hash="x", outcome=APPLIED, message="m", time="t1")
+    assert not entry_differs(a, {**a, "time": "t2"})
+    assert entry_differs(a, {**a, "observedGeneration": 2}) and entry_differs(None, a)
+
+
+def test_summarize() -> None:
+    ready = _obj(1, {"a": (1, APPLIED)})
+    ready["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    bad = _obj(1, {"a": (1, ROLLED_BACK)})
+    bad["metadata"]["name"] = "bob"
+    bad["status"]["conditions"] = [{"type": "Stalled", "status": "True", "message": "boom"}]
+    objects, nodes = summarize([("AuditUser", bad), ("AuditUser", ready)], ["a", "b"])
+    assert objects[0] == ["AuditUser/alice", "True", "1/2 (a)", ""]
+    assert objects[1] == ["AuditUser/bob", "Unknown", "0/2", "boom"]
+    assert nodes == [["a", "abc", NOW, NOW], ["b", "-", "-", "-"]]
+
+
+def test_kubeconfig() -> None:
+    text = render_kubeconfig(
+        cluster="prod",
+        server="https://x:6443",
+        ca_data="Q0E=",
+        insecure=False,
+        user="alice",
+        token="t",
+    )
+    doc = yaml.safe_load(text)
+    assert doc["current-context"] == "alice@prod"
+    assert doc["clusters"][0]["cluster"] == {
+        "server": "https://x:6443",
+        "certificate-authority-data": "Q0E=",
+    }
+    assert doc["users"] == [{"name": "alice", "user": {"token": "t"}}]
+    insecure = yaml.safe_load(
+        render_kubeconfig(cluster="c", server="s", ca_data=None, insecure=True, user="u", token="t")
+    )
+    assert insecure["clusters"][0]["cluster"]["insecure-skip-tls-verify"] is True
