@@ -54,7 +54,7 @@ def main() -> int:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     process = subprocess.Popen(
         [
-            str(REPO / ".venv/bin/kube-audit"),
+            *os.environ.get("BENCH_OPERATOR_CMD", str(REPO / ".venv/bin/kube-audit")).split(),
             "operator",
             "--host-root",
             str(host),

@@ -7,7 +7,10 @@ watches, goes through ``KubeApi``; API failures become ``ClusterError`` and its 
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +28,7 @@ from kube_audit.core.models import GROUP, VERSION, SecretData, parse_secret
 from kube_audit.errors import ClusterError, Conflict, InvalidInput, NotFound
 
 T = TypeVar("T")
+log = logging.getLogger("kube_audit.operator")
 TOKEN_LABEL = "kube-audit.io/token"
 ROTATED_FOR = "kube-audit.io/rotated-for"
 CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
@@ -99,6 +103,14 @@ def _call(what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise ClusterError(f"{what}: Kubernetes API unreachable ({error})") from None
 
 
+def _drain(response: Any) -> bytes:
+    """Read a raw response and give its connection back to the pool (unread, it would leak)."""
+    try:
+        return bytes(response.data)
+    finally:
+        response.release_conn()
+
+
 def _plain(obj: Any, client: kubernetes.client.ApiClient) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else client.sanitize_for_serialization(obj)
 
@@ -111,6 +123,7 @@ class KubeApi:
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.coordination = kubernetes.client.CoordinationV1Api(client)
+        self._watch: Any = None
 
     @property
     def host(self) -> str:
@@ -136,15 +149,17 @@ class KubeApi:
 
     def patch_status(self, plural: str, name: str, patch: Mapping[str, Any]) -> None:
         """A JSON merge patch of ``status`` (each writer only touches its own keys)."""
-        _call(
-            f"patch {plural}.{GROUP}/{name}/status",
-            self.custom.patch_cluster_custom_object_status,
-            GROUP,
-            VERSION,
-            plural,
-            name,
-            {"status": dict(patch)},
-            _preload_content=False,
+        _drain(
+            _call(
+                f"patch {plural}.{GROUP}/{name}/status",
+                self.custom.patch_cluster_custom_object_status,
+                GROUP,
+                VERSION,
+                plural,
+                name,
+                {"status": dict(patch)},
+                _preload_content=False,
+            )
         )
 
     def read_secret(self, namespace: str, name: str) -> tuple[SecretData, dict[str, Any]] | None:
@@ -175,7 +190,8 @@ class KubeApi:
             _preload_content=False,
         )
         items = []
-        for item in orjson.loads(response.data).get("items") or []:
+        data = _drain(response)
+        for item in orjson.loads(data).get("items") or []:
             item.setdefault("metadata", {}).setdefault("namespace", namespace)
             items.append(item)
         return items
@@ -229,6 +245,91 @@ class KubeApi:
             return False
         return True
 
+    def watch_secrets(
+        self, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event
+    ) -> None:
+        """Blocking list+watch of every Secret, raw JSON, until ``stop``; reconnects forever.
+
+        A plain watch rather than kopf's: kopf keeps per-object state for each object it sees,
+        and a cluster can hold many thousands of Secrets of which kube-audit reads a few.
+        ``on_event`` gets ("ADDED"|"MODIFIED"|"DELETED", object) and must be quick.
+        """
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                version: str | None = self._list_secrets(on_event)
+                backoff = 1.0
+                while not stop.is_set() and version:
+                    version = self._watch_secrets(version, on_event, stop)
+            except ClusterError as error:
+                log.warning("Secret watch interrupted, retrying in %.0fs: %s", backoff, error)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _list_secrets(self, on_event: Callable[[str, dict[str, Any]], None]) -> str:
+        token: str | None = None
+        while True:
+            response = _call(
+                "list Secrets",
+                self.core.list_secret_for_all_namespaces,
+                limit=500,
+                _continue=token,
+                _preload_content=False,
+            )
+            page = orjson.loads(_drain(response))
+            for item in page.get("items") or []:
+                on_event("ADDED", item)
+            meta = page.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                return str(meta.get("resourceVersion") or "")
+
+    def _watch_secrets(
+        self, version: str, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event
+    ) -> str | None:
+        """One watch request; the resourceVersion to go on from, or None to list again."""
+        response = _call(
+            "watch Secrets",
+            self.core.list_secret_for_all_namespaces,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=300,
+            _preload_content=False,
+            _request_timeout=(10, 330),
+        )
+        self._watch = response
+        buffer = b""
+        try:
+            for chunk in response.stream(65536, decode_content=True):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = orjson.loads(line)
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        return None
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        on_event(kind, obj)
+                if stop.is_set():
+                    return version
+        except (urllib3.exceptions.HTTPError, OSError, orjson.JSONDecodeError) as error:
+            raise ClusterError(f"watch Secrets: {error}") from None
+        finally:
+            self._watch = None
+            response.release_conn()
+        return version
+
+    def stop_watches(self) -> None:
+        """Break an open watch at once (it would otherwise last until the server's timeout)."""
+        response = self._watch
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.shutdown() if hasattr(response, "shutdown") else response.close()
+
     def control_plane_nodes(self) -> list[str]:
         nodes = _call(
             "list control-plane Nodes", self.core.list_node, label_selector=CONTROL_PLANE_LABEL
@@ -265,12 +366,14 @@ class KubeApi:
             "count": 1,
             "reportingComponent": "kube-audit",
         }
-        _call(
-            "create Event",
-            self.core.create_namespaced_event,
-            "default",
-            body,
-            _preload_content=False,
+        _drain(
+            _call(
+                "create Event",
+                self.core.create_namespaced_event,
+                "default",
+                body,
+                _preload_content=False,
+            )
         )
 
     def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:

@@ -3,7 +3,8 @@
 No progress or diff-base annotations (event handlers keep no state on objects), no finalizers:
 several pods watch the same objects and must not fight over them. The runtime's object store
 plays the part of ``kopf.index``: the reconciler runs as one task outside any handler, where
-kopf would not inject indices.
+kopf would not inject indices. Secrets are not watched through kopf (see
+``KubeApi.watch_secrets``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def operator_settings(settings: kopf.OperatorSettings, api_retry: float = 10.0) 
     settings.watching.reconnect_backoff = 1.0
     settings.posting.enabled = False
     settings.peering.standalone = True
+    # Per-object workers exit soon after their last event: 10,000 objects, bounded memory.
+    settings.queueing.idle_timeout = 1.0
 
 
 def build_registry(runtime: NodeRuntime, login: Any) -> kopf.OperatorRegistry:
@@ -66,13 +69,6 @@ def build_registry(runtime: NodeRuntime, login: Any) -> kopf.OperatorRegistry:
     @kopf.on.event(GROUP, VERSION, "auditpolicies", registry=registry)
     async def audit_policy(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         record("auditpolicies", event, body)
-
-    def wanted(namespace: str | None, name: str | None, **_: Any) -> bool:
-        return runtime.secret_is_wanted(namespace, name)
-
-    @kopf.on.event("", "v1", "secrets", when=wanted, registry=registry)
-    async def secret(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        record("secrets", event, body)
 
     @kopf.on.event("", "v1", "nodes", labels={CONTROL_PLANE_LABEL: kopf.PRESENT}, registry=registry)
     async def node(**_: Any) -> None:

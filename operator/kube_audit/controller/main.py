@@ -58,6 +58,17 @@ async def run_operator(
 
     watcher = asyncio.create_task(watch_stop())
     loop_task = asyncio.create_task(runtime.run(stopping))
+    secrets_stop = threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_secret(kind: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        loop.call_soon_threadsafe(runtime.observe_secret, kind, meta.get("namespace"), obj)
+
+    secrets_thread = threading.Thread(
+        target=runtime.api.watch_secrets, args=(on_secret, secrets_stop), daemon=True
+    )
+    secrets_thread.start()
     try:
         await kopf.operator(
             registry=registry,
@@ -70,6 +81,8 @@ async def run_operator(
         )
     finally:
         stopping.set()
+        secrets_stop.set()
+        runtime.api.stop_watches()
         watcher.cancel()
         for task in (loop_task, watcher):
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,7 +7,10 @@ so a burst of 1,000 changes becomes one plan and at most one apiserver restart p
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import functools
+import gc
 import logging
 import secrets as random_tokens
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -110,6 +113,14 @@ class NodeRuntime:
         elif kind != "secrets":
             self._status_wanted.set()
 
+    def observe_secret(
+        self, event_type: str, namespace: str | None, body: Mapping[str, Any]
+    ) -> None:
+        """A Secret event from the cluster-wide watch: kept only if some AuditUser reads it."""
+        name = (body.get("metadata") or {}).get("name")
+        if self.secret_is_wanted(namespace, name):
+            self.observe("secrets", event_type, body)
+
     def node_changed(self) -> None:
         self._status_wanted.set()
 
@@ -162,6 +173,7 @@ class NodeRuntime:
                     await self.update_status()
                 self.metrics.last_success.set_to_current_time()
                 self._failures = 0
+                release_memory()
             except KubeAuditError as error:
                 log.warning("reconcile failed, will retry: %s", error)
                 await self._back_off(stop)
@@ -459,6 +471,13 @@ class NodeRuntime:
     async def _write_conditions(self, kind: str, name: str, patch: dict[str, Any]) -> None:
         await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
         self.store.merge_status(PLURALS[kind], name, patch)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS after a big reconcile (glibc keeps it otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _columns(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
