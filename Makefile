@@ -30,7 +30,7 @@ lint: setup ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff format --check operator tests bench
 	$(BIN)/mypy
 
-bench: setup ## render, patch and node-agent timings against their targets
+bench: setup ## render, patch, agent, who (vs jq) and operator benchmarks against their targets
 	$(BIN)/python bench/run.py
 
 demo: setup ## run the node agent on a bundled sample control-plane tree (no cluster needed)
