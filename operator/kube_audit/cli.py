@@ -17,7 +17,7 @@ from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
 from kube_audit.agent.node import (
     NodeResult,
     apply_node,
-    default_health_check,
+    health_check,
     plan_node,
     rollback_node,
     uninstall_node,
@@ -104,12 +104,7 @@ def _layout(args: argparse.Namespace) -> HostLayout:
 
 
 def _health(args: argparse.Namespace, layout: HostLayout) -> HealthCheck | None:
-    if args.no_wait:
-        return None
-    if args.health_url:
-        ca = layout.host("/etc/kubernetes/pki/ca.crt")
-        return HealthCheck(url=args.health_url, ca_file=ca, timeout=args.timeout)
-    return default_health_check(layout, args.timeout)
+    return health_check(layout, url=args.health_url, timeout=args.timeout, no_wait=args.no_wait)
 
 
 def _report(result: NodeResult) -> int:

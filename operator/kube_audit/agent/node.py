@@ -360,6 +360,19 @@ def uninstall_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult
         return NodeResult("uninstalled", "", message, restarted)
 
 
+def health_check(
+    layout: HostLayout, *, url: str | None, timeout: float, no_wait: bool
+) -> HealthCheck | None:
+    """The readiness check the options ask for (None: do not wait); one place for CLI and pod."""
+    if no_wait:
+        return None
+    if url:
+        return HealthCheck(
+            url=url, ca_file=layout.host("/etc/kubernetes/pki/ca.crt"), timeout=timeout
+        )
+    return default_health_check(layout, timeout)
+
+
 def default_health_check(layout: HostLayout, timeout: float) -> HealthCheck:
     """The local apiserver's /readyz over HTTPS, trusting the cluster CA on the host."""
     manifest = _read_current(layout).manifest

@@ -24,7 +24,7 @@ from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
 from kube_audit.agent.node import (
     NodeResult,
     apply_node,
-    default_health_check,
+    health_check,
     needs_change,
     read_state,
 )
@@ -223,12 +223,7 @@ class NodeRuntime:
         c = self.config
         if c.health_factory is not None:
             return c.health_factory(layout)
-        if c.no_wait:
-            return None
-        if c.health_url:
-            ca = layout.host("/etc/kubernetes/pki/ca.crt")
-            return HealthCheck(url=c.health_url, ca_file=ca, timeout=c.timeout)
-        return default_health_check(layout, c.timeout)
+        return health_check(layout, url=c.health_url, timeout=c.timeout, no_wait=c.no_wait)
 
     def _users(self) -> Iterator[tuple[dict[str, Any], AuditUser]]:
         """Valid users, decoded one at a time (never all 10,000 at once)."""
