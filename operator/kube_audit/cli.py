@@ -319,6 +319,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     if not args.node_name:
         raise InvalidInput([Problem("operator", "--node-name", "is required (or set NODE_NAME)")])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = OperatorConfig(
         node_name=args.node_name,
         host_root=Path(args.host_root),

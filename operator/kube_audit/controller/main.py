@@ -84,6 +84,10 @@ async def run_operator(
         secrets_stop.set()
         runtime.api.stop_watches()
         watcher.cancel()
+        done, _ = await asyncio.wait([loop_task], timeout=10)
+        if not done:
+            log.warning("reconcile did not stop within 10s; cancelling it (writes are crash-safe)")
+            loop_task.cancel()
         for task in (loop_task, watcher):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
