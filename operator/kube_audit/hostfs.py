@@ -194,16 +194,6 @@ def audit_log_files(folder: Path, log_file: str = "audit.log") -> list[Path]:
     return sorted(rotated, key=lambda p: p.name) + ([current] if current.is_file() else [])
 
 
-def read_lines(path: Path) -> Iterator[bytes]:
-    """Lines of a (possibly gzip-compressed) file, streamed."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            yield from handle
-    except (OSError, EOFError) as error:
-        raise HostError(f"cannot read {path}: {error}") from None
-
-
 def read_blocks(path: Path, size: int = 1 << 22) -> Iterator[bytes]:
     """A (possibly gzip-compressed) file in blocks of whole lines, streamed.
 

@@ -125,10 +125,6 @@ class KubeApi:
         self.coordination = kubernetes.client.CoordinationV1Api(client)
         self._watch: Any = None
 
-    @property
-    def host(self) -> str:
-        return str(self.client.configuration.host)
-
     def list_objects(self, plural: str) -> list[dict[str, Any]]:
         result = _call(
             f"list {plural}.{GROUP}", self.custom.list_cluster_custom_object, GROUP, VERSION, plural

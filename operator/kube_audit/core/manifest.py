@@ -109,10 +109,6 @@ def flag_value(manifest: Manifest, flag: str) -> str | None:
     return None
 
 
-def is_patched(manifest: Manifest) -> bool:
-    return HASH_ANNOTATION in ((manifest.get("metadata") or {}).get("annotations") or {})
-
-
 def config_hash_of(manifest: Manifest) -> str | None:
     value = ((manifest.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
     return str(value) if value is not None else None
