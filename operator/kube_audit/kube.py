@@ -11,10 +11,11 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+from urllib.parse import quote
 
 import kubernetes.client
 import kubernetes.config
@@ -27,7 +28,6 @@ from kube_audit.core import yamlio
 from kube_audit.core.models import GROUP, VERSION, SecretData, parse_secret
 from kube_audit.errors import ClusterError, Conflict, InvalidInput, NotFound
 
-T = TypeVar("T")
 log = logging.getLogger("kube_audit.operator")
 TOKEN_LABEL = "kube-audit.io/token"
 ROTATED_FOR = "kube-audit.io/rotated-for"
@@ -89,18 +89,13 @@ def current_cluster(kubeconfig: str | None = None) -> tuple[str, str, str | None
     )
 
 
-def _call(what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    try:
-        return func(*args, **kwargs)
-    except ApiException as error:
-        message = f"{what}: HTTP {error.status} {error.reason}"
-        if error.status == 404:
-            raise NotFound(message) from None
-        if error.status == 409:
-            raise Conflict(message) from None
-        raise ClusterError(message) from None
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-        raise ClusterError(f"{what}: Kubernetes API unreachable ({error})") from None
+def _status_message(data: bytes) -> str:
+    """The apiserver's own words from a ``Status`` error body, when it sent one."""
+    with contextlib.suppress(ValueError, AttributeError):
+        message = orjson.loads(data).get("message")
+        if message:
+            return f": {message}"
+    return ""
 
 
 def _drain(response: Any) -> bytes:
@@ -111,64 +106,122 @@ def _drain(response: Any) -> bytes:
         response.release_conn()
 
 
-def _plain(obj: Any, client: kubernetes.client.ApiClient) -> dict[str, Any]:
-    return obj if isinstance(obj, dict) else client.sanitize_for_serialization(obj)
-
-
 class KubeApi:
-    """Typed calls for what kube-audit needs; nothing else in the project imports the client."""
+    """Typed calls for what kube-audit needs; nothing else in the project imports the client.
+
+    Requests are built by the official client's ``ApiClient`` (configuration, credentials and
+    their refresh, TLS, proxies) and answered as raw JSON. Not the generated ``CoreV1Api``:
+    importing that module alone costs about 20 MB of pydantic signatures, and model objects
+    for 10,000 Secrets would cost more memory than the data.
+    """
 
     def __init__(self, client: kubernetes.client.ApiClient) -> None:
         self.client = client
-        self.core = kubernetes.client.CoreV1Api(client)
-        self.custom = kubernetes.client.CustomObjectsApi(client)
-        self.coordination = kubernetes.client.CoordinationV1Api(client)
         self._watch: Any = None
 
-    def list_objects(self, plural: str) -> list[dict[str, Any]]:
-        result = _call(
-            f"list {plural}.{GROUP}", self.custom.list_cluster_custom_object, GROUP, VERSION, plural
+    def _send(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+        timeout: Any = None,
+    ) -> Any:
+        """One request; the open response (2xx) or NotFound/Conflict/ClusterError."""
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        params = [(k, v) for k, v in (query or {}).items() if v is not None]
+        request = self.client.param_serialize(
+            method,
+            path,
+            query_params=params or None,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
         )
-        return list(result.get("items", []))
+        try:
+            response = self.client.call_api(*request, _request_timeout=timeout).response
+        except ApiException as error:
+            raise ClusterError(f"{what}: {error.reason or error}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise ClusterError(f"{what}: Kubernetes API unreachable ({error})") from None
+        if 200 <= response.status <= 299:
+            return response
+        data = _drain(response)
+        message = f"{what}: HTTP {response.status} {response.reason}{_status_message(data)}"
+        if response.status == 404:
+            raise NotFound(message)
+        if response.status == 409:
+            raise Conflict(message)
+        raise ClusterError(message)
+
+    def _json(self, what: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """A request whose answer is one JSON object."""
+        data = _drain(self._send(what, method, path, **kwargs))
+        try:
+            result = orjson.loads(data) if data else {}
+        except orjson.JSONDecodeError as error:
+            raise ClusterError(f"{what}: the API answered with invalid JSON ({error})") from None
+        if not isinstance(result, dict):
+            raise ClusterError(f"{what}: the API answered with a {type(result).__name__}")
+        return result
+
+    def _pages(
+        self, what: str, path: str, query: Mapping[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """A list in pages of 500 (bounded memory with 10,000 objects); the last page's
+        metadata carries the resourceVersion to watch from."""
+        token: str | None = None
+        while True:
+            paged = {**(query or {}), "limit": 500, "continue": token}
+            page = self._json(what, "GET", path, query=paged)
+            yield page
+            token = (page.get("metadata") or {}).get("continue") or None
+            if token is None:
+                return
+
+    def _items(
+        self, what: str, path: str, query: Mapping[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        for page in self._pages(what, path, query):
+            yield from page.get("items") or []
+
+    def list_objects(self, plural: str) -> list[dict[str, Any]]:
+        return list(self._items(f"list {plural}.{GROUP}", _custom_path(plural)))
+
+    def list_names(self, plural: str) -> set[str]:
+        """Names of every object of a kind: a sync check, no bodies kept."""
+        return {
+            str((item.get("metadata") or {}).get("name") or "")
+            for item in self._items(f"list {plural}.{GROUP}", _custom_path(plural))
+        }
 
     def get_object(self, plural: str, name: str) -> dict[str, Any]:
-        return dict(
-            _call(
-                f"get {plural}.{GROUP}/{name}",
-                self.custom.get_cluster_custom_object,
-                GROUP,
-                VERSION,
-                plural,
-                name,
-            )
-        )
+        return self._json(f"get {plural}.{GROUP}/{name}", "GET", _custom_path(plural, name))
 
     def patch_status(self, plural: str, name: str, patch: Mapping[str, Any]) -> None:
         """A JSON merge patch of ``status`` (each writer only touches its own keys)."""
         _drain(
-            _call(
+            self._send(
                 f"patch {plural}.{GROUP}/{name}/status",
-                self.custom.patch_cluster_custom_object_status,
-                GROUP,
-                VERSION,
-                plural,
-                name,
-                {"status": dict(patch)},
-                _preload_content=False,
+                "PATCH",
+                _custom_path(plural, name) + "/status",
+                body={"status": dict(patch)},
+                content_type=MERGE_PATCH,
             )
         )
 
     def read_secret(self, namespace: str, name: str) -> tuple[SecretData, dict[str, Any]] | None:
         try:
-            obj = _call(
-                f"read Secret {namespace}/{name}",
-                self.core.read_namespaced_secret,
-                name,
-                namespace,
+            raw = self._json(
+                f"read Secret {namespace}/{name}", "GET", _secret_path(namespace, name)
             )
         except NotFound:
             return None
-        raw = _plain(obj, self.client)
         raw.setdefault("metadata", {}).setdefault("namespace", namespace)
         try:
             return parse_secret(raw), raw
@@ -176,18 +229,13 @@ class KubeApi:
             raise ClusterError(str(error)) from None
 
     def list_token_secrets(self, namespace: str) -> list[dict[str, Any]]:
-        """The Secrets the operator made (by label), in one call, as raw JSON (no models: with
-        10,000 users the client's model objects would cost more memory than the data)."""
-        response = _call(
-            f"list Secrets in {namespace}",
-            self.core.list_namespaced_secret,
-            namespace,
-            label_selector=f"{TOKEN_LABEL}=true",
-            _preload_content=False,
-        )
+        """The Secrets the operator made (found by their label)."""
         items = []
-        data = _drain(response)
-        for item in orjson.loads(data).get("items") or []:
+        for item in self._items(
+            f"list Secrets in {namespace}",
+            _secret_path(namespace),
+            {"labelSelector": f"{TOKEN_LABEL}=true"},
+        ):
             item.setdefault("metadata", {}).setdefault("namespace", namespace)
             items.append(item)
         return items
@@ -209,15 +257,11 @@ class KubeApi:
             "data": {"token": base64.b64encode(token.encode()).decode()},
         }
         try:
-            created = _call(
-                f"create Secret {namespace}/{name}",
-                self.core.create_namespaced_secret,
-                namespace,
-                body,
+            raw = self._json(
+                f"create Secret {namespace}/{name}", "POST", _secret_path(namespace), body=body
             )
         except Conflict:
             return None
-        raw = _plain(created, self.client)
         raw.setdefault("metadata", {}).setdefault("namespace", namespace)
         return raw
 
@@ -230,12 +274,14 @@ class KubeApi:
             "data": {"token": base64.b64encode(token.encode()).decode()},
         }
         try:
-            _call(
-                f"rotate Secret {namespace}/{name}",
-                self.core.patch_namespaced_secret,
-                name,
-                namespace,
-                body,
+            _drain(
+                self._send(
+                    f"rotate Secret {namespace}/{name}",
+                    "PATCH",
+                    _secret_path(namespace, name),
+                    body=body,
+                    content_type=MERGE_PATCH,
+                )
             )
         except Conflict:
             return False
@@ -258,41 +304,35 @@ class KubeApi:
                 while not stop.is_set() and version:
                     version = self._watch_secrets(version, on_event, stop)
             except ClusterError as error:
+                if stop.is_set():
+                    return
                 log.warning("Secret watch interrupted, retrying in %.0fs: %s", backoff, error)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
     def _list_secrets(self, on_event: Callable[[str, dict[str, Any]], None]) -> str:
-        token: str | None = None
-        while True:
-            response = _call(
-                "list Secrets",
-                self.core.list_secret_for_all_namespaces,
-                limit=500,
-                _continue=token,
-                _preload_content=False,
-            )
-            page = orjson.loads(_drain(response))
+        version = ""
+        for page in self._pages("list Secrets", "/api/v1/secrets"):
             for item in page.get("items") or []:
                 on_event("ADDED", item)
-            meta = page.get("metadata") or {}
-            token = meta.get("continue")
-            if not token:
-                return str(meta.get("resourceVersion") or "")
+            version = str((page.get("metadata") or {}).get("resourceVersion") or "")
+        return version
 
     def _watch_secrets(
         self, version: str, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event
     ) -> str | None:
         """One watch request; the resourceVersion to go on from, or None to list again."""
-        response = _call(
+        response = self._send(
             "watch Secrets",
-            self.core.list_secret_for_all_namespaces,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=300,
-            _preload_content=False,
-            _request_timeout=(10, 330),
+            "GET",
+            "/api/v1/secrets",
+            query={
+                "watch": "true",
+                "resourceVersion": version,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": 300,
+            },
+            timeout=(10, 330),
         )
         self._watch = response
         buffer = b""
@@ -327,11 +367,11 @@ class KubeApi:
                 response.shutdown() if hasattr(response, "shutdown") else response.close()
 
     def control_plane_nodes(self) -> list[str]:
-        nodes = _call(
-            "list control-plane Nodes", self.core.list_node, label_selector=CONTROL_PLANE_LABEL
-        )
         return sorted(
-            _plain(n, self.client)["metadata"]["name"] for n in _items(nodes, self.client)
+            str((item.get("metadata") or {}).get("name") or "")
+            for item in self._items(
+                "list control-plane Nodes", "/api/v1/nodes", {"labelSelector": CONTROL_PLANE_LABEL}
+            )
         )
 
     def create_event(
@@ -362,35 +402,20 @@ class KubeApi:
             "count": 1,
             "reportingComponent": "kube-audit",
         }
-        _drain(
-            _call(
-                "create Event",
-                self.core.create_namespaced_event,
-                "default",
-                body,
-                _preload_content=False,
-            )
-        )
+        _drain(self._send("create Event", "POST", "/api/v1/namespaces/default/events", body=body))
 
     def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            lease = _call(
-                f"read Lease {namespace}/{name}",
-                self.coordination.read_namespaced_lease,
-                name,
-                namespace,
-            )
+            return self._json(f"read Lease {namespace}/{name}", "GET", _lease_path(namespace, name))
         except NotFound:
             return None
-        return _plain(lease, self.client)
 
     def create_lease(self, namespace: str, body: Mapping[str, Any]) -> bool:
         try:
-            _call(
-                f"create Lease {namespace}",
-                self.coordination.create_namespaced_lease,
-                namespace,
-                dict(body),
+            _drain(
+                self._send(
+                    f"create Lease {namespace}", "POST", _lease_path(namespace), body=dict(body)
+                )
             )
         except Conflict:
             return False
@@ -399,18 +424,29 @@ class KubeApi:
     def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
         """Replace with the body's resourceVersion as precondition; False on a lost race."""
         try:
-            _call(
-                f"replace Lease {namespace}/{name}",
-                self.coordination.replace_namespaced_lease,
-                name,
-                namespace,
-                dict(body),
+            _drain(
+                self._send(
+                    f"replace Lease {namespace}/{name}",
+                    "PUT",
+                    _lease_path(namespace, name),
+                    body=dict(body),
+                )
             )
         except Conflict:
             return False
         return True
 
 
-def _items(result: Any, client: kubernetes.client.ApiClient) -> list[Any]:
-    raw = _plain(result, client)
-    return list(raw.get("items") or [])
+def _custom_path(plural: str, name: str | None = None) -> str:
+    path = f"/apis/{GROUP}/{VERSION}/{plural}"
+    return f"{path}/{quote(name, safe='')}" if name else path
+
+
+def _secret_path(namespace: str, name: str | None = None) -> str:
+    path = f"/api/v1/namespaces/{quote(namespace, safe='')}/secrets"
+    return f"{path}/{quote(name, safe='')}" if name else path
+
+
+def _lease_path(namespace: str, name: str | None = None) -> str:
+    path = f"/apis/coordination.k8s.io/v1/namespaces/{quote(namespace, safe='')}/leases"
+    return f"{path}/{quote(name, safe='')}" if name else path

@@ -13,11 +13,12 @@ import functools
 import gc
 import logging
 import secrets as random_tokens
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kube_audit.agent.health import HealthCheck
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
@@ -46,7 +47,7 @@ from kube_audit.core.status import (
     node_entry,
 )
 from kube_audit.core.users import secret_location
-from kube_audit.errors import InvalidInput, KubeAuditError, RolledBack
+from kube_audit.errors import InvalidInput, KubeAuditError, Problem, RolledBack
 from kube_audit.kube import ROTATED_FOR, KubeApi
 
 log = logging.getLogger("kube_audit.operator")
@@ -54,6 +55,7 @@ ROLLOUT_LEASE = "kube-audit-rollout"
 STATUS_LEASE = "kube-audit-status"
 PLURALS = {AUDIT_USER: "auditusers", AUDIT_POLICY: "auditpolicies"}
 API_CONCURRENCY = 8
+SYNC_RELIST = 10.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,15 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class NodeReport(NamedTuple):
+    """What one reconcile tells the objects: the plan's hash and problems, and the outcome."""
+
+    config_hash: str
+    problems: tuple[Problem, ...]
+    outcome: str
+    message: str
+
+
 class NodeRuntime:
     """The reconciler of one control-plane node."""
 
@@ -90,7 +101,7 @@ class NodeRuntime:
         self.api = api
         self.metrics = metrics or Metrics()
         self.store = ObjectStore()
-        self.applies: list[NodeResult] = []
+        self.applies: deque[NodeResult] = deque(maxlen=100)
         self._plan_wanted = asyncio.Event()
         self._status_wanted = asyncio.Event()
         self._last_change = 0.0
@@ -157,6 +168,7 @@ class NodeRuntime:
         """Reconcile after each quiet debounce window, and every ``resync`` seconds anyway."""
         loop = asyncio.get_running_loop()
         self._stop = stop
+        await self.wait_synced(stop)
         self._wake_plan()
         while not stop.is_set():
             await self._wait(stop)
@@ -180,6 +192,35 @@ class NodeRuntime:
             except Exception:
                 log.exception("reconcile crashed, will retry")
                 await self._back_off(stop)
+
+    async def wait_synced(self, stop: asyncio.Event) -> None:
+        """Plan nothing before the watches have delivered every AuditUser and AuditPolicy.
+
+        kopf lists each kind on its own and 10,000 users take a while: a plan made from a
+        half-loaded view would drop users from the token file and restart the apiserver twice.
+        The names are listed again now and then, so an object deleted meanwhile is not
+        waited for.
+        """
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            missing: set[tuple[str, str]] = set()
+            try:
+                for plural in PLURALS.values():
+                    names = await asyncio.to_thread(self.api.list_names, plural)
+                    missing.update((plural, name) for name in names)
+            except KubeAuditError as error:
+                log.warning("cannot list the objects yet, will retry: %s", error)
+                await sleep_unless_stopped(stop, self.config.retry_backoff)
+                continue
+            relist_at = loop.time() + SYNC_RELIST
+            while not stop.is_set():
+                missing = {m for m in missing if not self.store.has(*m)}
+                if not missing:
+                    return
+                if loop.time() >= relist_at:
+                    log.info("watches still miss %d listed objects; listing again", len(missing))
+                    break
+                await sleep_unless_stopped(stop, 0.1)
 
     async def _back_off(self, stop: asyncio.Event) -> None:
         """Retry later, doubling the wait up to 30 s (the apiserver may be restarting)."""
@@ -320,22 +361,36 @@ class NodeRuntime:
 
     async def reconcile(self, stop: asyncio.Event) -> None:
         await self.ensure_tokens(stop)
-        desired = self.plan()
-        layout = self._layout()
-        outcome, message = APPLIED, "live"
-        if await asyncio.to_thread(needs_change, layout, desired):
-            outcome, message = await self._rollout(layout, desired, stop)
-        elif self._holding_rollout:
-            await self._release_rollout({})
-        await self._write_node_status(desired, outcome, message)
+        report = await self._converge(stop)
+        await self._write_node_status(report)
         await self.update_status()
 
-    async def _rollout(
-        self, layout: HostLayout, desired: DesiredState, stop: asyncio.Event
-    ) -> tuple[str, str]:
-        c = self.config
+    async def _converge(self, stop: asyncio.Event) -> NodeReport:
+        """Plan and, if the host differs, roll out. At most one plan is alive at a time and only
+        the small report outlives it: 10,000 users' models are gone before the status writes."""
+        desired = self.plan()
+        layout = self._layout()
+        if not await asyncio.to_thread(needs_change, layout, desired):
+            if self._holding_rollout:
+                await self._release_rollout({})
+            return NodeReport(desired.config_hash, desired.problems, APPLIED, "live")
         if desired.config_hash in read_state(layout).get("failed", []):
-            return ROLLED_BACK, "this configuration failed on this node and was rolled back"
+            return NodeReport(
+                desired.config_hash,
+                desired.problems,
+                ROLLED_BACK,
+                "this configuration failed on this node and was rolled back",
+            )
+        waiting = NodeReport(desired.config_hash, desired.problems, BLOCKED, "operator stopping")
+        del desired
+        return await self._rollout(layout, waiting, stop)
+
+    async def _rollout(
+        self, layout: HostLayout, waiting: NodeReport, stop: asyncio.Event
+    ) -> NodeReport:
+        """Apply under the rollout lease, planning again once it is held: waiting for the
+        other nodes can take minutes, and the objects may have changed meanwhile."""
+        c = self.config
         holder = c.node_name
         if not await lease.acquire(
             self.api,
@@ -346,16 +401,20 @@ class NodeRuntime:
             poll=c.lease_poll,
             stop=stop,
         ):
-            return BLOCKED, "operator stopping"
+            return waiting
         self._holding_rollout = True
         note: str | None = None
         try:
             desired = self.plan()
+
+            def report(outcome: str, message: str) -> NodeReport:
+                return NodeReport(desired.config_hash, desired.problems, outcome, message)
+
             failed = await asyncio.to_thread(
                 lease.annotation, self.api, c.namespace, ROLLOUT_LEASE, lease.FAILED_ANNOTATION
             )
             if failed and failed == desired.config_hash:
-                return BLOCKED, "rollout stopped: this configuration failed on another node"
+                return report(BLOCKED, "rollout stopped: this configuration failed on another node")
             try:
                 result = await asyncio.to_thread(
                     apply_node, layout, desired, self._health(layout), retry_failed=False
@@ -365,15 +424,15 @@ class NodeRuntime:
                 self.metrics.restarts.inc(2)
                 note = error.failed_hash
                 log.error("rolled back on %s: %s", holder, error)
-                return ROLLED_BACK, str(error)
+                return report(ROLLED_BACK, str(error))
             self.applies.append(result)
             if result.outcome == "skipped-failed":
-                return ROLLED_BACK, result.message
+                return report(ROLLED_BACK, result.message)
             self.metrics.applies.inc()
             if result.restarted:
                 self.metrics.restarts.inc()
             log.info("%s: %s", holder, result.message)
-            return APPLIED, result.message
+            return report(APPLIED, result.message)
         finally:
             await self._release_rollout({lease.FAILED_ANNOTATION: note} if note else {})
 
@@ -385,10 +444,11 @@ class NodeRuntime:
         )
         self._holding_rollout = False
 
-    async def _write_node_status(self, desired: DesiredState, outcome: str, message: str) -> None:
+    async def _write_node_status(self, report: NodeReport) -> None:
         """This node's entry on every object whose entry changed, with an Event for each."""
+        outcome, message = report.outcome, report.message
         problems: dict[str, list[str]] = {}
-        for problem in desired.problems:
+        for problem in report.problems:
             problems.setdefault(problem.obj, []).append(
                 f"{problem.field}: {problem.message}" if problem.field else problem.message
             )
@@ -403,7 +463,7 @@ class NodeRuntime:
                     if f"{kind}/{name}" in problems:
                         entry_outcome, text = INVALID, "; ".join(problems[f"{kind}/{name}"])
                     elif outcome == APPLIED:
-                        entry_outcome, text = APPLIED, f"live (config {desired.config_hash[:16]})"
+                        entry_outcome, text = APPLIED, f"live (config {report.config_hash[:16]})"
                     elif (
                         old
                         and old.get("outcome") == APPLIED
@@ -414,7 +474,7 @@ class NodeRuntime:
                         entry_outcome, text = outcome, message
                     entry = node_entry(
                         generation=generation,
-                        config_hash=desired.config_hash,
+                        config_hash=report.config_hash,
                         outcome=entry_outcome,
                         message=text,
                         time=now,

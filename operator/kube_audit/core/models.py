@@ -140,7 +140,7 @@ class AuditPolicySpec(_Spec):
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Meta:
     """The parts of metadata the core needs."""
 
@@ -151,7 +151,7 @@ class Meta:
     annotations: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuditUser:
     meta: Meta
     spec: AuditUserSpec
@@ -169,7 +169,7 @@ class AuditUser:
         return self.spec.uid if self.spec.uid is not None else self.username
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuditPolicy:
     meta: Meta
     spec: AuditPolicySpec
@@ -179,7 +179,7 @@ class AuditPolicy:
         return f"{AUDIT_POLICY}/{self.meta.name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SecretData:
     """A Secret's decoded data: key -> bytes."""
 
