@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 from typing import Any
 
@@ -13,6 +14,7 @@ import kopf
 from kube_audit.controller.handlers import build_registry
 from kube_audit.controller.metrics import Metrics
 from kube_audit.controller.runtime import NodeRuntime, OperatorConfig
+from kube_audit.controller.store import compact
 from kube_audit.kube import KubeApi
 
 log = logging.getLogger("kube_audit.operator")
@@ -43,34 +45,45 @@ async def run_operator(
     ready: threading.Event | None = None,
     liveness_endpoint: str | None = None,
 ) -> None:
-    """Run until ``stop`` is set (or forever): kopf standalone, cluster-wide, plus the loop."""
+    """Run until ``stop`` is set or SIGTERM/SIGINT comes: kopf standalone, cluster-wide, plus
+    the reconciler, which stops first so that no new API write starts after the signal."""
     registry = build_registry(runtime, lambda: connection_info(runtime.api))
+    loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    kopf_stop: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    secrets_stop = threading.Event()
+    kopf_stop: asyncio.Future[Any] = loop.create_future()
+
+    def begin_stop(reason: str) -> None:
+        if stopping.is_set():
+            return
+        log.info("%s: stopping", reason)
+        stopping.set()
+        secrets_stop.set()
+        runtime.api.stop_watches()
+        if not kopf_stop.done():
+            kopf_stop.set_result(None)
 
     async def watch_stop() -> None:
         while stop is not None and not stop.is_set():
             await asyncio.sleep(0.05)
         if stop is not None:
-            stopping.set()
-            if not kopf_stop.done():
-                kopf_stop.set_result(None)
-
-    watcher = asyncio.create_task(watch_stop())
-    loop_task = asyncio.create_task(runtime.run(stopping))
-    secrets_stop = threading.Event()
-    loop = asyncio.get_running_loop()
+            begin_stop("stop requested")
 
     def on_secret(kind: str, obj: dict[str, Any]) -> None:
+        """Compacted here, on the watch thread: a first list of 10,000 Secrets would otherwise
+        wait in the loop's queue with all their managedFields."""
         meta = obj.get("metadata") or {}
-        loop.call_soon_threadsafe(runtime.observe_secret, kind, meta.get("namespace"), obj)
+        loop.call_soon_threadsafe(runtime.observe_secret, kind, meta.get("namespace"), compact(obj))
 
+    existing = asyncio.all_tasks()
+    watcher = asyncio.create_task(watch_stop())
+    loop_task = asyncio.create_task(runtime.run(stopping))
     secrets_thread = threading.Thread(
         target=runtime.api.watch_secrets, args=(on_secret, secrets_stop), daemon=True
     )
     secrets_thread.start()
     try:
-        await kopf.operator(
+        kopf_tasks = await kopf.spawn_tasks(
             registry=registry,
             standalone=True,
             clusterwide=True,
@@ -79,10 +92,12 @@ async def run_operator(
             liveness_endpoint=liveness_endpoint,
             memo=kopf.Memo(),
         )
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, begin_stop, signal.Signals(signum).name)
+        await kopf.run_tasks(kopf_tasks, ignored={*existing, watcher, loop_task})
     finally:
-        stopping.set()
-        secrets_stop.set()
-        runtime.api.stop_watches()
+        begin_stop("operator exiting")
         watcher.cancel()
         done, _ = await asyncio.wait([loop_task], timeout=10)
         if not done:

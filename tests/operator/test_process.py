@@ -1,0 +1,71 @@
+"""The real ``kube-audit operator`` process: it serves, and it stops cleanly on SIGTERM.
+
+The DaemonSet's pods get SIGTERM on every rollout and node drain; the operator must stop its
+own writes first, then kopf, and exit 0 well inside the pod's grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.operator.conftest import Harness, eventually
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_sigterm_stops_the_operator_process(harness: Harness, tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    shutil.copytree(REPO / "examples/demo/host", host)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: t\n"
+        f"clusters: [{{name: t, cluster: {{server: '{harness.cluster.url}'}}}}]\n"
+        "users: [{name: t, user: {token: t}}]\n"
+        "contexts: [{name: t, context: {cluster: t, user: t}}]\n"
+    )
+    harness.add_control_plane("cp-1")
+    for i in range(200):
+        harness.apply_user(f"user-{i:03d}", groups=["developer"])
+    log = tmp_path / "operator.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from kube_audit.cli import main; sys.exit(main(sys.argv[1:]))",
+                "operator",
+                "--host-root",
+                str(host),
+                "--node-name",
+                "cp-1",
+                "--no-wait",
+                "--debounce",
+                "0.5",
+                "--metrics-port",
+                "0",
+                "--liveness",
+                "",
+            ],
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            manifest = host / "etc/kubernetes/manifests/kube-apiserver.yaml"
+            eventually(lambda: "token-auth-file" in manifest.read_text(), 60, "an apply")
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=45)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    text = log.read_text()
+    assert code == 0, text
+    assert "SIGTERM: stopping" in text
+    assert "did not stop" not in text
+    assert "Traceback" not in text
