@@ -41,13 +41,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     host = tmp / "host"
     shutil.copytree(REPO / "examples/demo/host", host)
-    kubeconfig = tmp / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: bench\n"
-        f"clusters: [{{name: bench, cluster: {{server: '{cluster.url}'}}}}]\n"
-        "users: [{name: bench, user: {token: bench}}]\n"
-        "contexts: [{name: bench, context: {cluster: bench, user: bench}}]\n"
-    )
+    kubeconfig = cluster.write_kubeconfig(tmp / "kubeconfig")
     client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=cluster.url))
     core = kubernetes.client.CoreV1Api(client)
     custom = kubernetes.client.CustomObjectsApi(client)

@@ -20,6 +20,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -366,6 +367,16 @@ class ClusterThread:
     def set_down(self, down: bool) -> None:
         assert self.cluster is not None
         self.call(self.cluster.set_down(down))
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig whose current context is this API server, for a separate process."""
+        path.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: mock\n"
+            f"clusters: [{{name: mock, cluster: {{server: '{self.url}'}}}}]\n"
+            "users: [{name: mock, user: {token: mock}}]\n"
+            "contexts: [{name: mock, context: {cluster: mock, user: mock}}]\n"
+        )
+        return path
 
     def delay_lists(self, plural: str, seconds: float) -> None:
         assert self.cluster is not None

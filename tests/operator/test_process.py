@@ -21,13 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_sigterm_stops_the_operator_process(harness: Harness, tmp_path: Path) -> None:
     host = tmp_path / "host"
     shutil.copytree(REPO / "examples/demo/host", host)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: t\n"
-        f"clusters: [{{name: t, cluster: {{server: '{harness.cluster.url}'}}}}]\n"
-        "users: [{name: t, user: {token: t}}]\n"
-        "contexts: [{name: t, context: {cluster: t, user: t}}]\n"
-    )
+    kubeconfig = harness.cluster.write_kubeconfig(tmp_path / "kubeconfig")
     harness.add_control_plane("cp-1")
     for i in range(200):
         harness.apply_user(f"user-{i:03d}", groups=["developer"])
