@@ -381,15 +381,14 @@ class NodeRuntime:
                 ROLLED_BACK,
                 "this configuration failed on this node and was rolled back",
             )
-        waiting = NodeReport(desired.config_hash, desired.problems, BLOCKED, "operator stopping")
+        stopped = NodeReport(desired.config_hash, desired.problems, BLOCKED, "operator stopping")
         del desired
-        return await self._rollout(layout, waiting, stop)
+        return await self._rollout(layout, stop) or stopped
 
-    async def _rollout(
-        self, layout: HostLayout, waiting: NodeReport, stop: asyncio.Event
-    ) -> NodeReport:
+    async def _rollout(self, layout: HostLayout, stop: asyncio.Event) -> NodeReport | None:
         """Apply under the rollout lease, planning again once it is held: waiting for the
-        other nodes can take minutes, and the objects may have changed meanwhile."""
+        other nodes can take minutes, and the objects may have changed meanwhile. None if the
+        operator stopped before the lease was free."""
         c = self.config
         holder = c.node_name
         if not await lease.acquire(
@@ -401,7 +400,7 @@ class NodeRuntime:
             poll=c.lease_poll,
             stop=stop,
         ):
-            return waiting
+            return None
         self._holding_rollout = True
         note: str | None = None
         try:
