@@ -1,0 +1,414 @@
+"""A real control plane on this machine: kubeadm's own manifests run by the kubelet stand-in.
+
+Everything runs in a private network namespace that the test process enters for the tier:
+kubeadm refuses a loopback advertise address (it treats one as "find a global address on lo"),
+so each node gets an address from the benchmarking range 198.18.0.0/15 on that namespace's own
+``lo``. Nothing listens outside it and nothing is reachable from it, so every port is free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = Path(__file__).resolve().parent
+BIN = ROOT / "build" / "controlplane" / "bin"
+PROGRAMS = ("kube-apiserver", "etcd", "kubeadm", "kube-controller-manager", "kubelet-standin")
+CLONE_NEWNET = 0x40000000
+TOKEN_NAMESPACE = "kube-audit"
+
+
+def kubernetes_version() -> str:
+    """The k8s.io/kubernetes version go.mod builds: the one kubeadm is told to deploy."""
+    match = re.search(r"^\s*k8s\.io/kubernetes (v[0-9.]+)$", (SOURCE / "go.mod").read_text(), re.M)
+    assert match, "tests/controlplane/go.mod requires no k8s.io/kubernetes version"
+    return match.group(1)
+
+
+def why_unavailable() -> tuple[str, bool] | None:
+    """(reason, is_a_failure) when the tier cannot run; None when it can.
+
+    Missing Go is a skip; Go present but the programs not built is a failure (``make test``
+    builds them first), so a broken build never passes as a skip.
+    """
+    if sys.platform != "linux":
+        return "the control-plane tier needs Linux (mount and network namespaces)", False
+    if os.geteuid() != 0:
+        return "the control-plane tier needs root (mount and network namespaces)", False
+    missing = [p for p in PROGRAMS if not (BIN / p).is_file()]
+    if missing:
+        if shutil.which("go") is None:
+            return (
+                "needs Go 1.24+ on PATH to build kube-apiserver, etcd, kubeadm, "
+                "kube-controller-manager and the kubelet stand-in (`make controlplane`)",
+                False,
+            )
+        return f"{', '.join(missing)} not built in {BIN}: run `make controlplane`", True
+    for tool, package in (("ip", "iproute2"), ("kubectl", "kubectl")):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}` on PATH ({package})", False
+    return None
+
+
+class NetworkNamespace:
+    """Moves the calling thread, and every process it starts, into a new network namespace."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._home = -1
+
+    def __enter__(self) -> NetworkNamespace:
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        if self._libc.unshare(CLONE_NEWNET) != 0:
+            os.close(self._home)
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        return self
+
+    def add_address(self, address: str) -> None:
+        subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._libc.setns(self._home, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back to the original network namespace")
+        os.close(self._home)
+
+
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (OSError, subprocess.CalledProcessError, ValueError) as error:
+            last = error
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float) -> int:
+    """SIGTERM the process group, SIGKILL it after ``grace`` seconds."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+@dataclass
+class Node:
+    """One control-plane node: a host tree made by real kubeadm, run by the kubelet stand-in."""
+
+    name: str
+    address: str
+    tree: Path
+    work: Path
+    port: int = 6443
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.address}:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.tree / "etc/kubernetes/pki/ca.crt"
+
+    @property
+    def admin_kubeconfig(self) -> Path:
+        return self.tree / "etc/kubernetes/admin.conf"
+
+    @property
+    def super_admin_kubeconfig(self) -> Path:
+        return self.tree / "etc/kubernetes/super-admin.conf"
+
+    @property
+    def manifest(self) -> Path:
+        return self.tree / "etc/kubernetes/manifests/kube-apiserver.yaml"
+
+    @property
+    def audit_log_dir(self) -> Path:
+        return self.tree / "var/log/kubernetes/audit"
+
+    @property
+    def kubeadm_config(self) -> Path:
+        return self.work / "kubeadm.yaml"
+
+    def kubeadm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Real kubeadm with /etc/kubernetes and /var/lib/kubelet being this node's tree."""
+        binds = []
+        for path in ("etc/kubernetes", "var/lib/kubelet"):
+            (self.tree / path).mkdir(parents=True, exist_ok=True)
+            binds += ["--bind", f"{self.tree / path}:/{path}"]
+        result = subprocess.run(
+            [str(BIN / "kubelet-standin"), "exec", *binds, "--", str(BIN / "kubeadm"), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"kubeadm {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
+            )
+        return result
+
+    def write_kubeadm_config(self, cluster: dict[str, Any]) -> None:
+        init = {
+            "apiVersion": "kubeadm.k8s.io/v1beta4",
+            "kind": "InitConfiguration",
+            "localAPIEndpoint": {"advertiseAddress": self.address, "bindPort": self.port},
+            "nodeRegistration": {
+                "name": self.name,
+                "criSocket": "unix:///run/containerd/containerd.sock",
+            },
+        }
+        self.kubeadm_config.write_text(yaml.safe_dump_all([init, cluster], sort_keys=False))
+
+    def init_phases(self, phases: Sequence[str]) -> None:
+        for phase in phases:
+            self.kubeadm("init", "phase", *phase.split(), "--config", str(self.kubeadm_config))
+
+    def start(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        log = (self.work / "kubelet.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "kubelet-standin"),
+                "run",
+                "--host-root",
+                str(self.tree),
+                "--node-name",
+                self.name,
+                "--node-ip",
+                self.address,
+                "--kubeconfig",
+                str(self.super_admin_kubeconfig),
+                "--path",
+                str(BIN),
+                "--record",
+                str(self.work / "record.jsonl"),
+                "--log-dir",
+                str(self.work / "logs"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, grace=90)
+            self.process = None
+
+    def records(self) -> list[dict[str, Any]]:
+        path = self.work / "record.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def apiserver_events(self, event: str, since: int = 0) -> list[dict[str, Any]]:
+        """The stand-in's record of kube-apiserver ``event``s (start, stop, exit, ready) after
+        record line ``since``."""
+        return [
+            r
+            for r in self.records()[since:]
+            if r["event"] == event and r.get("pod", "").startswith("kube-apiserver-")
+        ]
+
+    def readyz(self, token: str | None = None) -> int:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        request = urllib.request.Request(f"{self.url}/readyz")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=3, context=context) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        wait_for(f"{self.name}'s kube-apiserver /readyz", lambda: self.readyz() == 200, timeout)
+
+    def apiserver_log(self) -> str:
+        path = self.work / "logs" / f"kube-apiserver-{self.name}_kube-apiserver.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@dataclass
+class ControlPlane:
+    """Nodes in one private network namespace, kubectl against them, and their processes."""
+
+    base: Path
+    netns: NetworkNamespace
+    nodes: list[Node] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def first(self) -> Node:
+        return self.nodes[0]
+
+    def add_node(self, index: int) -> Node:
+        address = f"198.18.0.{index}"
+        self.netns.add_address(address)
+        node = Node(
+            name=f"node-{index}",
+            address=address,
+            tree=self.base / f"node-{index}" / "host",
+            work=self.base / f"node-{index}" / "work",
+        )
+        node.work.mkdir(parents=True, exist_ok=True)
+        self.nodes.append(node)
+        return node
+
+    def kubectl(
+        self,
+        *args: str,
+        kubeconfig: Path | None = None,
+        stdin: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        config = kubeconfig or self.first.admin_kubeconfig
+        result = subprocess.run(
+            ["kubectl", "--kubeconfig", str(config), *args],
+            input=stdin,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def kubectl_json(self, *args: str, **kw: Any) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json", **kw).stdout)
+
+    def apply(self, docs: Sequence[dict[str, Any]] | str, **kw: Any) -> None:
+        text = docs if isinstance(docs, str) else yaml.safe_dump_all(docs, sort_keys=False)
+        self.kubectl("apply", "-f", "-", stdin=text, **kw)
+
+    def token_kubeconfig(self, path: Path, token: str, node: Node | None = None) -> Path:
+        node = node or self.first
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "c",
+                    "cluster": {"server": node.url, "certificate-authority": str(node.ca)},
+                }
+            ],
+            "users": [{"name": "u", "user": {"token": token}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "c",
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
+    def stop(self) -> None:
+        for process in self.processes:
+            stop_process(process, grace=30)
+        for node in self.nodes:
+            node.stop()
+
+
+def cluster_configuration(name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """kubeadm's ClusterConfiguration for the tier: only the GC and namespace controllers."""
+    config: dict[str, Any] = {
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "ClusterConfiguration",
+        "kubernetesVersion": kubernetes_version(),
+        "clusterName": name,
+        "controllerManager": {
+            "extraArgs": [
+                {
+                    "name": "controllers",
+                    "value": "garbage-collector-controller,namespace-controller",
+                },
+            ]
+        },
+    }
+    config.update(extra or {})
+    return config
+
+
+SINGLE_NODE_PHASES = (
+    "certs all",
+    "kubeconfig admin",
+    "kubeconfig super-admin",
+    "kubeconfig controller-manager",
+    "etcd local",
+    "control-plane apiserver",
+    "control-plane controller-manager",
+    "kubelet-start",
+)
+
+
+def boot_single_node(cp: ControlPlane) -> Node:
+    """``kubeadm init``'s phases for one node, then the stand-in, then what init does last:
+    the binding that gives admin.conf's group cluster-admin."""
+    node = cp.add_node(1)
+    node.write_kubeadm_config(cluster_configuration("kube-audit-test"))
+    node.init_phases(SINGLE_NODE_PHASES)
+    node.start()
+    node.wait_ready()
+    wait_for(
+        "the kubeadm:cluster-admins binding",
+        lambda: (
+            cp.kubectl(
+                "create",
+                "clusterrolebinding",
+                "kubeadm:cluster-admins",
+                "--clusterrole=cluster-admin",
+                "--group=kubeadm:cluster-admins",
+                kubeconfig=node.super_admin_kubeconfig,
+                check=False,
+            ).returncode
+            == 0
+        ),
+        timeout=60,
+    )
+    return node
+
+
+@contextlib.contextmanager
+def control_plane(base: Path) -> Iterator[ControlPlane]:
+    with NetworkNamespace() as netns:
+        cp = ControlPlane(base=base, netns=netns)
+        try:
+            yield cp
+        finally:
+            cp.stop()

@@ -1,0 +1,27 @@
+"""The control-plane tier: one real node shared by the package's tests (booting one takes ~10 s)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.controlplane.cluster import (
+    ControlPlane,
+    boot_single_node,
+    control_plane,
+    why_unavailable,
+)
+
+
+@pytest.fixture(scope="package")
+def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    problem = why_unavailable()
+    if problem is not None:
+        reason, is_failure = problem
+        if is_failure:
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    with control_plane(tmp_path_factory.mktemp("controlplane")) as plane:
+        boot_single_node(plane)
+        yield plane

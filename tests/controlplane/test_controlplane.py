@@ -1,0 +1,64 @@
+"""The real programs run as a kubeadm node would: versions, static pods, mirror pods, GC."""
+
+from __future__ import annotations
+
+from tests.controlplane.cluster import ControlPlane, kubernetes_version, wait_for
+
+
+def test_apiserver_reports_the_built_version(cp: ControlPlane) -> None:
+    version = cp.kubectl_json("version")["serverVersion"]
+    assert version["gitVersion"] == kubernetes_version()
+
+
+def test_static_pods_of_kubeadm_run_with_mirror_pods(cp: ControlPlane) -> None:
+    node = cp.first
+
+    def mirrors() -> dict[str, dict[str, object]]:
+        pods = cp.kubectl_json("get", "pods", "-n", "kube-system")["items"]
+        return {p["metadata"]["name"]: p for p in pods}
+
+    names = {f"{c}-{node.name}" for c in ("etcd", "kube-apiserver", "kube-controller-manager")}
+    found = wait_for("three ready mirror pods", lambda: names <= set(mirrors()) and mirrors())
+    apiserver = found[f"kube-apiserver-{node.name}"]
+    annotations = apiserver["metadata"]["annotations"]
+    assert annotations["kubernetes.io/config.mirror"] == annotations["kubernetes.io/config.hash"]
+    assert annotations["kubernetes.io/config.source"] == "file"
+    assert apiserver["metadata"]["ownerReferences"][0]["kind"] == "Node"
+    wait_for(
+        "kube-apiserver's readiness probe to pass",
+        lambda: mirrors()[f"kube-apiserver-{node.name}"]["status"]["containerStatuses"][0]["ready"],
+    )
+    starts = node.apiserver_events("start")
+    assert len(starts) == 1, starts
+
+
+def test_garbage_collector_deletes_dependents(cp: ControlPlane) -> None:
+    owner = cp.kubectl_json("create", "configmap", "gc-owner", "-n", "default")
+    cp.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": "gc-dependent",
+                    "namespace": "default",
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "v1",
+                            "kind": "ConfigMap",
+                            "name": "gc-owner",
+                            "uid": owner["metadata"]["uid"],
+                        }
+                    ],
+                },
+            }
+        ]
+    )
+    cp.kubectl("delete", "configmap", "gc-owner", "-n", "default")
+    wait_for(
+        "the garbage collector to delete the dependent",
+        lambda: (
+            cp.kubectl("get", "configmap", "gc-dependent", "-n", "default", check=False).returncode
+            != 0
+        ),
+    )
