@@ -111,6 +111,7 @@ CASES = [
     ("AuditUser", audit_user("ok", groups=["developer"], uid="a@b"), False),
     ("AuditUser", audit_user("ok"), False),
     ("AuditUser", audit_user("x", groups=["system:masters"]), True),
+    ("AuditUser", audit_user("x", groups=["kubeadm:cluster-admins"]), True),
     ("AuditUser", audit_user("x", username="system:admin"), True),
     ("AuditUser", audit_user("x", groups=["a,b"]), True),
     ("AuditUser", audit_user("x", groups="developer"), True),

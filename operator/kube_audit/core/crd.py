@@ -37,9 +37,9 @@ CEL: dict[tuple[type[BaseModel], str | None], list[dict[str, str]]] = {
     ],
     (AuditUserSpec, "groups"): [
         {
-            "rule": "self.all(g, !g.startsWith('system:'))",
-            "message": "'system:' groups (above all system:masters) are refused; see the "
-            "allowedSystemGroups setting",
+            "rule": "self.all(g, !g.startsWith('system:') && g != 'kubeadm:cluster-admins')",
+            "message": "'system:' groups (above all system:masters) and kubeadm:cluster-admins "
+            "are refused; see the allowedSystemGroups setting",
         },
         {"rule": "self.all(g, !g.contains(','))", "message": "a group must not contain ','"},
     ],

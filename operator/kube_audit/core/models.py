@@ -21,7 +21,8 @@ AUDIT_USER = "AuditUser"
 AUDIT_POLICY = "AuditPolicy"
 
 Name = Annotated[str, Field(min_length=1, max_length=253)]
-Url = Annotated[str, Field(min_length=1, max_length=1024)]
+Url = Annotated[str, Field(min_length=1, max_length=512)]
+Namespace = Annotated[str, Field(max_length=63)]
 MAX_ITEMS = 256
 Level = Literal["None", "Metadata", "Request", "RequestResponse"]
 Stage = Literal["RequestReceived", "ResponseStarted", "ResponseComplete", "Panic"]
@@ -104,14 +105,16 @@ class PolicyRule(_Spec):
         default_factory=list, max_length=MAX_ITEMS, description="Verbs; empty: all."
     )
     resources: list[GroupResources] = Field(
-        default_factory=list, max_length=64, description="Resources; empty: all."
+        default_factory=list, max_length=16, description="Resources; empty: all."
     )
-    namespaces: list[Name] = Field(
-        default_factory=list, max_length=MAX_ITEMS, description="Namespaces; empty: all."
+    namespaces: list[Namespace] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS,
+        description='Namespaces; empty: all; "" matches cluster-scoped resources.',
     )
     non_resource_urls: list[Url] = Field(
         default_factory=list,
-        max_length=MAX_ITEMS,
+        max_length=32,
         alias="nonResourceURLs",
         description="Non-resource URL paths such as /healthz; '*' only as the last character.",
     )
@@ -136,7 +139,7 @@ class AuditPolicySpec(_Spec):
         default=None, description="Default omitManagedFields for every rule of this object."
     )
     rules: list[PolicyRule] = Field(
-        min_length=1, max_length=512, description="Rules; the first matching rule wins."
+        min_length=1, max_length=256, description="Rules; the first matching rule wins."
     )
 
 

@@ -24,6 +24,19 @@ class UserResolution:
     problems: tuple[Problem, ...] = field(default=())
 
 
+# Groups outside 'system:' that make their members cluster-admin on every kubeadm cluster.
+PRIVILEGED_GROUPS = frozenset({"kubeadm:cluster-admins"})
+PRIVILEGED_WHY = {
+    "system:masters": " (full cluster-admin, bypassing RBAC)",
+    "kubeadm:cluster-admins": " (bound to cluster-admin by kubeadm 1.29+)",
+}
+
+
+def is_privileged_group(group: str) -> bool:
+    """'system:' groups and the groups kubeadm binds to cluster-admin."""
+    return group.startswith("system:") or group in PRIVILEGED_GROUPS
+
+
 def secret_location(user: AuditUser, settings: Settings) -> tuple[str, str, str]:
     """(namespace, name, key) of the Secret holding this user's token."""
     ref = user.spec.token_secret_ref
@@ -70,8 +83,8 @@ def _group_problems(
             problems.append((path, why))
         elif group in seen:
             problems.append((path, f"duplicate group {group!r}"))
-        elif group.startswith("system:") and group not in allowed:
-            extra = " (full cluster-admin, bypassing RBAC)" if group == "system:masters" else ""
+        elif is_privileged_group(group) and group not in allowed:
+            extra = PRIVILEGED_WHY.get(group, "")
             problems.append(
                 (
                     path,
