@@ -29,6 +29,11 @@ def audit_policy(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
+def long_token(token: str) -> str:
+    """A short, readable test token padded to the 32 characters tokens need."""
+    return token.ljust(32, "0")
+
+
 def token_secret(
     name: str, token: str, namespace: str = "kube-audit", key: str = "token"
 ) -> dict[str, Any]:

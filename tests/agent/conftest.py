@@ -23,7 +23,7 @@ from kube_audit.agent.layout import HostLayout
 from kube_audit.core.manifest import parse_manifest
 from kube_audit.core.plan import DesiredState, collect_inputs, plan_desired
 from kube_audit.core.settings import Settings
-from tests.conftest import FIXTURES, audit_policy, audit_user, token_secret
+from tests.conftest import FIXTURES, audit_policy, audit_user, long_token, token_secret
 
 REPO = Path(__file__).resolve().parents[2]
 OTHER_PODS = ("etcd.yaml", "kube-controller-manager.yaml", "kube-scheduler.yaml")
@@ -53,7 +53,7 @@ def desired(*names: str, policy: bool = True, marker: str = "") -> DesiredState:
     for name in names:
         objs += [
             audit_user(name, groups=["developer"]),
-            token_secret(f"audituser-{name}", f"tok-{name}{marker}"),
+            token_secret(f"audituser-{name}", long_token(f"tok-{name}{marker}")),
         ]
     if policy:
         objs.append(audit_policy("dev", rules=[{"level": "Metadata", "userGroups": ["developer"]}]))

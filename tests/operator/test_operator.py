@@ -259,17 +259,21 @@ def test_rotation_and_external_secret_changes_propagate(harness: Harness) -> Non
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": "ci"},
-            "stringData": {"pw": "first-token"},
+            "stringData": {"pw": "first-token-0123456789abcdef0123456789"},
         },
     )
     harness.apply_user("ci", tokenSecretRef={"namespace": "vault", "name": "ci", "key": "pw"})
     harness.apply_user("alice")
     eventually(
-        lambda: _records(node).get("ci", ("",))[0] == "first-token", what="external token live"
+        lambda: _records(node).get("ci", ("",))[0] == "first-token-0123456789abcdef0123456789",
+        what="external token live",
     )
-    harness.core.patch_namespaced_secret("ci", "vault", {"stringData": {"pw": "second-token"}})
+    harness.core.patch_namespaced_secret(
+        "ci", "vault", {"stringData": {"pw": "second-token-0123456789abcdef0123456789"}}
+    )
     eventually(
-        lambda: _records(node)["ci"][0] == "second-token", what="external rotation propagated"
+        lambda: _records(node)["ci"][0] == "second-token-0123456789abcdef0123456789",
+        what="external rotation propagated",
     )
     old = eventually(lambda: _records(node).get("alice"), what="alice live")[0]
     harness.annotate("auditusers", "alice", {"kube-audit.io/rotate-token": "2026-11-27"})

@@ -12,7 +12,7 @@ from kube_audit.core.plan import (
     plan_manifest,
 )
 from kube_audit.core.settings import Settings
-from tests.conftest import audit_policy, audit_user, kubeadm_manifest_text, token_secret
+from tests.conftest import audit_policy, audit_user, kubeadm_manifest_text, long_token, token_secret
 
 RULES = [{"level": "Metadata", "userGroups": ["developer"]}]
 
@@ -26,12 +26,12 @@ def test_full_plan() -> None:
         _docs(
             audit_user("alice", groups=["developer"]),
             audit_policy("dev", rules=RULES),
-            token_secret("audituser-alice", "tok-a"),
+            token_secret("audituser-alice", long_token("tok-a")),
         )
     )
     desired = plan_desired(inputs, Settings())
     assert desired.problems == ()
-    assert desired.files[TOKEN_FILE] == b"tok-a,alice,alice,developer\n"
+    assert desired.files[TOKEN_FILE] == long_token("tok-a").encode() + b",alice,alice,developer\n"
     assert yaml.safe_load(desired.files[POLICY_FILE])["rules"] == RULES
     assert len(desired.config_hash) == 64
     manifest = plan_manifest(parse_manifest(kubeadm_manifest_text("v1.31")), desired)
@@ -44,8 +44,8 @@ def test_same_input_same_bytes_and_hash() -> None:
     objs = [
         audit_user("b"),
         audit_user("a"),
-        token_secret("audituser-a", "ta"),
-        token_secret("audituser-b", "tb"),
+        token_secret("audituser-a", long_token("ta")),
+        token_secret("audituser-b", long_token("tb")),
         audit_policy("p", rules=RULES),
     ]
     one = plan_desired(collect_inputs(_docs(*objs)), Settings())
@@ -54,10 +54,11 @@ def test_same_input_same_bytes_and_hash() -> None:
 
 
 def test_hash_changes_with_content_and_rotation_settings() -> None:
-    objs = _docs(audit_user("a"), token_secret("audituser-a", "ta"))
+    objs = _docs(audit_user("a"), token_secret("audituser-a", long_token("ta")))
     base = plan_desired(collect_inputs(objs), Settings())
     rotated = plan_desired(
-        collect_inputs(_docs(audit_user("a"), token_secret("audituser-a", "tb"))), Settings()
+        collect_inputs(_docs(audit_user("a"), token_secret("audituser-a", long_token("tb")))),
+        Settings(),
     )
     longer = plan_desired(collect_inputs(objs), Settings(log_maxage=60))
     assert len({base.config_hash, rotated.config_hash, longer.config_hash}) == 3
@@ -74,7 +75,7 @@ def test_invalid_objects_are_reported_and_left_out() -> None:
     inputs = collect_inputs(
         _docs(
             audit_user("alice"),
-            token_secret("audituser-alice", "t"),
+            token_secret("audituser-alice", long_token("t")),
             audit_user("mallory", groups=["system:masters"]),
             audit_policy("broken", rules=[{"level": "Loud"}]),
             audit_policy("good", rules=RULES),

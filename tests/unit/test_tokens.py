@@ -89,8 +89,9 @@ def test_parse_reports_line_of_error() -> None:
 @pytest.mark.parametrize(
     ("token", "ok"),
     [
-        ("abc-DEF_123", True),
+        ("abc-DEF_123-" * 3, True),
         ("", False),
+        ("abc-DEF_123", False),
         ("has space", False),
         ("trailing\n", False),
         ("a,b", False),
@@ -116,8 +117,8 @@ def test_fingerprint_is_short_and_hides_token() -> None:
 
 _token = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cc", "Cf", "Cs", "Zl", "Zp", "Zs")),
-    min_size=1,
-    max_size=20,
+    min_size=32,
+    max_size=40,
 ).filter(lambda t: token_problem(t) is None)
 _name = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cc", "Cf", "Cs", "Zl", "Zp")),

@@ -7,7 +7,7 @@ from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import TokenRecord
 from kube_audit.core.users import resolve_users, secret_location
 from kube_audit.errors import InvalidInput
-from tests.conftest import audit_user, token_secret
+from tests.conftest import audit_user, long_token, token_secret
 
 SETTINGS = Settings()
 
@@ -71,9 +71,9 @@ def test_records_for_enabled_users_only() -> None:
             audit_user("alice", uid="a@x", groups=["dev"]),
             audit_user("dave", disabled=True),
         ],
-        [token_secret("audituser-alice", "tok-a")],
+        [token_secret("audituser-alice", long_token("tok-a"))],
     )
-    assert result.records == (TokenRecord("alice", "a@x", ("dev",), "tok-a"),)
+    assert result.records == (TokenRecord("alice", "a@x", ("dev",), long_token("tok-a")),)
     assert result.accepted == ("alice", "dave")
     assert result.problems == ()
 
@@ -88,7 +88,7 @@ def test_missing_secret_names_user_and_secret() -> None:
 def test_missing_key_names_key() -> None:
     result = _resolve(
         [audit_user("bob", tokenSecretRef={"namespace": "vault", "name": "bob", "key": "pw"})],
-        [token_secret("bob", "t", namespace="vault")],
+        [token_secret("bob", long_token("t"), namespace="vault")],
     )
     (problem,) = result.problems
     assert (problem.field, problem.message) == (
@@ -97,7 +97,10 @@ def test_missing_key_names_key() -> None:
     )
 
 
-@pytest.mark.parametrize("token", ["", "tok\n", "a b", "a,b", 'a"b'])
+@pytest.mark.parametrize(
+    "token",
+    ["", "short", long_token("tok\n"), long_token("a b"), long_token("a,b"), long_token('a"b')],
+)
 def test_bad_tokens_are_refused_and_never_printed(token: str) -> None:
     result = _resolve([audit_user("bob")], [token_secret("audituser-bob", token)])
     (problem,) = result.problems
@@ -114,7 +117,10 @@ def test_shared_token_refuses_the_newer_user() -> None:
     bob["metadata"]["creationTimestamp"] = "2026-02-01T00:00:00Z"
     result = _resolve(
         [bob, alice],
-        [token_secret("audituser-alice", "same"), token_secret("audituser-bob", "same")],
+        [
+            token_secret("audituser-alice", long_token("same")),
+            token_secret("audituser-bob", long_token("same")),
+        ],
     )
     assert [r.username for r in result.records] == ["alice"]
     (problem,) = result.problems
@@ -124,13 +130,16 @@ def test_shared_token_refuses_the_newer_user() -> None:
 def test_username_conflict_names_both_objects() -> None:
     result = _resolve(
         [audit_user("alice"), audit_user("alice2", username="alice")],
-        [token_secret("audituser-alice", "t1"), token_secret("audituser-alice2", "t2")],
+        [
+            token_secret("audituser-alice", long_token("t1")),
+            token_secret("audituser-alice2", long_token("t2")),
+        ],
     )
     (problem,) = result.problems
     assert problem.obj == "AuditUser/alice2"
     assert problem.field == "spec.username"
     assert "already claimed by AuditUser/alice" in problem.message
-    assert [r.token for r in result.records] == ["t1"]
+    assert [r.token for r in result.records] == [long_token("t1")]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +154,7 @@ def test_username_conflict_names_both_objects() -> None:
     ],
 )
 def test_identity_guard(spec: dict, field: str) -> None:  # type: ignore[type-arg]
-    result = _resolve([audit_user("eve", **spec)], [token_secret("audituser-eve", "t")])
+    result = _resolve([audit_user("eve", **spec)], [token_secret("audituser-eve", long_token("t"))])
     (problem,) = result.problems
     assert (problem.obj, problem.field) == ("AuditUser/eve", field)
     assert result.records == ()
@@ -153,7 +162,8 @@ def test_identity_guard(spec: dict, field: str) -> None:  # type: ignore[type-ar
 
 def test_system_masters_message_says_why() -> None:
     result = _resolve(
-        [audit_user("eve", groups=["system:masters"])], [token_secret("audituser-eve", "t")]
+        [audit_user("eve", groups=["system:masters"])],
+        [token_secret("audituser-eve", long_token("t"))],
     )
     assert "cluster-admin" in result.problems[0].message
 
@@ -162,13 +172,13 @@ def test_allow_list_lets_exact_group_through() -> None:
     settings = Settings(allowed_system_groups=frozenset({"system:monitoring"}))
     result = _resolve(
         [audit_user("mon", groups=["system:monitoring"])],
-        [token_secret("audituser-mon", "t")],
+        [token_secret("audituser-mon", long_token("t"))],
         settings,
     )
     assert result.problems == ()
     blocked = _resolve(
         [audit_user("mon", groups=["system:masters"])],
-        [token_secret("audituser-mon", "t")],
+        [token_secret("audituser-mon", long_token("t"))],
         settings,
     )
     assert blocked.problems
@@ -177,7 +187,10 @@ def test_allow_list_lets_exact_group_through() -> None:
 def test_invalid_user_does_not_block_valid_ones() -> None:
     result = _resolve(
         [audit_user("good"), audit_user("bad", groups=["system:masters"])],
-        [token_secret("audituser-good", "g"), token_secret("audituser-bad", "b")],
+        [
+            token_secret("audituser-good", long_token("g")),
+            token_secret("audituser-bad", long_token("b")),
+        ],
     )
     assert [r.username for r in result.records] == ["good"]
     assert [p.obj for p in result.problems] == ["AuditUser/bad"]

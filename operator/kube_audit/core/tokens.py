@@ -35,6 +35,7 @@ class TokenFileError(KubeAuditError):
     """The token file cannot be parsed the way kube-apiserver would parse it."""
 
 
+MIN_TOKEN_LENGTH = 32
 _TOKEN_FORBIDDEN = re.compile(r'[\s,"]')
 _NEEDS_QUOTES = re.compile(r'[,"\r\n]')
 
@@ -46,9 +47,15 @@ def _has_control(value: str) -> bool:
 
 
 def token_problem(token: str) -> str | None:
-    """Why a token cannot be used, or None. Tokens travel in HTTP headers and as one CSV field."""
+    """Why a token cannot be used, or None. Tokens travel in HTTP headers and as one CSV field;
+    a short one is a password anyone who can reach the apiserver may guess."""
     if not token:
         return "must not be empty"
+    if len(token) < MIN_TOKEN_LENGTH:
+        return (
+            f"is {len(token)} characters long; at least {MIN_TOKEN_LENGTH} are needed (the "
+            "operator generates 43), e.g. `openssl rand -base64 33`"
+        )
     if token.isprintable() and not _TOKEN_FORBIDDEN.search(token):
         return None
     if any(ch.isspace() for ch in token):
