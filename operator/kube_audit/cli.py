@@ -83,6 +83,17 @@ def read_inputs(paths: Sequence[str]) -> Inputs:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    problems = [
+        Problem(
+            "settings",
+            f"--audit-log-{name} (KUBE_AUDIT_LOG_{name.upper()})",
+            f"{value} is negative; kube-apiserver refuses to start with a negative value",
+        )
+        for name in ("maxage", "maxbackup", "maxsize")
+        if (value := getattr(args, f"audit_log_{name}", 0)) < 0
+    ]
+    if problems:
+        raise InvalidInput(problems)
     return Settings(
         allowed_system_groups=frozenset(getattr(args, "allow_system_group", None) or ()),
         allowed_system_users=frozenset(getattr(args, "allow_system_user", None) or ()),
@@ -93,7 +104,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _valid_desired(args: argparse.Namespace, settings: Settings) -> DesiredState:
-    desired = plan_desired(read_inputs(args.file), settings)
+    """The desired state of ``-f`` inputs; refused when any object is invalid, or when there is
+    nothing to manage at all (an empty or wrong folder would otherwise remove every token and
+    the audit flags: the deliberate case is ``node uninstall``)."""
+    inputs = read_inputs(args.file)
+    if not inputs.users and not inputs.policies and not inputs.problems:
+        where = ", ".join(args.file)
+        raise InvalidInput(
+            [
+                Problem(
+                    where,
+                    "-f",
+                    "holds no AuditUser or AuditPolicy; applying nothing would remove every token "
+                    "and the audit flags. To remove kube-audit from a node on purpose, run "
+                    "`kube-audit node uninstall`",
+                )
+            ]
+        )
+    desired = plan_desired(inputs, settings)
     if desired.problems:
         raise InvalidInput(desired.problems)
     return desired
@@ -113,8 +141,9 @@ def _report(result: NodeResult) -> int:
 
 
 def cmd_node_plan(args: argparse.Namespace) -> int:
+    desired = _valid_desired(args, settings_from_args(args))
     layout = _layout(args)
-    diff = plan_node(layout, _valid_desired(args, layout.settings))
+    diff = plan_node(layout, desired)
     print(diff if diff else "no changes: the node already runs this configuration", end="")
     if diff:
         print(f"(static pod folder: {layout.static_pod_dir})")
@@ -124,14 +153,16 @@ def cmd_node_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_node_apply(args: argparse.Namespace) -> int:
+    desired = _valid_desired(args, settings_from_args(args))
     layout = _layout(args)
-    desired = _valid_desired(args, layout.settings)
     return _report(apply_node(layout, desired, _health(args, layout), retry_failed=True))
 
 
 def cmd_node_rollback(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    return _report(rollback_node(layout, _health(args, layout)))
+    return _report(
+        rollback_node(layout, _health(args, layout), allow_image_change=args.allow_image_change)
+    )
 
 
 def cmd_node_uninstall(args: argparse.Namespace) -> int:
@@ -140,9 +171,7 @@ def cmd_node_uninstall(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    desired = plan_desired(read_inputs(args.file), settings_from_args(args))
-    if desired.problems:
-        raise InvalidInput(desired.problems)
+    desired = _valid_desired(args, settings_from_args(args))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InvalidInput([Problem(str(out), "--out", "exists and is not a folder")])
@@ -437,7 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
             True,
             True,
         ),
-        ("rollback", cmd_node_rollback, "restore the previous good state", False, True),
+        (
+            "rollback",
+            cmd_node_rollback,
+            "go back to the last good state before the running one",
+            False,
+            True,
+        ),
         (
             "uninstall",
             cmd_node_uninstall,
@@ -490,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "--no-wait",
                 action="store_true",
                 help="do not wait for the new apiserver to become ready",
+            )
+        if name == "rollback":
+            cmd.add_argument(
+                "--allow-image-change",
+                action="store_true",
+                help="allow restoring a backup whose kube-apiserver image differs from the "
+                "running one (taken before a kubeadm upgrade: it would change the version)",
             )
         cmd.set_defaults(func=func)
     _add_operator_parser(sub)

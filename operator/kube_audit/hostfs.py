@@ -7,6 +7,7 @@ folder; a failed write removes its temporary file before the error leaves this m
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import gzip
@@ -46,6 +47,15 @@ def read_optional(path: Path) -> bytes | None:
         return None
     except OSError as error:
         raise HostError(f"cannot read {path}: {_describe(error)}") from None
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size): changes whenever the file is rewritten or replaced."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -103,8 +113,22 @@ def remove_stale_temporaries(folder: Path) -> None:
                     entry.unlink()
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE): replacing a folder that a running
+    manifest names must never leave a moment without it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
+        code = ctypes.get_errno()
+        raise OSError(code, f"renameat2(RENAME_EXCHANGE): {os.strerror(code)}")
+
+
 def write_folder_atomic(path: Path, files: dict[str, bytes], mode: int = 0o600) -> None:
-    """Create folder ``path`` holding exactly ``files``, all at once (built aside, then renamed)."""
+    """Make folder ``path`` hold exactly ``files``, all at once: built aside, then renamed into
+    place or, when ``path`` exists (a repair), swapped with it in one step."""
     tmp = path.with_name(f".{path.name}{_TMP_MARK}-{os.getpid()}")
     try:
         if tmp.exists():
@@ -114,9 +138,12 @@ def write_folder_atomic(path: Path, files: dict[str, bytes], mode: int = 0o600) 
             write_atomic(tmp / name, data, mode, sync_dir=False)
         _fsync_dir(tmp)
         if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
+            _exchange(tmp, path)
+            _fsync_dir(path.parent)
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
     except OSError as error:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
@@ -125,6 +152,22 @@ def write_folder_atomic(path: Path, files: dict[str, bytes], mode: int = 0o600) 
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
         raise
+
+
+def give_to(paths: list[Path], owner: tuple[int, int]) -> None:
+    """chown each path (a folder: with its files) to (uid, gid), for a non-root apiserver."""
+    uid, gid = owner
+    try:
+        for path in paths:
+            if not path.exists():
+                continue
+            os.chown(path, uid, gid)
+            if path.is_dir():
+                for entry in path.iterdir():
+                    if entry.is_file():
+                        os.chown(entry, uid, gid)
+    except OSError as error:
+        raise HostError(f"cannot give {path} to uid {uid}: {_describe(error)}") from None
 
 
 def read_folder(path: Path) -> dict[str, bytes] | None:

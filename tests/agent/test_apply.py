@@ -10,7 +10,7 @@ import pytest
 
 from kube_audit.agent.layout import HostLayout
 from kube_audit.agent.node import apply_node, plan_node, read_state, rollback_node, uninstall_node
-from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
+from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest, render_manifest
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import parse_token_file
 from kube_audit.errors import HostError, ManifestError
@@ -74,12 +74,15 @@ def test_changed_token_switches_content_folder_and_collects_old_ones(layout: Hos
     assert kept <= backups | {subdir}, "only folders a manifest or backup refers to remain"
 
 
-def test_backups_keep_the_last_ten(layout: HostLayout) -> None:
+def test_backups_keep_the_last_ten_and_the_original(layout: HostLayout) -> None:
+    original = layout.manifest.read_bytes()
     for i in range(14):
         apply_node(layout, desired("alice", marker=f"-{i}"), None)
     names = sorted(p.name for p in layout.backups.iterdir())
-    assert len(names) == 10
-    assert names[-1].startswith("000014-")
+    assert len(names) == 11
+    assert names[0] == "000001-unpatched", "the manifest before kube-audit is never pruned"
+    assert (layout.backups / names[0] / "kube-apiserver.yaml").read_bytes() == original
+    assert names[1].startswith("000005-") and names[-1].startswith("000014-")
 
 
 def test_drift_is_repaired(layout: HostLayout) -> None:
@@ -180,7 +183,7 @@ def test_rollback_and_uninstall(layout: HostLayout) -> None:
 
 
 def test_rollback_without_backup(layout: HostLayout) -> None:
-    with pytest.raises(HostError, match="no backup"):
+    with pytest.raises(HostError, match="no earlier good backup"):
         rollback_node(layout, None)
 
 
@@ -188,3 +191,18 @@ def test_state_file_is_json(layout: HostLayout) -> None:
     apply_node(layout, desired("alice"), None, now=lambda: "2026-01-01T00:00:00Z")
     state = json.loads(layout.state_file.read_text())
     assert state["lastApplied"] == "2026-01-01T00:00:00Z" and state["pending"] is None
+
+
+def test_a_rootless_apiserver_can_read_its_files(layout: HostLayout) -> None:
+    """kubeadm's RootlessControlPlane runs kube-apiserver as a non-root user: the token file,
+    the policy and the log folder are given to that user, or it cannot start."""
+    manifest = parse_manifest(layout.manifest.read_text())
+    manifest["spec"]["securityContext"].update(runAsUser=2000, runAsGroup=2001)
+    layout.manifest.write_text(render_manifest(manifest))
+    want = desired("alice")
+    apply_node(layout, want, None)
+    path = flag_value(parse_manifest(layout.manifest.read_text()), "--token-auth-file")
+    assert path is not None
+    for owned in (layout.host(path), layout.host(path).parent, layout.config_dir, layout.log_dir):
+        info = owned.stat()
+        assert (info.st_uid, info.st_gid) == (2000, 2001), owned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -194,3 +195,27 @@ def test_unwritable_manifest_folder(
         apply_node(layout, desired("alice"), None)
     assert layout.manifest.read_text() == before
     _no_litter(layout)
+
+
+def test_repairing_a_content_folder_never_leaves_the_token_file_missing(
+    layout: HostLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The running manifest names the folder: a repair swaps the folder in one step, so a kill
+    at any point leaves the old or the new file there, never none."""
+    want = desired("alice")
+    apply_node(layout, want, None)
+    path = flag_value(parse_manifest(layout.manifest.read_text()), "--token-auth-file")
+    assert path is not None
+    token_file = layout.host(path)
+    token_file.write_bytes(b"damaged")
+    with kill_at(monkeypatch, None) as calls:
+        assert apply_node(layout, want, None).outcome == "applied"
+    assert len(calls) > 3
+    for step in range(len(calls)):
+        token_file.write_bytes(b"damaged")
+        with kill_at(monkeypatch, step), contextlib.suppress(Killed):
+            apply_node(layout, want, None)  # later runs skip the backup: fewer steps
+        assert token_file.read_bytes() in (b"damaged", want.files["tokens.csv"])
+        assert apply_node(layout, want, None).outcome in ("applied", "unchanged")
+        assert token_file.read_bytes() == want.files["tokens.csv"]
+        assert not [p for p in layout.root.rglob(".*kube-audit-tmp*")], "temporaries cleaned"

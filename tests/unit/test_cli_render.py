@@ -10,7 +10,7 @@ import yaml
 
 from kube_audit.cli import main
 from kube_audit.core.tokens import parse_token_file
-from tests.conftest import audit_policy, audit_user, token_secret
+from tests.conftest import audit_policy, audit_user, long_token, token_secret
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_invalid_input_lists_every_error_and_writes_nothing(
         audit_user("bob", groups=["system:masters"]),
         audit_user("carol"),
         audit_policy("p", rules=[{"level": "Metadata", "nonResourceURLs": ["healthz"]}]),
-        token_secret("audituser-bob", "secret-bob-token"),
+        token_secret("audituser-bob", long_token("secret-bob-token")),
     )
     out = tmp_path / "out"
     code = main(["render", "-f", str(src), "--out", str(out)])
@@ -89,9 +89,11 @@ def test_bad_yaml_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_without_policy_writes_only_tokens(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src = _write(tmp_path / "in.yaml", audit_user("a"), token_secret("audituser-a", "t"))
+    src = _write(
+        tmp_path / "in.yaml", audit_user("a"), token_secret("audituser-a", long_token("t"))
+    )
     assert main(["render", "-f", str(src), "--out", str(tmp_path / "o")]) == 0
-    assert (tmp_path / "o/tokens.csv").read_bytes() == b"t,a,a\n"
+    assert (tmp_path / "o/tokens.csv").read_bytes() == long_token("t").encode() + b",a,a\n"
     assert not (tmp_path / "o/audit-policy.yaml").exists()
     assert "0 rules would stop" in capsys.readouterr().out
 
@@ -100,7 +102,7 @@ def test_allow_system_group_flag(tmp_path: Path) -> None:
     src = _write(
         tmp_path / "in.yaml",
         audit_user("m", groups=["system:monitoring"]),
-        token_secret("audituser-m", "t"),
+        token_secret("audituser-m", long_token("t")),
     )
     assert main(["render", "-f", str(src), "--out", str(tmp_path / "o")]) == 1
     assert (
@@ -117,3 +119,45 @@ def test_allow_system_group_flag(tmp_path: Path) -> None:
         )
         == 0
     )
+
+
+def test_negative_rotation_setting_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kube-apiserver refuses to start with a negative --audit-log-maxage: never write one."""
+    host = tmp_path / "host"
+    code = main(
+        [
+            "node",
+            "plan",
+            "--host-root",
+            str(host),
+            "-f",
+            str(REPO / "examples"),
+            "--audit-log-maxage",
+            "-1",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--audit-log-maxage (KUBE_AUDIT_LOG_MAXAGE): -1 is negative" in err
+    assert not host.exists()
+
+
+@pytest.mark.parametrize("command", ["render", "node-apply"])
+def test_input_with_nothing_to_manage_is_refused(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty folder, or one with only Secrets, must not wipe every token from the node."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write(folder / "secrets.yaml", token_secret("audituser-a", long_token("t")))
+    host = tmp_path / "host"
+    if command == "render":
+        argv = ["render", "-f", str(folder), "--out", str(tmp_path / "o")]
+    else:
+        argv = ["node", "apply", "--no-wait", "--host-root", str(host), "-f", str(folder)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "holds no AuditUser or AuditPolicy" in err and "node uninstall" in err
+    assert not (tmp_path / "o").exists() and not host.exists()

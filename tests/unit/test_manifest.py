@@ -182,3 +182,33 @@ def test_args_only_container_gets_flags_in_args() -> None:
         == f"--token-auth-file={TOKENS_ONLY.token_file}"
     )
     assert unpatch_manifest(patched) == pod
+
+
+@pytest.mark.parametrize(
+    "twice",
+    [
+        ["--audit-log-format=legacy", "--audit-log-format=json"],
+        ["--audit-log-maxage=7", "--audit-log-maxage=8"],
+    ],
+)
+def test_refuses_a_managed_flag_given_twice(twice: list[str]) -> None:
+    """pflag keeps the last value: replacing only the first would leave the other in force."""
+    original = parse_manifest(kubeadm_manifest_text("v1.31"))
+    apiserver_container(original)["command"] += twice
+    with pytest.raises(ManifestError, match="2 times"):
+        patch_manifest(original, FULL)
+
+
+def test_refuses_to_switch_on_a_foreign_webhook_backend() -> None:
+    original = parse_manifest(kubeadm_manifest_text("v1.31"))
+    apiserver_container(original)["command"].append("--audit-webhook-config-file=/etc/wh.yaml")
+    with pytest.raises(ManifestError, match="audit backend kube-audit does not own"):
+        patch_manifest(original, FULL)
+    assert patch_manifest(original, ManifestConfig(**{**FULL.__dict__, "policy_file": None}))
+
+
+def test_document_separators_are_accepted_and_extra_documents_refused() -> None:
+    text = kubeadm_manifest_text("v1.31")
+    assert parse_manifest("---\n" + text + "---\n") == parse_manifest(text)
+    with pytest.raises(ManifestError, match="2 YAML documents"):
+        parse_manifest(text + "---\nkind: ConfigMap\n")

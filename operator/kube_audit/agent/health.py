@@ -1,25 +1,71 @@
-"""Waiting for the *new* kube-apiserver: seen gone, then ready several times in a row.
+"""Waiting for the *new* kube-apiserver, and proving that the one answering is the new one.
 
-With hostNetwork the old and the new instance cannot both listen on the port, so an instance
-that answers after the endpoint was seen down is the new one. A success before that is the old
-instance still answering and does not count.
+Two signals. The probe: ``/readyz`` seen unreachable (kubelet stopped the old instance; with
+hostNetwork the old and the new cannot both listen on the port), then ready several times in a
+row. A failed or slow answer is not a restart: the old instance can answer 500 or time out.
+And the proof, where the API can tell: the mirror pod kubelet keeps for the static pod carries
+the config hash of the manifest we wrote and a container that started after we wrote it and is
+ready. Without the API (no credentials, no mirror pod) the probe alone decides, and the outcome
+says so.
 """
 
 from __future__ import annotations
 
+import http.client
 import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+from kube_audit.core.manifest import HASH_ANNOTATION
+from kube_audit.errors import KubeAuditError
 
 
 @dataclass(frozen=True)
 class HealthOutcome:
     ready: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the new instance must prove: our manifest's config hash, started after ``since``."""
+
+    config_hash: str
+    since: float
+
+
+# (True, how) proven; (False, why not yet); (None, why the API cannot tell: no mirror pod, no
+# permission). A transient API error is raised as a KubeAuditError and tried again.
+InstanceCheck = Callable[[Expectation], tuple[bool | None, str]]
+
+
+def mirror_pod_verdict(pod: Mapping[str, Any] | None, want: Expectation) -> tuple[bool | None, str]:
+    """Judge kubelet's mirror pod of kube-apiserver against what we wrote (pure)."""
+    if pod is None:
+        return None, "no mirror pod of kube-apiserver in kube-system"
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    running_hash = annotations.get(HASH_ANNOTATION) or ""
+    if running_hash != want.config_hash:
+        return False, f"mirror pod runs config {running_hash[:16] or '(none)'}"
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for status in statuses:
+        started = ((status.get("state") or {}).get("running") or {}).get("startedAt")
+        if not started:
+            return False, "the new container is not running yet"
+        started_at = datetime.fromisoformat(str(started).replace("Z", "+00:00")).timestamp()
+        if started_at < int(want.since) - 1:
+            return False, "the container running started before the manifest was written"
+        if not status.get("ready"):
+            return False, "the new container is not ready yet"
+    if not statuses:
+        return False, "the mirror pod shows no container yet"
+    return True, f"mirror pod shows config {want.config_hash[:16]} started after the change"
 
 
 @dataclass
@@ -32,6 +78,7 @@ class HealthCheck:
     probe_timeout: float = 5.0
     clock: Callable[[], float] = field(default=time.monotonic)
     sleep: Callable[[float], None] = field(default=time.sleep)
+    instance: InstanceCheck | None = None
 
     def _context(self) -> ssl.SSLContext | None:
         if not self.url.startswith("https:"):
@@ -43,34 +90,45 @@ class HealthCheck:
             context = ssl.create_default_context()
         return context
 
-    def probe(self) -> tuple[bool, str]:
-        """One GET; (True, '') on HTTP 200, else (False, what went wrong)."""
+    def probe(self) -> tuple[bool, str, bool]:
+        """One GET: (HTTP 200?, what went wrong, was the port closed or the connection cut?)."""
         try:
             with urllib.request.urlopen(
                 self.url, timeout=self.probe_timeout, context=self._context()
             ) as response:
                 status = response.status
         except urllib.error.HTTPError as error:
-            return False, f"HTTP {error.code} from {self.url}"
-        except (urllib.error.URLError, OSError) as error:
+            return False, f"HTTP {error.code} from {self.url}", False
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
-            return False, f"{self.url} unreachable: {reason}"
-        return (status == 200), ("" if status == 200 else f"HTTP {status} from {self.url}")
+            gone = isinstance(
+                reason, (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
+            )
+            return False, f"{self.url} unreachable: {reason}", gone
+        ok = status == 200
+        return ok, ("" if ok else f"HTTP {status} from {self.url}"), False
 
-    def wait_ready(self, require_restart: bool = True) -> HealthOutcome:
-        """Poll until ``successes_needed`` consecutive successes (after a restart) or timeout."""
+    def wait_ready(
+        self, require_restart: bool = True, expect: Expectation | None = None
+    ) -> HealthOutcome:
+        """Until the new instance is ready ``successes_needed`` times in a row (and, where the
+        API can tell, proven to be the one we wrote), or the timeout."""
         deadline = self.clock() + self.timeout
         restarted = not require_restart
         streak = 0
         last_error = "no answer yet"
         while True:
-            ok, why = self.probe()
+            ok, why, gone = self.probe()
+            if gone:
+                restarted = True
             if ok and restarted:
                 streak += 1
                 if streak >= self.successes_needed:
-                    return HealthOutcome(True, f"ready ({streak} consecutive successes)")
+                    proven, how = self._prove(expect)
+                    if proven is not False:
+                        return HealthOutcome(True, f"ready ({streak} in a row; {how})")
+                    last_error = how
             elif not ok:
-                restarted = True
                 streak = 0
                 last_error = why
             if self.clock() >= deadline:
@@ -85,3 +143,14 @@ class HealthCheck:
                     False, f"not ready within {self.timeout:.0f}s; last error: {last_error}"
                 )
             self.sleep(self.interval)
+
+    def _prove(self, expect: Expectation | None) -> tuple[bool | None, str]:
+        if self.instance is None or expect is None:
+            return None, "verified by /readyz only: no API access to read the mirror pod"
+        try:
+            verdict, how = self.instance(expect)
+        except KubeAuditError as error:  # the apiserver we wait for is the API: try again
+            return False, f"the mirror pod could not be read yet: {error}"
+        if verdict is None:
+            return None, f"verified by /readyz only: {how}"
+        return verdict, how

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kube_audit import hostfs
-from kube_audit.agent.health import HealthCheck
+from kube_audit.agent.health import Expectation, HealthCheck
 from kube_audit.agent.layout import MANIFEST_NAME, HostLayout
 from kube_audit.core.diff import render_plan
 from kube_audit.core.manifest import (
     Manifest,
+    apiserver_container,
+    apiserver_identity,
     config_hash_of,
     flag_value,
     parse_manifest,
@@ -118,6 +121,8 @@ def _cleanup_temporaries(layout: HostLayout) -> None:
 
 def needs_change(layout: HostLayout, desired: DesiredState) -> bool:
     """Whether ``apply_node`` would write anything; reads only (the operator's cheap check)."""
+    if read_state(layout).get("pending") is not None:
+        return True  # a wait that was never finished: verify it (or roll back) first
     current = _read_current(layout)
     new = plan_manifest(current.manifest, desired)
     subdir = _subdir_of(layout, new)
@@ -141,7 +146,8 @@ def plan_node(layout: HostLayout, desired: DesiredState) -> str:
 
 
 def _backup(layout: HostLayout, current: _Current) -> None:
-    """Keep the current manifest and files outside the static pod folder; keep the last ten."""
+    """Keep the current manifest and files outside the static pod folder: the last ten, and
+    always the oldest unpatched one (the manifest as it was before kube-audit first touched it)."""
     existing = hostfs.list_dirs(layout.backups)
     wanted = {MANIFEST_NAME: current.text.encode(), **current.files}
     if existing and hostfs.read_folder(existing[-1]) == wanted:
@@ -150,8 +156,11 @@ def _backup(layout: HostLayout, current: _Current) -> None:
     tag = (config_hash_of(current.manifest) or "unpatched")[:16]
     hostfs.ensure_dir(layout.backups)
     hostfs.write_folder_atomic(layout.backups / f"{seq:06d}-{tag}", wanted)
-    for old in hostfs.list_dirs(layout.backups)[:-KEEP_BACKUPS]:
-        hostfs.remove_tree(old)
+    backups = hostfs.list_dirs(layout.backups)
+    original = next((b for b in backups if b.name.endswith("-unpatched")), None)
+    for old in backups[:-KEEP_BACKUPS]:
+        if old != original:
+            hostfs.remove_tree(old)
 
 
 def _write_config(layout: HostLayout, subdir: str | None, files: dict[str, bytes]) -> None:
@@ -199,10 +208,12 @@ def apply_node(
     *,
     retry_failed: bool = True,
     now: Callable[[], str] = _now,
+    wall: Callable[[], float] = time.time,
 ) -> NodeResult:
     """Bring the node to ``desired``; roll back if the new apiserver never gets ready."""
     with hostfs.host_lock(layout.lock_file):
         _cleanup_temporaries(layout)
+        resumed = _resume_pending(layout, health, now=now)
         current = _read_current(layout)
         state = read_state(layout)
         new = plan_manifest(current.manifest, desired)
@@ -210,10 +221,8 @@ def apply_node(
         subdir = _subdir_of(layout, new)
         files_ok = subdir is None or hostfs.read_folder(layout.host(subdir)) == dict(desired.files)
         if new == current.manifest and files_ok:
-            if state.get("pending") == target_hash and health is not None:
-                return _finish(
-                    layout, state, target_hash=target_hash, health=health, restarted=False, now=now
-                )
+            if resumed is not None and resumed.config_hash == target_hash:
+                return resumed
             short = target_hash[:16] or "unpatched (nothing to manage)"
             return NodeResult("unchanged", target_hash, f"unchanged: the node runs config {short}")
         if not retry_failed and target_hash in state.get("failed", []):
@@ -227,16 +236,30 @@ def apply_node(
         _write_config(layout, subdir, dict(desired.files))
         if desired.files.get(POLICY_FILE) is not None:
             hostfs.ensure_dir(layout.log_dir, 0o700)
+        owner = apiserver_identity(new)
+        if owner is not None and subdir is not None:
+            hostfs.give_to([layout.config_dir, layout.host(subdir), layout.log_dir], owner)
         changed = new != current.manifest
         if not changed:
             return _finish(
                 layout, state, target_hash=target_hash, health=None, restarted=False, now=now
             )
-        state = _record(state, pending=target_hash if health is not None else None)
+        written = render_manifest(new)
+        state = _record(
+            state,
+            pending=target_hash if health is not None else None,
+            pendingSince=wall() if health is not None else None,
+        )
         _write_state(layout, state)
-        _write_manifest(layout, render_manifest(new), current.mode)
+        _write_manifest(layout, written, current.mode)
         return _finish(
-            layout, state, target_hash=target_hash, health=health, restarted=True, now=now
+            layout,
+            state,
+            target_hash=target_hash,
+            health=health,
+            restarted=True,
+            now=now,
+            written=written,
         )
 
 
@@ -248,9 +271,14 @@ def _finish(
     health: HealthCheck | None,
     restarted: bool,
     now: Callable[[], str],
+    written: str | None = None,
 ) -> NodeResult:
+    how = ""
     if health is not None:
-        outcome = health.wait_ready(require_restart=restarted)
+        since = float(state.get("pendingSince") or 0)
+        outcome = health.wait_ready(
+            require_restart=restarted, expect=Expectation(target_hash, since)
+        )
         if not outcome.ready:
             return _roll_back_failed(
                 layout,
@@ -259,20 +287,56 @@ def _finish(
                 health=health,
                 reason=outcome.reason,
                 now=now,
+                written=written,
             )
+        how = outcome.reason
     keep = {
         posixpath.basename(s) for s in [_subdir_of(layout, _read_current(layout).manifest)] if s
     }
     _collect_garbage(layout, keep)
-    _write_state(layout, _record(state, pending=None, lastGood=target_hash, lastApplied=now()))
+    _write_state(
+        layout,
+        _record(state, pending=None, pendingSince=None, lastGood=target_hash, lastApplied=now()),
+    )
     short = target_hash[:16] or "unpatched (nothing to manage)"
-    if not restarted:
+    if health is not None:
+        how = f"the new apiserver is {how}"
+    elif not restarted:
         how = "files repaired, apiserver not restarted"
-    elif health is not None:
-        how = "the new apiserver is ready"
     else:
         how = "not waiting for the apiserver (--no-wait)"
     return NodeResult("applied", target_hash, f"applied config {short}; {how}", restarted)
+
+
+def _resume_pending(
+    layout: HostLayout, health: HealthCheck | None, *, now: Callable[[], str]
+) -> NodeResult | None:
+    """Finish a wait a killed agent left behind: verify the instance, or roll back.
+
+    Every entry point calls this first, so no config is ever reported live unverified. If the
+    manifest no longer is the one we were waiting for (someone else rewrote it meanwhile), the
+    wait is moot and only the record is cleared.
+    """
+    state = read_state(layout)
+    pending = state.get("pending")
+    if pending is None or health is None:
+        return None
+    running = config_hash_of(_read_current(layout).manifest) or ""
+    if running != pending:
+        _write_state(layout, _record(state, pending=None, pendingSince=None))
+        return None
+    return _finish(layout, state, target_hash=pending, health=health, restarted=False, now=now)
+
+
+def resume_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult | None:
+    """Finish a health wait that a killed agent left (verify, or roll back); None if none."""
+    with hostfs.host_lock(layout.lock_file):
+        _cleanup_temporaries(layout)
+        return _resume_pending(layout, health, now=_now)
+
+
+def _image(manifest: Manifest) -> str:
+    return str(apiserver_container(manifest).get("image") or "?")
 
 
 def _roll_back_failed(
@@ -283,18 +347,44 @@ def _roll_back_failed(
     health: HealthCheck,
     reason: str,
     now: Callable[[], str],
+    written: str | None = None,
 ) -> NodeResult:
-    backups = hostfs.list_dirs(layout.backups)
+    """Restore the newest backup, but only over the manifest we wrote.
+
+    The failure is recorded first (with the restore as the new pending wait), so an agent
+    killed during the rollback's own wait neither re-applies the failed config nor reports the
+    restored one unverified.
+    """
     failed = [h for h in state.get("failed", []) if h != failed_hash][-KEEP_FAILED + 1 :]
-    state = _record(state, pending=None, failed=[*failed, failed_hash], lastRollback=now())
+    state = _record(state, failed=[*failed, failed_hash], lastRollback=now())
+    current = _read_current(layout)
+    ours = (
+        current.text == written
+        if written is not None
+        else (config_hash_of(current.manifest) or "") == failed_hash
+    )
+    if not ours:
+        _write_state(layout, _record(state, pending=None, pendingSince=None))
+        raise ManifestError(
+            f"new kube-apiserver for config {failed_hash[:16]} was not ready ({reason}), but "
+            f"{layout.manifest} was rewritten by someone else during the wait (a kubeadm "
+            f"upgrade?; image now {_image(current.manifest)}): not rolling back over it. The "
+            f"previous manifest stays in {layout.backups}; the next apply patches the new one"
+        )
+    backups = hostfs.list_dirs(layout.backups)
     if not backups:
-        _write_state(layout, state)
+        _write_state(layout, _record(state, pending=None, pendingSince=None))
         raise RolledBack(
             f"new kube-apiserver not ready ({reason}) and no backup to restore", failed_hash
         )
+    restored_hash = _backup_hash(backups[-1])
+    state = _record(state, pending=restored_hash, pendingSince=time.time())
+    _write_state(layout, state)
     restored = _restore(layout, backups[-1], layout.manifest.stat().st_mode & 0o777)
-    back = health.wait_ready(require_restart=True)
-    _write_state(layout, _record(state, lastGood=restored))
+    back = health.wait_ready(
+        require_restart=True, expect=Expectation(restored, float(state["pendingSince"]))
+    )
+    _write_state(layout, _record(state, pending=None, pendingSince=None, lastGood=restored))
     tail = (
         "the previous apiserver is ready again"
         if back.ready
@@ -310,43 +400,83 @@ def _roll_back_failed(
     )
 
 
-def rollback_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult:
-    """Restore the newest backup that differs from what runs now."""
+def _backup_hash(backup: Path) -> str:
+    """The config hash of a backup's manifest ("" for an unpatched one)."""
+    text = hostfs.read_bytes(backup / MANIFEST_NAME).decode()
+    return config_hash_of(parse_manifest(text, str(backup / MANIFEST_NAME))) or ""
+
+
+def rollback_node(
+    layout: HostLayout, health: HealthCheck | None, *, allow_image_change: bool = False
+) -> NodeResult:
+    """Go back to the last good state before the running one.
+
+    Not a toggle: backups of configs that failed, or that a rollback left, are passed over, so
+    a second rollback goes further back rather than returning to what the first one left. A
+    backup with another kube-apiserver image (taken before a kubeadm upgrade) is never
+    restored silently: that would downgrade the apiserver.
+    """
     with hostfs.host_lock(layout.lock_file):
         _cleanup_temporaries(layout)
+        _resume_pending(layout, health, now=_now)
         current = _read_current(layout)
+        state = read_state(layout)
+        skip = {*state.get("failed", []), *state.get("rolledBackFrom", [])}
+        running = config_hash_of(current.manifest) or ""
         wanted_now = {MANIFEST_NAME: current.text.encode(), **current.files}
         for backup in reversed(hostfs.list_dirs(layout.backups)):
-            if hostfs.read_folder(backup) != wanted_now:
-                _backup(layout, current)
-                restored = _restore(layout, backup, current.mode)
-                if health is not None:
-                    outcome = health.wait_ready(require_restart=True)
-                    if not outcome.ready:
-                        raise RolledBack(
-                            f"restored {backup.name} but kube-apiserver is not ready: "
-                            f"{outcome.reason}",
-                            restored,
-                        )
-                _write_state(layout, _record(read_state(layout), pending=None, lastGood=restored))
-                return NodeResult(
-                    "rolled-back", restored, f"rolled back: restored backup {backup.name}", True
+            files = hostfs.read_folder(backup) or {}
+            if files == wanted_now or _backup_hash(backup) in skip - {""}:
+                continue
+            if _backup_hash(backup) == running and running:
+                continue
+            text = files[MANIFEST_NAME].decode()
+            theirs = _image(parse_manifest(text, str(backup / MANIFEST_NAME)))
+            if theirs != _image(current.manifest) and not allow_image_change:
+                raise ManifestError(
+                    f"the last good backup {backup.name} runs kube-apiserver image {theirs}, "
+                    f"the node runs {_image(current.manifest)} (a kubeadm upgrade since?); "
+                    "restoring it would change the apiserver version: refusing (use "
+                    "--allow-image-change if that is really meant)"
                 )
-        raise HostError(f"no backup in {layout.backups} differs from the running manifest")
+            _backup(layout, current)
+            since = time.time()
+            rolled_from = [*state.get("rolledBackFrom", []), running][-KEEP_FAILED:]
+            restored = _backup_hash(backup)
+            state = _record(state, pending=restored, pendingSince=since, rolledBackFrom=rolled_from)
+            _write_state(layout, state)
+            _restore(layout, backup, current.mode)
+            if health is not None:
+                outcome = health.wait_ready(
+                    require_restart=True, expect=Expectation(restored, since)
+                )
+                if not outcome.ready:
+                    _write_state(layout, _record(state, pending=None, pendingSince=None))
+                    raise RolledBack(
+                        f"restored {backup.name} but kube-apiserver is not ready: {outcome.reason}",
+                        restored,
+                    )
+            _write_state(layout, _record(state, pending=None, pendingSince=None, lastGood=restored))
+            return NodeResult(
+                "rolled-back", restored, f"rolled back: restored backup {backup.name}", True
+            )
+        raise HostError(f"no earlier good backup in {layout.backups} to go back to")
 
 
 def uninstall_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult:
     """Put back the manifest as it was before kube-audit; remove our files, keep audit logs."""
     with hostfs.host_lock(layout.lock_file):
         _cleanup_temporaries(layout)
+        _resume_pending(layout, health, now=_now)
         current = _read_current(layout)
         original = unpatch_manifest(current.manifest)
         restarted = original != current.manifest
         if restarted:
             _backup(layout, current)
+            since = time.time()
             _write_manifest(layout, render_manifest(original), current.mode)
             if health is not None:
-                outcome = health.wait_ready(require_restart=True)
+                outcome = health.wait_ready(require_restart=True, expect=Expectation("", since))
                 if not outcome.ready:
                     raise RolledBack(
                         f"unpatched manifest written but kube-apiserver is not ready: "

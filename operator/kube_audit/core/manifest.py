@@ -21,6 +21,9 @@ CONFIG_VOLUME = "kube-audit-config"
 LOG_VOLUME = "kube-audit-log"
 CONTAINER = "kube-apiserver"
 PATH_FLAGS = ("--token-auth-file", "--audit-policy-file", "--audit-log-path")
+# Audit backends of someone else's: dormant without a policy file, so adding ours would switch
+# them on (the webhook would start shipping events to wherever it points).
+FOREIGN_BACKEND_FLAGS = ("--audit-webhook-config-file",)
 MANAGED_FLAGS = (
     "--token-auth-file",
     "--audit-policy-file",
@@ -65,9 +68,16 @@ class ManifestConfig:
 def parse_manifest(text: str, source: str = "kube-apiserver.yaml") -> Manifest:
     """Load a static pod manifest, refusing anything that is not a Pod with a kube-apiserver."""
     try:
-        doc = yamlio.load(text)
+        docs = [d for d in yamlio.load_all(text) if d is not None]
     except yamlio.YAMLError as error:
         raise ManifestError(f"{source}: not valid YAML: {error}") from None
+    if len(docs) > 1:
+        raise ManifestError(
+            f"{source}: holds {len(docs)} YAML documents; kubelet runs only the first and "
+            "ignores the rest, and kube-audit would drop them when it rewrites the file: "
+            "remove the others first"
+        )
+    doc = docs[0] if docs else None
     if not isinstance(doc, dict) or doc.get("kind") != "Pod":
         raise ManifestError(f"{source}: not a Pod manifest")
     apiserver_container(doc, source)
@@ -88,6 +98,18 @@ def apiserver_container(manifest: Manifest, source: str = "manifest") -> dict[st
         f"{source}: spec.containers has no container named {CONTAINER!r}; "
         "this is not a kube-apiserver static pod, refusing to change it"
     )
+
+
+def apiserver_identity(manifest: Manifest) -> tuple[int, int] | None:
+    """(uid, gid) kube-apiserver runs as when it is not root (kubeadm's RootlessControlPlane
+    sets runAsUser/runAsGroup); None for root. The container's securityContext wins."""
+    pod = (manifest.get("spec") or {}).get("securityContext") or {}
+    own = apiserver_container(manifest).get("securityContext") or {}
+    uid = own.get("runAsUser", pod.get("runAsUser"))
+    gid = own.get("runAsGroup", pod.get("runAsGroup"))
+    if not isinstance(uid, int) or uid == 0:
+        return None
+    return uid, gid if isinstance(gid, int) else uid
 
 
 def _flag_name(arg: Any) -> str:
@@ -159,6 +181,26 @@ def _remove_named(parent: dict[str, Any], key: str, names: tuple[str, ...]) -> N
 def _check_not_foreign(base: Manifest, config: ManifestConfig) -> None:
     """Refuse to take over settings someone else made: that could lock their users out."""
     container = apiserver_container(base)
+    seen: dict[str, list[str]] = {}
+    for lst in _arg_lists(container):
+        for arg in lst:
+            seen.setdefault(_flag_name(arg), []).append(str(arg))
+    for flag in MANAGED_FLAGS:
+        if len(seen.get(flag, ())) > 1:
+            given = ", ".join(repr(a) for a in seen[flag])
+            raise ManifestError(
+                f"kube-apiserver has {flag} {len(seen[flag])} times ({given}); the last one wins "
+                "there, so kube-audit will not replace one and leave another: keep one and apply "
+                "again"
+            )
+    for flag in FOREIGN_BACKEND_FLAGS:
+        if flag in seen and config.policy_file:
+            raise ManifestError(
+                f"kube-apiserver already has {seen[flag][0]!r}, an audit backend kube-audit does "
+                "not own: it is dormant without a policy file, and adding kube-audit's policy "
+                "would switch it on; remove it (or move its policy into AuditPolicy objects and "
+                "keep the webhook yourself) before installing kube-audit"
+            )
     for lst in _arg_lists(container):
         for arg in lst:
             if arg in MANAGED_FLAGS:
