@@ -68,10 +68,17 @@ class RolledBack(KubeAuditError):
 
 
 class ClusterError(KubeAuditError):
-    """The Kubernetes API answered with an error or was unreachable; retry later."""
+    """The Kubernetes API answered with an error or was unreachable; retry later.
+
+    ``status`` is the HTTP status (0: no answer): a 403 is a missing permission, not an outage.
+    """
 
     exit_code = 6
     retryable = True
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class Conflict(ClusterError):

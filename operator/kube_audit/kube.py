@@ -28,6 +28,8 @@ from kube_audit.core import yamlio
 from kube_audit.core.models import GROUP, VERSION, SecretData, parse_secret
 from kube_audit.errors import ClusterError, Conflict, InvalidInput, NotFound
 
+LISTING, LISTED = "LISTING", "LISTED"
+
 log = logging.getLogger("kube_audit.operator")
 TOKEN_LABEL = "kube-audit.io/token"
 ROTATED_FOR = "kube-audit.io/rotated-for"
@@ -146,7 +148,7 @@ class KubeApi:
         try:
             response = self.client.call_api(*request, _request_timeout=timeout).response
         except ApiException as error:
-            raise ClusterError(f"{what}: {error.reason or error}") from None
+            raise ClusterError(f"{what}: {error.reason or error}", error.status or 0) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise ClusterError(f"{what}: Kubernetes API unreachable ({error})") from None
         if 200 <= response.status <= 299:
@@ -154,10 +156,10 @@ class KubeApi:
         data = _drain(response)
         message = f"{what}: HTTP {response.status} {response.reason}{_status_message(data)}"
         if response.status == 404:
-            raise NotFound(message)
+            raise NotFound(message, 404)
         if response.status == 409:
-            raise Conflict(message)
-        raise ClusterError(message)
+            raise Conflict(message, 409)
+        raise ClusterError(message, response.status)
 
     def _json(self, what: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """A request whose answer is one JSON object."""
@@ -193,12 +195,23 @@ class KubeApi:
     def list_objects(self, plural: str) -> list[dict[str, Any]]:
         return list(self._items(f"list {plural}.{GROUP}", _custom_path(plural)))
 
-    def list_names(self, plural: str) -> set[str]:
-        """Names of every object of a kind: a sync check, no bodies kept."""
-        return {
-            str((item.get("metadata") or {}).get("name") or "")
-            for item in self._items(f"list {plural}.{GROUP}", _custom_path(plural))
-        }
+    def list_uids(self, plural: str) -> dict[str, str]:
+        """Name -> uid of every object of a kind: a sync check, no bodies kept."""
+        out = {}
+        for item in self._items(f"list {plural}.{GROUP}", _custom_path(plural)):
+            meta = item.get("metadata") or {}
+            out[str(meta.get("name") or "")] = str(meta.get("uid") or "")
+        return out
+
+    def mirror_pod(self, node: str) -> dict[str, Any] | None:
+        """kubelet's mirror pod of this node's kube-apiserver static pod, or None."""
+        name = f"kube-apiserver-{node.lower()}"
+        try:
+            return self._json(
+                f"get Pod kube-system/{name}", "GET", f"/api/v1/namespaces/kube-system/pods/{name}"
+            )
+        except NotFound:
+            return None
 
     def get_object(self, plural: str, name: str) -> dict[str, Any]:
         return self._json(f"get {plural}.{GROUP}/{name}", "GET", _custom_path(plural, name))
@@ -294,7 +307,8 @@ class KubeApi:
 
         A plain watch rather than kopf's: kopf keeps per-object state for each object it sees,
         and a cluster can hold many thousands of Secrets of which kube-audit reads a few.
-        ``on_event`` gets ("ADDED"|"MODIFIED"|"DELETED", object) and must be quick.
+        ``on_event`` gets ("ADDED"|"MODIFIED"|"DELETED", object), and LISTING / LISTED
+        around each complete list; it must be quick.
         """
         backoff = 1.0
         while not stop.is_set():
@@ -311,11 +325,18 @@ class KubeApi:
                 backoff = min(backoff * 2, 30.0)
 
     def _list_secrets(self, on_event: Callable[[str, dict[str, Any]], None]) -> str:
+        """Every Secret as ADDED, framed by LISTING and LISTED (whose ``keys`` are all the
+        (namespace, name) pairs listed): a re-list must also tell what is gone."""
         version = ""
+        keys: list[tuple[str, str]] = []
+        on_event(LISTING, {})
         for page in self._pages("list Secrets", "/api/v1/secrets"):
             for item in page.get("items") or []:
+                meta = item.get("metadata") or {}
+                keys.append((str(meta.get("namespace") or ""), str(meta.get("name") or "")))
                 on_event("ADDED", item)
             version = str((page.get("metadata") or {}).get("resourceVersion") or "")
+        on_event(LISTED, {"keys": keys})
         return version
 
     def _watch_secrets(

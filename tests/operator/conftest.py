@@ -35,7 +35,7 @@ class RecordingHealth(HealthCheck):
     seconds: float = 0.2
     ready: Callable[[], bool] = lambda: True
 
-    def wait_ready(self, require_restart: bool = True) -> HealthOutcome:
+    def wait_ready(self, require_restart: bool = True, expect: object = None) -> HealthOutcome:
         start = time.monotonic()
         time.sleep(self.seconds)
         self.journal.append((self.node, start, time.monotonic()))

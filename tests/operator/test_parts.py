@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import kopf
 
 from kube_audit.controller.handlers import to_kopf_error
 from kube_audit.controller.lease import _free_for, _parse
+from kube_audit.controller.runtime import NodeRuntime, OperatorConfig
 from kube_audit.controller.store import ObjectStore
 from kube_audit.errors import ClusterError, InvalidInput, Problem
+from tests.operator.conftest import Harness
 
 USER = {
     "apiVersion": "kube-audit.io/v1alpha1",
@@ -84,3 +87,33 @@ def test_errors_map_to_kopf() -> None:
     assert isinstance(
         to_kopf_error(InvalidInput([Problem("AuditUser/a", "spec", "bad")])), kopf.PermanentError
     )
+
+
+def test_a_relist_forgets_what_it_no_longer_shows() -> None:
+    """A watch that re-lists never reports the deletes it missed; the complete list does."""
+    store = ObjectStore()
+    bob = {**USER, "metadata": {**USER["metadata"], "name": "bob", "uid": "u2"}}
+    store.upsert("auditusers", USER)
+    store.upsert("auditusers", bob)
+    since = store.sequence
+    carol = {**USER, "metadata": {**USER["metadata"], "name": "carol", "uid": "u3"}}
+    store.upsert("auditusers", carol)  # arrived by the watch after the list began
+    assert store.forget_unlisted("auditusers", {"alice"}, since) == ["bob"]
+    assert store.has("auditusers", "alice") and store.has("auditusers", "carol")
+    assert not store.has("auditusers", "bob")
+    assert store.uid("auditusers", "alice") == "u1" and store.uid("auditusers", "bob") is None
+
+
+async def test_a_delete_the_watch_missed_is_forgotten_before_the_next_plan(
+    harness: Harness,
+) -> None:
+    """bob was deleted while the watch was down (an apiserver restart): the re-list's
+    resumed events say nothing of him. Before planning, the list does."""
+    harness.apply_user("alice")
+    alice = harness.get("auditusers", "alice")
+    runtime = NodeRuntime(OperatorConfig(node_name="cp-1"), harness.api)
+    runtime.store.upsert("auditusers", alice)
+    runtime.store.upsert("auditusers", {**alice, "metadata": {"name": "bob", "uid": "gone"}})
+    await asyncio.wait_for(runtime.wait_synced(asyncio.Event()), 10)
+    assert runtime.store.has("auditusers", "alice")
+    assert not runtime.store.has("auditusers", "bob")

@@ -48,7 +48,8 @@ def test_base_installs_what_it_should(objects: list[dict[str, Any]]) -> None:
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(
         ["Namespace", "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
-         "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Role", "RoleBinding", "DaemonSet"]
+         "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Role", "RoleBinding",
+         "Role", "RoleBinding", "DaemonSet"]
     )  # fmt: skip
     assert {o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition"} == {
         "auditusers.kube-audit.io",

@@ -15,7 +15,7 @@ from kube_audit.controller.handlers import build_registry
 from kube_audit.controller.metrics import Metrics
 from kube_audit.controller.runtime import NodeRuntime, OperatorConfig
 from kube_audit.controller.store import compact
-from kube_audit.kube import KubeApi
+from kube_audit.kube import LISTED, LISTING, KubeApi
 
 log = logging.getLogger("kube_audit.operator")
 
@@ -72,8 +72,15 @@ async def run_operator(
     def on_secret(kind: str, obj: dict[str, Any]) -> None:
         """Compacted here, on the watch thread: a first list of 10,000 Secrets would otherwise
         wait in the loop's queue with all their managedFields."""
-        meta = obj.get("metadata") or {}
-        loop.call_soon_threadsafe(runtime.observe_secret, kind, meta.get("namespace"), compact(obj))
+        if kind == LISTING:
+            loop.call_soon_threadsafe(runtime.secrets_listing)
+        elif kind == LISTED:
+            loop.call_soon_threadsafe(runtime.secrets_listed, {tuple(k) for k in obj["keys"]})
+        else:
+            meta = obj.get("metadata") or {}
+            loop.call_soon_threadsafe(
+                runtime.observe_secret, kind, meta.get("namespace"), compact(obj)
+            )
 
     existing = asyncio.all_tasks()
     watcher = asyncio.create_task(watch_stop())

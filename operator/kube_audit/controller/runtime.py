@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kube_audit.agent.health import HealthCheck
+from kube_audit import hostfs
+from kube_audit.agent.health import Expectation, HealthCheck, mirror_pod_verdict
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
 from kube_audit.agent.node import (
     NodeResult,
@@ -28,6 +29,7 @@ from kube_audit.agent.node import (
     health_check,
     needs_change,
     read_state,
+    resume_node,
 )
 from kube_audit.controller import lease
 from kube_audit.controller.aio import sleep_unless_stopped
@@ -47,7 +49,14 @@ from kube_audit.core.status import (
     node_entry,
 )
 from kube_audit.core.users import secret_location
-from kube_audit.errors import InvalidInput, KubeAuditError, Problem, RolledBack
+from kube_audit.errors import (
+    ClusterError,
+    InvalidInput,
+    KubeAuditError,
+    NotFound,
+    Problem,
+    RolledBack,
+)
 from kube_audit.kube import ROTATED_FOR, KubeApi
 
 log = logging.getLogger("kube_audit.operator")
@@ -72,6 +81,7 @@ class OperatorConfig:
     timeout: float = 180.0
     no_wait: bool = False
     lease_poll: float = 2.0
+    manifest_poll: float = 2.0
     retry_backoff: float = 5.0
     health_factory: Callable[[HostLayout], HealthCheck | None] | None = None
 
@@ -110,6 +120,8 @@ class NodeRuntime:
         self._stop = asyncio.Event()
         self._wanted_cache: tuple[int, set[tuple[str, str]]] = (-1, set())
         self._failures = 0
+        self._logged_live: str | None = None
+        self._secrets_list_started = 0
 
     # -- what handlers call ----------------------------------------------------------------
 
@@ -131,6 +143,15 @@ class NodeRuntime:
         name = (body.get("metadata") or {}).get("name")
         if self.secret_is_wanted(namespace, name):
             self.observe("secrets", event_type, body)
+
+    def secrets_listing(self) -> None:
+        """The Secret watch starts a complete list (first, or again after an error)."""
+        self._secrets_list_started = self.store.sequence
+
+    def secrets_listed(self, keys: set[tuple[str, str]]) -> None:
+        """The list is complete: Secrets it lacks were deleted while the watch was down."""
+        if self.store.forget_unlisted("secrets", keys, self._secrets_list_started):
+            self._wake_plan()
 
     def node_changed(self) -> None:
         self._status_wanted.set()
@@ -168,8 +189,46 @@ class NodeRuntime:
         """Reconcile after each quiet debounce window, and every ``resync`` seconds anyway."""
         loop = asyncio.get_running_loop()
         self._stop = stop
+        await self._resume_local()
         await self.wait_synced(stop)
         self._wake_plan()
+        watch = asyncio.create_task(self._watch_manifest(stop))
+        try:
+            await self._loop(stop, loop)
+        finally:
+            watch.cancel()
+
+    async def _resume_local(self) -> None:
+        """Before anything needs the API: a pod killed during the health wait left it open.
+        Verify that apiserver or roll it back now; on a single node with a bad config the API
+        would never come back for the usual path to do it."""
+        try:
+            layout = self._layout()
+            result = await asyncio.to_thread(resume_node, layout, self._health(layout))
+        except RolledBack as error:
+            self.metrics.rollbacks.inc()
+            log.error("%s: resumed the wait and rolled back: %s", self.config.node_name, error)
+        except KubeAuditError as error:
+            log.warning("could not resume the previous health wait: %s", error)
+        else:
+            if result is not None:
+                log.info("%s: resumed the wait: %s", self.config.node_name, result.message)
+
+    async def _watch_manifest(self, stop: asyncio.Event) -> None:
+        """Plan again when someone else rewrites the manifest (``kubeadm upgrade`` does, and
+        drops our flags): the identities come back within seconds, not at the next resync."""
+        seen: tuple[int, int, int] | None = None
+        while not stop.is_set():
+            try:
+                current = hostfs.file_signature(self._layout().manifest)
+            except KubeAuditError:
+                current = None
+            if seen is not None and current is not None and current != seen:
+                self._wake_plan()
+            seen = current if current is not None else seen
+            await sleep_unless_stopped(stop, self.config.manifest_poll)
+
+    async def _loop(self, stop: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
         while not stop.is_set():
             await self._wait(stop)
             if stop.is_set():
@@ -180,6 +239,7 @@ class NodeRuntime:
             self._status_wanted.clear()
             try:
                 if plan:
+                    await self.wait_synced(stop)
                     await self.reconcile(stop)
                 else:
                     await self.update_status()
@@ -194,27 +254,35 @@ class NodeRuntime:
                 await self._back_off(stop)
 
     async def wait_synced(self, stop: asyncio.Event) -> None:
-        """Plan nothing before the watches have delivered every AuditUser and AuditPolicy.
+        """Plan only from the cluster's current view of every AuditUser and AuditPolicy.
 
-        kopf lists each kind on its own and 10,000 users take a while: a plan made from a
-        half-loaded view would drop users from the token file and restart the apiserver twice.
-        The names are listed again now and then, so an object deleted meanwhile is not
-        waited for.
+        kopf lists each kind on its own and 10,000 users take a while; a watch can also be
+        failing for a while (a CRD whose storage is still initializing answers 429). A plan
+        made from a half-loaded view would drop users or the policy and restart the apiserver
+        twice. And a watch that re-lists (after every apiserver restart we cause) never reports
+        what was deleted meanwhile: a deleted user would keep a working token. So before every
+        plan both kinds are listed (name and uid): what the list lacks is forgotten, what the
+        store lacks (or has with another uid: deleted and made again) is waited for. The names
+        are listed again now and then, so an object deleted meanwhile is not waited for.
         """
         loop = asyncio.get_running_loop()
         while not stop.is_set():
-            missing: set[tuple[str, str]] = set()
+            missing: set[tuple[str, str, str]] = set()
             try:
                 for plural in PLURALS.values():
-                    names = await asyncio.to_thread(self.api.list_names, plural)
-                    missing.update((plural, name) for name in names)
+                    since = self.store.sequence
+                    listed = await asyncio.to_thread(self.api.list_uids, plural)
+                    gone = self.store.forget_unlisted(plural, set(listed), since)
+                    if gone:
+                        log.info("%s deleted while unwatched: %s", plural, ", ".join(gone))
+                    missing.update((plural, name, uid) for name, uid in listed.items())
             except KubeAuditError as error:
                 log.warning("cannot list the objects yet, will retry: %s", error)
                 await sleep_unless_stopped(stop, self.config.retry_backoff)
                 continue
             relist_at = loop.time() + SYNC_RELIST
             while not stop.is_set():
-                missing = {m for m in missing if not self.store.has(*m)}
+                missing = {m for m in missing if self.store.uid(m[0], m[1]) != m[2]}
                 if not missing:
                     return
                 if loop.time() >= relist_at:
@@ -264,7 +332,20 @@ class NodeRuntime:
         c = self.config
         if c.health_factory is not None:
             return c.health_factory(layout)
-        return health_check(layout, url=c.health_url, timeout=c.timeout, no_wait=c.no_wait)
+        check = health_check(layout, url=c.health_url, timeout=c.timeout, no_wait=c.no_wait)
+        if check is not None:
+            check.instance = self._prove_instance
+        return check
+
+    def _prove_instance(self, want: Expectation) -> tuple[bool | None, str]:
+        """The mirror pod's verdict; None where the API cannot tell (no pod, no permission)."""
+        try:
+            pod = self.api.mirror_pod(self.config.node_name)
+        except ClusterError as error:
+            if error.status in (401, 403):
+                return None, f"cannot read the mirror pod: {error}"
+            raise
+        return mirror_pod_verdict(pod, want)
 
     def _users(self) -> Iterator[tuple[dict[str, Any], AuditUser]]:
         """Valid users, decoded one at a time (never all 10,000 at once)."""
@@ -373,6 +454,13 @@ class NodeRuntime:
         if not await asyncio.to_thread(needs_change, layout, desired):
             if self._holding_rollout:
                 await self._release_rollout({})
+            if self._logged_live != desired.config_hash:
+                self._logged_live = desired.config_hash
+                log.info(
+                    "%s: unchanged, the node runs config %s",
+                    self.config.node_name,
+                    desired.config_hash[:16] or "(none)",
+                )
             return NodeReport(desired.config_hash, desired.problems, APPLIED, "live")
         if desired.config_hash in read_state(layout).get("failed", []):
             return NodeReport(
@@ -485,12 +573,22 @@ class NodeRuntime:
         await self._concurrently(jobs(), self._stop)
         self.metrics.invalid.set(len(problems))
 
+    async def _patch_status(self, kind: str, name: str, patch: dict[str, Any]) -> bool:
+        """Patch status; False when the object is gone (then it is forgotten: its delete may
+        never have reached our watch)."""
+        try:
+            await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
+        except NotFound:
+            if self.store.forget(PLURALS[kind], name):
+                self._wake_plan()
+            return False
+        return True
+
     async def _report(self, kind: str, name: str, uid: str, entry: dict[str, Any]) -> None:
         """Write one node entry and the Event that goes with it."""
         node = self.config.node_name
-        await asyncio.to_thread(
-            self.api.patch_status, PLURALS[kind], name, {"nodes": {node: entry}}
-        )
+        if not await self._patch_status(kind, name, {"nodes": {node: entry}}):
+            return
         self.store.merge_status(PLURALS[kind], name, {"nodes": {node: entry}})
         outcome = entry["outcome"]
         await asyncio.to_thread(
@@ -523,8 +621,8 @@ class NodeRuntime:
         await self._concurrently(jobs(), self._stop)
 
     async def _write_conditions(self, kind: str, name: str, patch: dict[str, Any]) -> None:
-        await asyncio.to_thread(self.api.patch_status, PLURALS[kind], name, patch)
-        self.store.merge_status(PLURALS[kind], name, patch)
+        if await self._patch_status(kind, name, patch):
+            self.store.merge_status(PLURALS[kind], name, patch)
 
 
 def release_memory() -> None:

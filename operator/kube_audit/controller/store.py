@@ -69,12 +69,16 @@ class ObjectStore:
 
     _data: dict[str, dict[Any, str]] = field(default_factory=lambda: {k: {} for k in KINDS})
     _marks: dict[str, dict[Any, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    _seen: dict[str, dict[Any, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
     user_version: int = 0
+    sequence: int = 0
 
     def upsert(self, kind: str, body: Mapping[str, Any]) -> bool:
         key = key_of(kind, body)
         mark = hash(_relevant(kind, body))
         changed = self._marks[kind].get(key) != mark
+        self.sequence += 1
+        self._seen[kind][key] = self.sequence
         self._marks[kind][key] = mark
         self._data[kind][key] = _encode(compact(body))
         if changed and kind == "auditusers":
@@ -82,12 +86,35 @@ class ObjectStore:
         return changed
 
     def remove(self, kind: str, body: Mapping[str, Any]) -> bool:
-        key = key_of(kind, body)
+        return self.forget(kind, key_of(kind, body))
+
+    def forget(self, kind: str, key: Any) -> bool:
         self._marks[kind].pop(key, None)
+        self._seen[kind].pop(key, None)
         removed = self._data[kind].pop(key, None) is not None
         if removed and kind == "auditusers":
             self.user_version += 1
         return removed
+
+    def forget_unlisted(self, kind: str, listed: set[Any], since: int) -> list[Any]:
+        """Drop what a complete list no longer shows: the deletes a watch never reported (a
+        re-list after an error or 410 Gone says nothing of what vanished meanwhile).
+
+        ``since`` is ``sequence`` when the list started: an object first seen after that came
+        from the watch and may be newer than the list, so it stays.
+        """
+        gone = [
+            key
+            for key, seen in list(self._seen[kind].items())
+            if key not in listed and seen <= since
+        ]
+        for key in gone:
+            self.forget(kind, key)
+        return gone
+
+    def uid(self, kind: str, key: Any) -> str | None:
+        body = self.get(kind, key)
+        return None if body is None else (body.get("metadata") or {}).get("uid")
 
     def has(self, kind: str, key: Any) -> bool:
         return key in self._data[kind]
