@@ -92,6 +92,10 @@ class NetworkNamespace:
         os.close(self._home)
 
 
+class KubectlError(AssertionError):
+    """kubectl failed; ``wait_for`` retries it (the apiserver may be restarting)."""
+
+
 def wait_for(
     what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5
 ) -> Any:
@@ -101,7 +105,7 @@ def wait_for(
     while time.monotonic() < deadline:
         try:
             last = check()
-        except (OSError, subprocess.CalledProcessError, ValueError) as error:
+        except (OSError, subprocess.CalledProcessError, ValueError, KubectlError) as error:
             last = error
         else:
             if last:
@@ -309,7 +313,7 @@ class ControlPlane:
             timeout=timeout,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+            raise KubectlError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result
 
     def kubectl_json(self, *args: str, **kw: Any) -> Any:
@@ -346,7 +350,8 @@ class ControlPlane:
 
 
 def cluster_configuration(name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """kubeadm's ClusterConfiguration for the tier: only the GC and namespace controllers."""
+    """kubeadm's ClusterConfiguration for the tier. Of the controllers, only those the tests
+    rely on: ownerReference cascade, namespace deletion, and the aggregated edit/view roles."""
     config: dict[str, Any] = {
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "ClusterConfiguration",
@@ -356,7 +361,8 @@ def cluster_configuration(name: str, extra: dict[str, Any] | None = None) -> dic
             "extraArgs": [
                 {
                     "name": "controllers",
-                    "value": "garbage-collector-controller,namespace-controller",
+                    "value": "garbage-collector-controller,namespace-controller,"
+                    "clusterrole-aggregation-controller",
                 },
             ]
         },
@@ -412,3 +418,76 @@ def control_plane(base: Path) -> Iterator[ControlPlane]:
             yield cp
         finally:
             cp.stop()
+
+
+def daemonset_env() -> dict[str, str]:
+    """The operator container's literal env in deploy/daemonset.yaml: the flags pods run with."""
+    docs = yaml.safe_load((ROOT / "deploy/daemonset.yaml").read_text())
+    container = docs["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: str(e["value"]) for e in container["env"] if "value" in e}
+
+
+@dataclass
+class OperatorProcess:
+    """``kube-audit operator`` as its own process with the DaemonSet's settings for one node."""
+
+    cp: ControlPlane
+    node: Node
+    kubeconfig: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.node.work / "operator.log"
+
+    def start(self) -> None:
+        index = self.cp.nodes.index(self.node)
+        env = {
+            **os.environ,
+            **daemonset_env(),
+            "NODE_NAME": self.node.name,
+            "POD_NAMESPACE": TOKEN_NAMESPACE,
+            "KUBE_AUDIT_HOST_ROOT": str(self.node.tree),
+            "KUBE_AUDIT_LIVENESS": f"http://{self.node.address}:10281/healthz",
+            "KUBE_AUDIT_METRICS_PORT": str(10282 + index),
+            "KUBECONFIG": str(self.kubeconfig),
+            **self.env,
+        }
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "kube-audit"), "operator"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.cp.processes.append(self.process)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        code = stop_process(self.process, grace=90)
+        self.cp.processes.remove(self.process)
+        self.process = None
+        return code
+
+
+def install_operator(cp: ControlPlane) -> Path:
+    """``kubectl apply -k deploy/`` as README says, then a kubeconfig of the operator's
+    ServiceAccount (what the pod would mount), so RBAC is the one deploy/ grants."""
+    cp.kubectl("apply", "-k", str(ROOT / "deploy"))
+    cp.kubectl(
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd/auditusers.kube-audit.io",
+        "crd/auditpolicies.kube-audit.io",
+    )
+    wait_for(
+        "the new resources' storage to serve lists",
+        lambda: cp.kubectl("get", "auditusers,auditpolicies", check=False).returncode == 0,
+    )
+    token = cp.kubectl(
+        "create", "token", "kube-audit", "-n", TOKEN_NAMESPACE, "--duration=8h"
+    ).stdout.strip()
+    return cp.token_kubeconfig(cp.base / "operator.kubeconfig", token)
