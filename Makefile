@@ -14,10 +14,10 @@ CP_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
 	-X k8s.io/component-base/version.gitTreeState=clean
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test unit lint bench demo e2e crds clean controlplane
+.PHONY: help setup test unit lint bench demo e2e crds clean controlplane haproxy
 
 help: ## list the targets
-	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is needed; set PYTHON=python3.11")'
@@ -28,9 +28,14 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install the project with its test extras
 
 test: setup lint ## lint, build the real control plane where Go is, run every test (kind ones skip without Docker)
-	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory controlplane; \
+	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory controlplane haproxy; \
 	 else echo "make test: no Go on PATH: the control-plane tests (tests/controlplane) will skip"; fi
 	$(BIN)/python -m pytest
+
+haproxy: ## install HAProxy (Debian package) for the three-node tests, if missing and root
+	@command -v haproxy >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } \
+	  || echo "make: HAProxy could not be installed: the three-node tests will skip"
 
 controlplane: ## build kube-apiserver, etcd, kubeadm, kube-controller-manager, kubelet-standin (Go 1.24+)
 	@$(GO) version | grep -Eq 'go1\.(2[4-9]|[3-9][0-9])' || { echo "controlplane: Go 1.24+ is needed, found: $$($(GO) version)"; exit 1; }

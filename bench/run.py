@@ -3,9 +3,10 @@
 Render: 10,000 users and 200 policy rules under 200 ms on one core. Manifest patch. Node agent:
 a no-op apply and a full apply under 100 ms each without the health wait. Then, as their own
 processes, ``who`` against jq and grep (who_bench.py), the real control plane
-(controlplane_bench.py: apply -> working token, apiserver downtime; BENCH_SKIP_CONTROLPLANE=1
-skips it) and the operator with 10,000 AuditUsers (operator_bench.py; BENCH_SKIP_OPERATOR=1
-skips it, it takes minutes).
+(controlplane_bench.py: apply -> working token, apiserver downtime; ha_bench.py: failed requests
+through HAProxy during a rollout over three nodes, rollout time, identities missing after a
+kubeadm rewrite; BENCH_SKIP_CONTROLPLANE=1 skips both) and the operator with 10,000
+AuditUsers (operator_bench.py; BENCH_SKIP_OPERATOR=1 skips it, it takes minutes).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> int:
     failed += subprocess.call([sys.executable, str(REPO / "bench/who_bench.py")]) != 0
     if os.environ.get("BENCH_SKIP_CONTROLPLANE") != "1":
         failed += subprocess.call([sys.executable, str(REPO / "bench/controlplane_bench.py")]) != 0
+        failed += subprocess.call([sys.executable, str(REPO / "bench/ha_bench.py")]) != 0
     if os.environ.get("BENCH_SKIP_OPERATOR") != "1":
         failed += subprocess.call([sys.executable, str(REPO / "bench/operator_bench.py")]) != 0
     return 1 if failed else 0

@@ -35,14 +35,17 @@ def long_token(token: str) -> str:
 
 
 def token_secret(
-    name: str, token: str, namespace: str = "kube-audit", key: str = "token"
+    name: str,
+    token: str,
+    namespace: str = "kube-audit",
+    key: str = "token",
+    token_for: str | None = None,
 ) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace},
-        "stringData": {key: token},
-    }
+    """A token Secret; ``token_for`` labels it for that AuditUser (needed outside kube-audit)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if token_for is not None:
+        meta["labels"] = {"kube-audit.io/token-for": token_for}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": {key: token}}
 
 
 def kubeadm_manifest_text(version: str) -> str:

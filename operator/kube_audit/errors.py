@@ -17,6 +17,9 @@ class Problem:
     obj: str
     field: str
     message: str
+    # Not a mistake but work not done yet (a token Secret the operator is about to create):
+    # shown as Reconciling, never as Invalid/Stalled, which GitOps tools treat as failed.
+    pending: bool = False
 
     def __str__(self) -> str:
         where = f"{self.obj}: {self.field}" if self.field else self.obj

@@ -323,15 +323,19 @@ class ControlPlane:
         text = docs if isinstance(docs, str) else yaml.safe_dump_all(docs, sort_keys=False)
         self.kubectl("apply", "-f", "-", stdin=text, **kw)
 
-    def token_kubeconfig(self, path: Path, token: str, node: Node | None = None) -> Path:
-        node = node or self.first
+    def token_kubeconfig(self, path: Path, token: str, server: str | None = None) -> Path:
+        """A kubeconfig with a bearer token, for the first node (or ``server``, same CA)."""
+        node = self.first
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
                 {
                     "name": "c",
-                    "cluster": {"server": node.url, "certificate-authority": str(node.ca)},
+                    "cluster": {
+                        "server": server or node.url,
+                        "certificate-authority": str(node.ca),
+                    },
                 }
             ],
             "users": [{"name": "u", "user": {"token": token}}],
@@ -491,3 +495,174 @@ def install_operator(cp: ControlPlane) -> Path:
         "create", "token", "kube-audit", "-n", TOKEN_NAMESPACE, "--duration=8h"
     ).stdout.strip()
     return cp.token_kubeconfig(cp.base / "operator.kubeconfig", token)
+
+
+LB_ADDRESS = "198.18.0.100"
+ETCD_PHASES_LOCAL = ("certs all",)
+SHARED_PKI = (
+    "ca.crt", "ca.key", "sa.key", "sa.pub", "front-proxy-ca.crt", "front-proxy-ca.key",
+    "etcd/ca.crt", "etcd/ca.key", "apiserver-etcd-client.crt", "apiserver-etcd-client.key",
+)  # fmt: skip
+
+
+def _external_etcd_config(node: Node, endpoint: str, *, controller_manager: bool) -> dict[str, Any]:
+    pki = "/etc/kubernetes/pki"
+    extra: dict[str, Any] = {
+        "controlPlaneEndpoint": f"{LB_ADDRESS}:6443",
+        "etcd": {
+            "external": {
+                "endpoints": [endpoint],
+                "caFile": f"{pki}/etcd/ca.crt",
+                "certFile": f"{pki}/apiserver-etcd-client.crt",
+                "keyFile": f"{pki}/apiserver-etcd-client.key",
+            }
+        },
+        "apiServer": {"extraArgs": [{"name": "bind-address", "value": node.address}]},
+    }
+    config = cluster_configuration("kube-audit-ha", extra)
+    if controller_manager:
+        config["controllerManager"]["extraArgs"].append(
+            {"name": "bind-address", "value": node.address}
+        )
+    return config
+
+
+def start_etcd(cp: ControlPlane, node: Node) -> str:
+    """One etcd member, as its own process, serving with certificates kubeadm made on
+    ``node``: kubeadm's external-etcd topology, shared by every apiserver."""
+    pki = node.tree / "etc/kubernetes/pki/etcd"
+    data = cp.base / "etcd"
+    client = f"https://{node.address}:2379"
+    log = (cp.base / "etcd.log").open("ab")
+    process = subprocess.Popen(
+        [
+            str(BIN / "etcd"),
+            "--name=etcd-0",
+            f"--data-dir={data}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls=http://{node.address}:2380",
+            f"--initial-advertise-peer-urls=http://{node.address}:2380",
+            f"--initial-cluster=etcd-0=http://{node.address}:2380",
+            f"--listen-metrics-urls=http://{node.address}:2381",
+            f"--cert-file={pki / 'server.crt'}",
+            f"--key-file={pki / 'server.key'}",
+            f"--trusted-ca-file={pki / 'ca.crt'}",
+            "--client-cert-auth=true",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    cp.processes.append(process)
+    return client
+
+
+@dataclass
+class LoadBalancer:
+    """HAProxy in TCP mode in front of the apiservers, checking /readyz over TLS, as users
+    run it: a node leaves the pool when its /readyz fails, and comes back when it passes."""
+
+    address: str
+    config: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.address}:6443"
+
+
+def start_haproxy(cp: ControlPlane, nodes: list[Node]) -> LoadBalancer:
+    cp.netns.add_address(LB_ADDRESS)
+    servers = "\n".join(
+        f"    server {n.name} {n.address}:{n.port} check check-ssl verify none" for n in nodes
+    )
+    config = cp.base / "haproxy.cfg"
+    config.write_text(
+        f"""global
+    log stdout format raw local0 info
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    # A node whose apiserver stopped listening refuses the connection before the health check
+    # notices: try another server instead of failing the client.
+    retries 3
+    option redispatch 1
+frontend apiserver
+    bind {LB_ADDRESS}:6443
+    default_backend apiservers
+backend apiservers
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 1s fall 2 rise 2
+{servers}
+"""
+    )
+    log = (cp.base / "haproxy.log").open("ab")
+    process = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    cp.processes.append(process)
+    return LoadBalancer(LB_ADDRESS, config, process)
+
+
+def boot_ha(cp: ControlPlane, count: int = 3) -> tuple[list[Node], LoadBalancer]:
+    """``count`` control-plane nodes made by real kubeadm with one shared CA (as `kubeadm join
+    --control-plane` copies it), external etcd, HAProxy in front; kube-controller-manager on the
+    first node only."""
+    nodes = [cp.add_node(i) for i in range(1, count + 1)]
+    first = nodes[0]
+    local = cluster_configuration("kube-audit-ha", {"controlPlaneEndpoint": f"{LB_ADDRESS}:6443"})
+    first.write_kubeadm_config(local)
+    first.init_phases(ETCD_PHASES_LOCAL)
+    for node in nodes[1:]:
+        for name in SHARED_PKI:
+            target = node.tree / "etc/kubernetes/pki" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(first.tree / "etc/kubernetes/pki" / name, target)
+    endpoint = start_etcd(cp, first)
+    for node in nodes:
+        node.write_kubeadm_config(
+            _external_etcd_config(node, endpoint, controller_manager=node is first)
+        )
+        phases = [
+            "certs all",
+            "kubeconfig admin",
+            "kubeconfig super-admin",
+            "control-plane apiserver",
+            "kubelet-start",
+        ]
+        if node is first:
+            phases[3:3] = ["kubeconfig controller-manager", "control-plane controller-manager"]
+        node.init_phases(phases)
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.wait_ready()
+    lb = start_haproxy(cp, nodes)
+    wait_for(
+        "the kubeadm:cluster-admins binding",
+        lambda: (
+            cp.kubectl(
+                "create",
+                "clusterrolebinding",
+                "kubeadm:cluster-admins",
+                "--clusterrole=cluster-admin",
+                "--group=kubeadm:cluster-admins",
+                kubeconfig=first.super_admin_kubeconfig,
+                check=False,
+            ).returncode
+            == 0
+        ),
+        timeout=60,
+    )
+    return nodes, lb

@@ -89,9 +89,9 @@ def token_of(cp: ControlPlane, user: str) -> str:
     return base64.b64decode(secret["data"]["token"]).decode()
 
 
-def whoami(cp: ControlPlane, token: str) -> dict[str, Any] | str:
+def whoami(cp: ControlPlane, token: str, server: str | None = None) -> dict[str, Any] | str:
     """The apiserver's view of a bearer token: userInfo, or kubectl's error."""
-    config = cp.token_kubeconfig(cp.base / "whoami.kubeconfig", token)
+    config = cp.token_kubeconfig(cp.base / "whoami.kubeconfig", token, server)
     result = cp.kubectl("auth", "whoami", "-o", "json", kubeconfig=config, check=False)
     if result.returncode != 0:
         if "Unauthorized" not in result.stderr:
@@ -356,3 +356,23 @@ def test_identities_come_back_after_kubeadm_rewrites_the_manifest(job: Job) -> N
         f"missing for {back - lost:.1f}s"
     )
     assert "--token-auth-file" in node.manifest.read_text()
+
+
+def test_the_admission_guard_cannot_be_switched_off_by_deleting_its_configmap(job: Job) -> None:
+    cp = job.cp
+    cp.kubectl("apply", "-k", str(ROOT / "deploy/admission"))
+    eve = {"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": "eve"}}
+
+    def write(user: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        text = yaml.safe_dump(user)
+        return cp.kubectl("apply", "--dry-run=server", "-f", "-", stdin=text, check=False)
+
+    wait_for("the guard to admit a plain AuditUser", lambda: write(eve).returncode == 0)
+    cp.kubectl("delete", "configmap", "-n", "kube-audit", "kube-audit-admission")
+    denied = wait_for(
+        "every AuditUser write to be denied without the ConfigMap",
+        lambda: (r := write(eve)).returncode != 0 and r,
+    )
+    assert "kube-audit-no-system-identities" in denied.stderr, denied.stderr
+    cp.kubectl("apply", "-k", str(ROOT / "deploy/admission"))
+    wait_for("writes to be admitted again", lambda: write(eve).returncode == 0)

@@ -258,7 +258,7 @@ def test_rotation_and_external_secret_changes_propagate(harness: Harness) -> Non
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "ci"},
+            "metadata": {"name": "ci", "labels": {"kube-audit.io/token-for": "ci"}},
             "stringData": {"pw": "first-token-0123456789abcdef0123456789"},
         },
     )

@@ -8,6 +8,7 @@ from kube_audit.core.kubeconfig import render_kubeconfig
 from kube_audit.core.status import (
     APPLIED,
     INVALID,
+    PENDING,
     ROLLED_BACK,
     compute_conditions,
     conditions_differ,
@@ -66,6 +67,16 @@ def test_invalid_and_rolled_back_are_stalled() -> None:
         compute_conditions(_obj(1, {"a": (1, APPLIED), "b": (1, ROLLED_BACK)}), ["a", "b"], NOW)
     )
     assert c["Ready"]["reason"] == ROLLED_BACK and "node b" in c["Stalled"]["message"]
+
+
+def test_a_token_not_created_yet_is_reconciling_not_stalled() -> None:
+    """Flux and Argo CD treat Stalled as failed: a burst must not flap through it."""
+    c = _by_type(compute_conditions(_obj(1, {"a": (1, PENDING)}), ["a"], NOW))
+    assert (c["Ready"]["status"], c["Reconciling"]["status"], c["Stalled"]["status"]) == (
+        "False",
+        "True",
+        "False",
+    )
 
 
 def test_no_nodes_is_not_ready() -> None:

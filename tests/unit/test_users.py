@@ -83,12 +83,13 @@ def test_missing_secret_names_user_and_secret() -> None:
     (problem,) = result.problems
     assert problem.obj == "AuditUser/bob"
     assert "Secret kube-audit/audituser-bob does not exist" in problem.message
+    assert problem.pending, "the operator is about to create it: not a mistake of the user's"
 
 
 def test_missing_key_names_key() -> None:
     result = _resolve(
         [audit_user("bob", tokenSecretRef={"namespace": "vault", "name": "bob", "key": "pw"})],
-        [token_secret("bob", long_token("t"), namespace="vault")],
+        [token_secret("bob", long_token("t"), namespace="vault", token_for="bob")],
     )
     (problem,) = result.problems
     assert (problem.field, problem.message) == (
@@ -208,3 +209,35 @@ def test_secret_data_is_base64_and_checked() -> None:
     assert secret.data == {"token": b"tok"}
     with pytest.raises(InvalidInput, match=r"data\.token: is not valid base64"):
         parse_secret({"metadata": {"name": "s", "namespace": "n"}, "data": {"token": "!!"}})
+
+
+REF = {"namespace": "team-a", "name": "sa-token", "key": "token"}
+
+
+@pytest.mark.parametrize(
+    "secrets",
+    [
+        [],  # does not exist
+        [token_secret("sa-token", long_token("x"), namespace="team-a")],  # no consent
+        [token_secret("sa-token", long_token("x"), namespace="team-a", token_for="eve")],
+    ],
+)
+def test_a_secret_elsewhere_needs_its_consent_and_is_never_described(
+    secrets: list[dict[str, object]],
+) -> None:
+    """Whoever can create an AuditUser must not turn another team's Secret into a token, nor
+    learn from the status whether it exists: the message is the same in every case."""
+    result = _resolve([audit_user("mallory", tokenSecretRef=REF)], secrets)
+    assert result.records == ()
+    (problem,) = result.problems
+    assert problem.message == (
+        "Secret team-a/sa-token is outside the token namespace kube-audit: it is used only if "
+        "it exists and carries the label kube-audit.io/token-for=mallory (whoever can write "
+        "Secrets in team-a consents by adding it)"
+    )
+
+
+def test_a_secret_elsewhere_labelled_for_the_user_is_used() -> None:
+    secret = token_secret("sa-token", long_token("x"), namespace="team-a", token_for="mallory")
+    result = _resolve([audit_user("mallory", tokenSecretRef=REF)], [secret])
+    assert [r.username for r in result.records] == ["mallory"] and result.problems == ()

@@ -42,6 +42,7 @@ from kube_audit.core.status import (
     APPLIED,
     BLOCKED,
     INVALID,
+    PENDING,
     ROLLED_BACK,
     compute_conditions,
     conditions_differ,
@@ -122,6 +123,7 @@ class NodeRuntime:
         self._failures = 0
         self._logged_live: str | None = None
         self._secrets_list_started = 0
+        self._released_stale_lease = False
 
     # -- what handlers call ----------------------------------------------------------------
 
@@ -452,8 +454,11 @@ class NodeRuntime:
         desired = self.plan()
         layout = self._layout()
         if not await asyncio.to_thread(needs_change, layout, desired):
-            if self._holding_rollout:
+            if self._holding_rollout or not self._released_stale_lease:
+                # A pod of this node killed mid-rollout left the Lease in our name: the other
+                # nodes would wait for it to expire.
                 await self._release_rollout({})
+                self._released_stale_lease = True
             if self._logged_live != desired.config_hash:
                 self._logged_live = desired.config_hash
                 log.info(
@@ -491,6 +496,7 @@ class NodeRuntime:
             return None
         self._holding_rollout = True
         note: str | None = None
+        interrupted = False
         try:
             desired = self.plan()
 
@@ -506,6 +512,9 @@ class NodeRuntime:
                 result = await asyncio.to_thread(
                     apply_node, layout, desired, self._health(layout), retry_failed=False
                 )
+            except asyncio.CancelledError:
+                interrupted = True  # the apply goes on in its thread: this node is restarting
+                raise
             except RolledBack as error:
                 self.metrics.rollbacks.inc()
                 self.metrics.restarts.inc(2)
@@ -521,7 +530,17 @@ class NodeRuntime:
             log.info("%s: %s", holder, result.message)
             return report(APPLIED, result.message)
         finally:
-            await self._release_rollout({lease.FAILED_ANNOTATION: note} if note else {})
+            if interrupted:
+                # Releasing now would let the next node restart while this one still is (two
+                # apiservers down). The next pod on this node resumes the wait and releases it;
+                # if none comes, the Lease expires.
+                log.warning(
+                    "%s: stopping during an apply; keeping the rollout Lease for this node's "
+                    "next pod to finish the wait",
+                    holder,
+                )
+            else:
+                await self._release_rollout({lease.FAILED_ANNOTATION: note} if note else {})
 
     async def _release_rollout(self, annotations: dict[str, str | None]) -> None:
         """Let the next node go; if the API is down now, the next reconcile releases it."""
@@ -535,10 +554,14 @@ class NodeRuntime:
         """This node's entry on every object whose entry changed, with an Event for each."""
         outcome, message = report.outcome, report.message
         problems: dict[str, list[str]] = {}
+        waiting: set[str] = set()
         for problem in report.problems:
             problems.setdefault(problem.obj, []).append(
                 f"{problem.field}: {problem.message}" if problem.field else problem.message
             )
+            if problem.pending:
+                waiting.add(problem.obj)
+        waiting -= {p.obj for p in report.problems if not p.pending}
         now = _now()
         node = self.config.node_name
 
@@ -548,7 +571,8 @@ class NodeRuntime:
                     generation = int((body.get("metadata") or {}).get("generation") or 0)
                     old = ((body.get("status") or {}).get("nodes") or {}).get(node)
                     if f"{kind}/{name}" in problems:
-                        entry_outcome, text = INVALID, "; ".join(problems[f"{kind}/{name}"])
+                        entry_outcome = PENDING if f"{kind}/{name}" in waiting else INVALID
+                        text = "; ".join(problems[f"{kind}/{name}"])
                     elif outcome == APPLIED:
                         entry_outcome, text = APPLIED, f"live (config {report.config_hash[:16]})"
                     elif (
@@ -595,7 +619,7 @@ class NodeRuntime:
             self.api.create_event,
             {"metadata": {"name": name, "uid": uid}},
             kind,
-            "Normal" if outcome == APPLIED else "Warning",
+            "Normal" if outcome in (APPLIED, PENDING) else "Warning",
             {APPLIED: "Applied", INVALID: "Refused"}.get(outcome, outcome),
             f"node {node}: {entry['message']}",
         )

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from kube_audit.core.models import TOKEN_FOR_LABEL
+
 ROTATE_ANNOTATION = "kube-audit.io/rotate-token"
 KINDS = ("auditusers", "auditpolicies", "secrets")
 _KEEP_META = ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
@@ -24,7 +26,8 @@ def _relevant(kind: str, body: Mapping[str, Any]) -> str:
     """The part of an object whose change needs a new plan (status changes do not)."""
     meta = body.get("metadata") or {}
     if kind == "secrets":
-        return json.dumps([body.get("data"), body.get("stringData")], sort_keys=True)
+        consent = (meta.get("labels") or {}).get(TOKEN_FOR_LABEL)
+        return json.dumps([body.get("data"), body.get("stringData"), consent], sort_keys=True)
     return json.dumps(
         [
             meta.get("uid"),
@@ -44,6 +47,9 @@ def compact(body: Mapping[str, Any]) -> dict[str, Any]:
     notes = {k: v for k, v in (meta.get("annotations") or {}).items() if k in _KEEP_ANNOTATIONS}
     if notes:
         kept_meta["annotations"] = notes
+    consent = (meta.get("labels") or {}).get(TOKEN_FOR_LABEL)
+    if consent is not None:
+        kept_meta["labels"] = {TOKEN_FOR_LABEL: consent}
     out: dict[str, Any] = {"metadata": kept_meta}
     for key in ("apiVersion", "kind", "spec", "status", "data", "stringData"):
         if key in body:

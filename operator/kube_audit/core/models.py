@@ -17,6 +17,8 @@ from kube_audit.errors import InvalidInput, Problem
 GROUP = "kube-audit.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# On a Secret outside the token namespace: the AuditUser (by name) that may use it as its token.
+TOKEN_FOR_LABEL = f"{GROUP}/token-for"
 AUDIT_USER = "AuditUser"
 AUDIT_POLICY = "AuditPolicy"
 
@@ -184,11 +186,12 @@ class AuditPolicy:
 
 @dataclass(frozen=True, slots=True)
 class SecretData:
-    """A Secret's decoded data: key -> bytes."""
+    """A Secret's decoded data (key -> bytes), and the one label kube-audit reads."""
 
     namespace: str
     name: str
     data: Mapping[str, bytes]
+    token_for: str | None = None
 
     @property
     def ref(self) -> str:
@@ -281,4 +284,12 @@ def parse_secret(obj: Mapping[str, Any]) -> SecretData:
         data[str(key)] = str(value).encode()
     if problems:
         raise InvalidInput(problems)
-    return SecretData(namespace=str(namespace), name=name, data=data)
+    labels = meta.get("labels") if isinstance(meta.get("labels"), Mapping) else {}
+    assert isinstance(labels, Mapping)
+    token_for = labels.get(TOKEN_FOR_LABEL)
+    return SecretData(
+        namespace=str(namespace),
+        name=name,
+        data=data,
+        token_for=str(token_for) if token_for is not None else None,
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 APPLIED = "Applied"
 INVALID = "Invalid"
+PENDING = "Pending"
 ROLLED_BACK = "RolledBack"
 BLOCKED = "Blocked"
 

@@ -6,7 +6,7 @@ import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from kube_audit.core.models import AuditUser, SecretData
+from kube_audit.core.models import TOKEN_FOR_LABEL, AuditUser, SecretData
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import TokenRecord, name_problem, token_problem
 from kube_audit.errors import Problem
@@ -102,9 +102,24 @@ def _token(
     namespace, name, key = secret_location(user, settings)
     path = "spec.tokenSecretRef" if user.spec.token_secret_ref is not None else "spec"
     secret = secrets.get((namespace, name))
+    if namespace != settings.token_namespace and (
+        secret is None or secret.token_for != user.meta.name
+    ):
+        # The same words whether or not the Secret exists: nothing to probe other Secrets with.
+        return None, Problem(
+            user.ref,
+            path,
+            f"Secret {namespace}/{name} is outside the token namespace "
+            f"{settings.token_namespace}: it is used only if it exists and carries the label "
+            f"{TOKEN_FOR_LABEL}={user.meta.name} (whoever can write Secrets in {namespace} "
+            "consents by adding it)",
+        )
     if secret is None:
-        how = "" if user.spec.token_secret_ref is not None else " (the operator creates it)"
-        return None, Problem(user.ref, path, f"Secret {namespace}/{name} does not exist{how}")
+        generated = user.spec.token_secret_ref is None
+        how = " yet (the operator creates it)" if generated else ""
+        return None, Problem(
+            user.ref, path, f"Secret {namespace}/{name} does not exist{how}", pending=generated
+        )
     raw = secret.data.get(key)
     if raw is None:
         return None, Problem(user.ref, path, f"Secret {namespace}/{name} has no key {key!r}")

@@ -260,6 +260,7 @@ func (w *podWorker) stopAll(reason string) {
 		if !running {
 			continue
 		}
+		w.node.record.write(event{Event: "stopping", Pod: pod.Name, Container: c.spec.Name, Hash: hashOf(pod), PID: pid, Detail: reason})
 		_ = syscall.Kill(-pid, syscall.SIGTERM)
 		select {
 		case <-exited:

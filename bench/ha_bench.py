@@ -1,0 +1,143 @@
+"""Three real control-plane nodes behind HAProxy (tests/controlplane): client requests that fail
+through the load balancer while a change rolls over the nodes (goal 0), the full rollout time,
+and how long identities are missing on a node whose manifest kubeadm rewrites. Reported, not
+asserted; skipped with the reason where the tier cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.controlplane.cluster import (  # noqa: E402
+    OperatorProcess,
+    boot_ha,
+    control_plane,
+    install_operator,
+    wait_for,
+    why_unavailable,
+)
+from tests.controlplane.test_job import is_ready, token_of, whoami  # noqa: E402
+
+MAX_REQUESTS = 20_000
+MAX_SECONDS = 900.0
+
+
+class Load(threading.Thread):
+    """Reads and writes through the load balancer, one every 20 ms, bounded in count and time."""
+
+    def __init__(self, url: str, token: str, ca: Path) -> None:
+        super().__init__(daemon=True)
+        self.url, self.token = url, token
+        self.context = ssl.create_default_context(cafile=str(ca))
+        self.context.check_hostname = False
+        self.stop = threading.Event()
+        self.sent = 0
+        self.failures: list[str] = []
+
+    def _call(self, method: str, path: str, body: dict[str, object] | None = None) -> None:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        request.add_header("Content-Type", "application/json")
+        self.sent += 1
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=self.context) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as error:
+            self.failures.append(f"{time.strftime('%H:%M:%S')} {method} {path}: {error}")
+
+    def run(self) -> None:
+        deadline = time.monotonic() + MAX_SECONDS
+        i = 0
+        base = "/api/v1/namespaces/default/configmaps"
+        while not self.stop.is_set() and self.sent < MAX_REQUESTS and time.monotonic() < deadline:
+            i += 1
+            if i % 4 == 0:
+                name = f"load-{i}"
+                self._call("POST", base, {"metadata": {"name": name}, "data": {"i": str(i)}})
+                self._call("DELETE", f"{base}/{name}")
+            else:
+                self._call("GET", f"{base}?limit=5")
+            time.sleep(0.02)
+
+
+def main() -> int:
+    problem = why_unavailable()
+    if problem is not None:
+        print(f"three nodes: skipped: {problem[0]}")
+        return 1 if problem[1] else 0
+    with tempfile.TemporaryDirectory() as tmp, control_plane(Path(tmp)) as cp:
+        nodes, lb = boot_ha(cp)
+        kubeconfig = install_operator(cp)
+        kubeconfig.write_text(kubeconfig.read_text().replace(nodes[0].url, lb.url))
+        for node in nodes:
+            OperatorProcess(cp, node, kubeconfig).start()
+        cp.kubectl("create", "serviceaccount", "load", "-n", "default")
+        cp.kubectl(
+            "create", "rolebinding", "load", "--clusterrole=edit", "--serviceaccount=default:load"
+        )
+        token = cp.kubectl("create", "token", "load", "-n", "default").stdout.strip()
+        load = Load(lb.url, token, nodes[0].ca)
+        load.start()
+        time.sleep(5)
+        start = time.monotonic()
+        cp.apply([{"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser",
+                   "metadata": {"name": "bench"}}])  # fmt: skip
+
+        def everywhere() -> bool:
+            mine = token_of(cp, "bench")
+            return all(isinstance(whoami(cp, mine, server=n.url), dict) for n in nodes)
+
+        wait_for("the new token on all three nodes", everywhere, 900, 1)
+        wait_for("AuditUser bench Ready", lambda: is_ready(cp, "auditusers", "bench"), 300, 1)
+        rollout = time.monotonic() - start
+        time.sleep(5)
+        load.stop.set()
+        load.join()
+        print(
+            f"three nodes: client requests failed through HAProxy during the rollout: "
+            f"{len(load.failures)} of {load.sent} (goal 0)"
+        )
+        for failure in load.failures[:5]:
+            print(f"  {failure}")
+        print(f"three nodes: full rollout over 3 nodes: {rollout:.0f} s")
+
+        second = nodes[1]
+        alice = token_of(cp, "bench")
+        rewrite = time.monotonic()
+        second.kubeadm(
+            "init", "phase", "control-plane", "apiserver", "--config", str(second.kubeadm_config)
+        )
+        wait_for(
+            "the rewrite to drop the token on node-2",
+            lambda: isinstance(whoami(cp, alice, server=second.url), str),
+            300,
+            0.5,
+        )
+        gone = time.monotonic()
+        wait_for(
+            "the token back on node-2",
+            lambda: isinstance(whoami(cp, alice, server=second.url), dict),
+            600,
+            0.5,
+        )
+        print(
+            f"three nodes: identities missing on node-2 after a kubeadm rewrite: "
+            f"{time.monotonic() - gone:.0f} s (gone {gone - rewrite:.0f} s after the rewrite)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Three control-plane nodes on one machine: real kubeadm, one shared etcd, HAProxy in front,
+an operator per node talking through the load balancer. A change rolls over the nodes one at a
+time, each new apiserver proven before the next node starts; a config the apiserver refuses
+stops on the first node; a killed operator leaves its node verified.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.controlplane.cluster import (
+    ROOT,
+    ControlPlane,
+    LoadBalancer,
+    Node,
+    OperatorProcess,
+    boot_ha,
+    control_plane,
+    install_operator,
+    wait_for,
+    why_unavailable,
+)
+from tests.controlplane.test_job import USERS, is_ready, token_of, whoami
+
+
+@dataclass
+class HA:
+    cp: ControlPlane
+    nodes: list[Node]
+    lb: LoadBalancer
+    operators: dict[str, OperatorProcess]
+
+    def marks(self) -> dict[str, int]:
+        return {n.name: len(n.records()) for n in self.nodes}
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HA]:
+    problem = why_unavailable()
+    if problem is not None:
+        if problem[1]:
+            pytest.fail(problem[0], pytrace=False)
+        pytest.skip(problem[0])
+    if shutil.which("haproxy") is None:
+        pytest.skip("needs HAProxy (Debian package haproxy; `make test` installs it as root)")
+    with control_plane(tmp_path_factory.mktemp("ha")) as cp:
+        nodes, lb = boot_ha(cp)
+        kubeconfig = install_operator(cp)
+        config = kubeconfig.read_text().replace(nodes[0].url, lb.url)
+        kubeconfig.write_text(config)
+        operators = {}
+        for node in nodes:
+            operators[node.name] = OperatorProcess(
+                cp, node, kubeconfig, env={"KUBE_AUDIT_TIMEOUT": "60"}
+            )
+            operators[node.name].start()
+        yield HA(cp, nodes, lb, operators)
+
+
+def down_windows(node: Node, since: int) -> list[tuple[str, str]]:
+    """(stopping, ready) of each kube-apiserver restart on ``node`` after record ``since``."""
+    windows, start = [], None
+    for event in node.records()[since:]:
+        if not event.get("pod", "").startswith("kube-apiserver-"):
+            continue
+        if event["event"] == "stopping" and start is None:
+            start = event["time"]
+        elif event["event"] == "ready" and start is not None:
+            windows.append((start, event["time"]))
+            start = None
+    if start is not None:
+        windows.append((start, "9999"))
+    return windows
+
+
+def assert_one_at_a_time(ha: HA, marks: dict[str, int]) -> list[tuple[str, str, str]]:
+    """No two apiservers down at once; returns (stopping, ready, node) in time order."""
+    spans = sorted((a, b, n.name) for n in ha.nodes for a, b in down_windows(n, marks[n.name]))
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        assert end < start, f"{first} and {second} were down at the same time: {spans}"
+    return spans
+
+
+def token_works_everywhere(ha: HA, user: str) -> bool:
+    token = token_of(ha.cp, user)
+    return all(isinstance(whoami(ha.cp, token, server=n.url), dict) for n in ha.nodes)
+
+
+def test_a_change_rolls_over_the_nodes_one_at_a_time(ha: HA) -> None:
+    marks = ha.marks()
+    ha.cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": "ha-alice"}}])
+    wait_for(
+        "ha-alice's token on every node", lambda: token_works_everywhere(ha, "ha-alice"), 600, 2
+    )
+    wait_for("ha-alice Ready", lambda: is_ready(ha.cp, "auditusers", "ha-alice"), 120, 1)
+    spans = assert_one_at_a_time(ha, marks)
+    assert sorted(n for _, _, n in spans) == sorted(n.name for n in ha.nodes), spans
+    for operator in ha.operators.values():
+        assert "mirror pod shows config" in operator.log.read_text(), operator.node.name
+
+
+def test_a_config_the_apiserver_refuses_stops_on_the_first_node(ha: HA) -> None:
+    """Auditing switched on where no apiserver can open its log: the first node fails and
+    rolls back, the others are never touched, and status names the node."""
+    for node in ha.nodes:
+        (node.audit_log_dir / "audit.log").mkdir(parents=True)
+    marks = ha.marks()
+    manifests = {n.name: n.manifest.read_bytes() for n in ha.nodes}
+    ha.cp.kubectl("apply", "-f", str(ROOT / "examples/auditpolicy-starter.yaml"))
+
+    def failed() -> dict[str, Any] | None:
+        obj = ha.cp.kubectl_json("get", "auditpolicy", "developers")
+        ready = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+        return obj if ready.get("Ready", {}).get("reason") == "RolledBack" else None
+
+    obj = wait_for("the failure on AuditPolicy developers", failed, 300, 2)
+    tried = [n for n in ha.nodes if n.apiserver_events("exit", since=marks[n.name])]
+    assert len(tried) == 1, [n.name for n in tried]
+    assert tried[0].name in json.dumps(obj["status"]["conditions"])
+    for node in ha.nodes:
+        if node is not tried[0]:
+            assert node.manifest.read_bytes() == manifests[node.name], node.name
+    wait_for("the failed node's apiserver back", lambda: tried[0].readyz() == 200, 120, 1)
+    assert_one_at_a_time(ha, marks)
+
+    for node in ha.nodes:
+        (node.audit_log_dir / "audit.log").rmdir()
+    marks = ha.marks()
+    ha.cp.kubectl(
+        "patch", "auditpolicy", "developers", "--type=merge", "-p", '{"spec":{"priority":101}}'
+    )
+    wait_for(
+        "the repaired policy live everywhere",
+        lambda: is_ready(ha.cp, "auditpolicies", "developers"),
+        600,
+        2,
+    )
+    assert_one_at_a_time(ha, marks)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_an_operator_stopped_mid_wait_leaves_its_node_verified(ha: HA, how: signal.Signals) -> None:
+    """Killed (or deleted: SIGTERM) while its node's new apiserver starts; the DaemonSet's
+    next pod on that node finishes the wait and the rollout goes on."""
+    marks = ha.marks()
+    name = f"ha-{how.name.lower()}"
+    ha.cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": name}}])
+
+    def restarting() -> Node | None:
+        for node in ha.nodes:
+            if node.apiserver_events("stopping", since=marks[node.name]):
+                return node
+        return None
+
+    node = wait_for("a node to start its restart", restarting, 300, 0.2)
+    operator = ha.operators[node.name]
+    assert operator.process is not None
+    os.killpg(operator.process.pid, how)
+    operator.process.wait(200)  # an apply in progress finishes its wait first
+    ha.cp.processes.remove(operator.process)
+    operator.process = None
+    operator.start()
+    wait_for(f"{name}'s token on every node", lambda: token_works_everywhere(ha, name), 600, 2)
+    wait_for(f"{name} Ready", lambda: is_ready(ha.cp, "auditusers", name), 180, 1)
+    state = json.loads((node.tree / "var/lib/kube-audit/state.json").read_text())
+    assert state["pending"] is None, state
+    assert_one_at_a_time(ha, marks)
