@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -387,17 +388,11 @@ SINGLE_NODE_PHASES = (
 )
 
 
-def boot_single_node(cp: ControlPlane) -> Node:
-    """``kubeadm init``'s phases for one node, then the stand-in, then what init does last:
-    the binding that gives admin.conf's group cluster-admin."""
-    node = cp.add_node(1)
-    node.write_kubeadm_config(cluster_configuration("kube-audit-test"))
-    node.init_phases(SINGLE_NODE_PHASES)
-    node.start()
-    node.wait_ready()
-    wait_for(
-        "the kubeadm:cluster-admins binding",
-        lambda: (
+def bind_cluster_admins(cp: ControlPlane, node: Node) -> None:
+    """What ``kubeadm init`` does last: bind admin.conf's group to cluster-admin."""
+
+    def bound() -> bool:
+        return (
             cp.kubectl(
                 "create",
                 "clusterrolebinding",
@@ -408,9 +403,30 @@ def boot_single_node(cp: ControlPlane) -> Node:
                 check=False,
             ).returncode
             == 0
-        ),
-        timeout=60,
-    )
+        )
+
+    wait_for("the kubeadm:cluster-admins binding", bound, timeout=60)
+
+
+def require_tier() -> None:
+    """Skip the test where the tier cannot run (no Go, not root); fail where it should."""
+    problem = why_unavailable()
+    if problem is not None:
+        reason, is_failure = problem
+        if is_failure:
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+
+
+def boot_single_node(cp: ControlPlane) -> Node:
+    """``kubeadm init``'s phases for one node, then the stand-in, then what init does last:
+    the binding that gives admin.conf's group cluster-admin."""
+    node = cp.add_node(1)
+    node.write_kubeadm_config(cluster_configuration("kube-audit-test"))
+    node.init_phases(SINGLE_NODE_PHASES)
+    node.start()
+    node.wait_ready()
+    bind_cluster_admins(cp, node)
     return node
 
 
@@ -649,20 +665,5 @@ def boot_ha(cp: ControlPlane, count: int = 3) -> tuple[list[Node], LoadBalancer]
     for node in nodes:
         node.wait_ready()
     lb = start_haproxy(cp, nodes)
-    wait_for(
-        "the kubeadm:cluster-admins binding",
-        lambda: (
-            cp.kubectl(
-                "create",
-                "clusterrolebinding",
-                "kubeadm:cluster-admins",
-                "--clusterrole=cluster-admin",
-                "--group=kubeadm:cluster-admins",
-                kubeconfig=first.super_admin_kubeconfig,
-                check=False,
-            ).returncode
-            == 0
-        ),
-        timeout=60,
-    )
+    bind_cluster_admins(cp, first)
     return nodes, lb

@@ -12,29 +12,20 @@ from tests.controlplane.cluster import (
     ControlPlane,
     boot_single_node,
     control_plane,
-    why_unavailable,
+    require_tier,
 )
-
-
-def _require_tier() -> None:
-    problem = why_unavailable()
-    if problem is not None:
-        reason, is_failure = problem
-        if is_failure:
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="package")
 def standin() -> Path:
     """The kubelet stand-in binary (its decoders need no cluster)."""
-    _require_tier()
+    require_tier()
     return BIN / "kubelet-standin"
 
 
 @pytest.fixture(scope="package")
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    _require_tier()
+    require_tier()
     with control_plane(tmp_path_factory.mktemp("controlplane")) as plane:
         boot_single_node(plane)
         yield plane

@@ -26,8 +26,8 @@ from tests.controlplane.cluster import (
     boot_ha,
     control_plane,
     install_operator,
+    require_tier,
     wait_for,
-    why_unavailable,
 )
 from tests.controlplane.test_job import USERS, is_ready, token_of, whoami
 
@@ -45,11 +45,7 @@ class HA:
 
 @pytest.fixture(scope="module")
 def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HA]:
-    problem = why_unavailable()
-    if problem is not None:
-        if problem[1]:
-            pytest.fail(problem[0], pytrace=False)
-        pytest.skip(problem[0])
+    require_tier()
     if shutil.which("haproxy") is None:
         pytest.skip("needs HAProxy (Debian package haproxy; `make test` installs it as root)")
     with control_plane(tmp_path_factory.mktemp("ha")) as cp:
