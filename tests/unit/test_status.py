@@ -7,6 +7,7 @@ import yaml
 from kube_audit.core.kubeconfig import render_kubeconfig
 from kube_audit.core.status import (
     APPLIED,
+    BLOCKED,
     INVALID,
     PENDING,
     ROLLED_BACK,
@@ -67,6 +68,12 @@ def test_invalid_and_rolled_back_are_stalled() -> None:
         compute_conditions(_obj(1, {"a": (1, APPLIED), "b": (1, ROLLED_BACK)}), ["a", "b"], NOW)
     )
     assert c["Ready"]["reason"] == ROLLED_BACK and "node b" in c["Stalled"]["message"]
+
+
+def test_the_node_that_failed_is_named_not_the_ones_it_stopped() -> None:
+    obj = _obj(1, {"a": (1, BLOCKED), "c": (1, ROLLED_BACK)})
+    c = _by_type(compute_conditions(obj, ["a", "b", "c"], NOW))
+    assert c["Ready"]["message"].startswith("node c: RolledBack msg"), c["Ready"]["message"]
 
 
 def test_a_token_not_created_yet_is_reconciling_not_stalled() -> None:

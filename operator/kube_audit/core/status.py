@@ -66,7 +66,10 @@ def compute_conditions(
             _condition("Stalled", True, INVALID, message, generation),
         ]
     elif failed:
-        node, entry = sorted(failed.items())[0]
+        # The node that failed, not one that stopped because of it, names the reason.
+        node, entry = min(
+            failed.items(), key=lambda item: (item[1].get("outcome") != ROLLED_BACK, item[0])
+        )
         message = f"node {node}: {entry.get('message') or entry.get('outcome')}"
         conditions = [
             _condition("Ready", False, ROLLED_BACK, message, generation),
