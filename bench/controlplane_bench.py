@@ -23,7 +23,7 @@ from tests.controlplane.cluster import (  # noqa: E402
     wait_for,
     why_unavailable,
 )
-from tests.controlplane.test_job import token_of, whoami  # noqa: E402
+from tests.controlplane.test_job import USERS, token_of, whoami  # noqa: E402
 
 ROUNDS = 3
 
@@ -73,13 +73,7 @@ def main() -> int:
         for i in range(ROUNDS):
             name = f"bench-{i}"
             start = time.monotonic()
-            cp.kubectl(
-                "apply",
-                "-f",
-                "-",
-                stdin=f"{{apiVersion: kube-audit.io/v1alpha1, kind: AuditUser, "
-                f"metadata: {{name: {name}}}}}",
-            )
+            cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": name}}])
             wait_for(
                 f"{name}'s token to work",
                 lambda n=name: isinstance(whoami(cp, token_of(cp, n)), dict),
