@@ -46,10 +46,11 @@ controlplane: ## build kube-apiserver, etcd, kubeadm, kube-controller-manager, k
 unit: setup ## only the fast pure-core tests
 	$(BIN)/python -m pytest tests/unit
 
-lint: setup ## ruff (lint + format check) and mypy --strict
+lint: setup ## ruff (lint + format check), mypy --strict, import-linter (the layers)
 	$(BIN)/ruff check operator tests bench
 	$(BIN)/ruff format --check operator tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: setup ## render, patch, agent, who (vs jq) and operator benchmarks against their targets
 	$(BIN)/python bench/run.py

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.operator.cluster import ClusterThread  # noqa: E402
 
-from kube_audit.kube import CONTROL_PLANE_LABEL  # noqa: E402
+from kube_audit.constants import CONTROL_PLANE_LABEL  # noqa: E402
 
 USERS = int(os.environ.get("BENCH_USERS", "10000"))
 DEBOUNCE = 2.0

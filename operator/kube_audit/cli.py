@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -307,13 +308,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     api = _cluster_api(args)
     objects = [("AuditUser", o) for o in api.list_objects("auditusers")]
     objects += [("AuditPolicy", o) for o in api.list_objects("auditpolicies")]
-    object_rows, node_rows = summarize(objects, api.control_plane_nodes())
+    records = api.node_records(args.namespace)
+    object_rows, node_rows = summarize(objects, api.control_plane_nodes(), records)
     if object_rows:
         print(render_table(object_rows, ["OBJECT", "READY", "LIVE ON", "LAST ERROR"]), end="")
     else:
         print("no AuditUser or AuditPolicy objects")
     print()
-    print(render_table(node_rows, ["NODE", "CONFIG", "LAST APPLY", "LAST ROLLBACK"]), end="")
+    print(
+        render_table(node_rows, ["NODE", "CONFIG", "OUTCOME", "LAST APPLY", "LAST ROLLBACK"]),
+        end="",
+    )
     return 0
 
 
@@ -331,6 +336,11 @@ def _add_cluster_parsers(sub: Any) -> None:
     kc.set_defaults(func=cmd_kubeconfig)
     st = sub.add_parser("status", help="per object and per node: what is live where")
     st.add_argument("--kubeconfig", default=None)
+    st.add_argument(
+        "--namespace",
+        default="kube-audit",
+        help="where the operator runs (its node records live there; default: kube-audit)",
+    )
     st.set_defaults(func=cmd_status)
 
 
@@ -342,7 +352,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     # Imported here: kopf and the Kubernetes client take a second to import, and only the
     # operator needs them, not render or node.
     from kube_audit.controller import main as operator_main  # noqa: PLC0415
-    from kube_audit.controller.runtime import OperatorConfig  # noqa: PLC0415
+    from kube_audit.controller.config import OperatorConfig  # noqa: PLC0415
     from kube_audit.kube import KubeApi, load_api_client  # noqa: PLC0415
 
     if not args.node_name:
@@ -353,16 +363,21 @@ def cmd_operator(args: argparse.Namespace) -> int:
         node_name=args.node_name,
         host_root=Path(args.host_root),
         kubelet_config=args.kubelet_config,
-        settings=settings_from_args(args),
+        # Token Secrets live where the operator is installed (a Role there grants writing).
+        settings=replace(settings_from_args(args), token_namespace=args.namespace),
         namespace=args.namespace,
         debounce=args.debounce,
+        max_debounce=args.max_debounce,
+        min_ready=args.min_ready,
         resync=args.resync,
         health_url=args.health_url,
         timeout=args.timeout,
         no_wait=args.no_wait,
     )
     api = KubeApi(load_api_client(args.kubeconfig))
-    return operator_main.main(config, api, args.metrics_port, args.liveness)
+    return operator_main.main(
+        config, api, (args.metrics_address, args.metrics_port), args.liveness, args.readiness
+    )
 
 
 def _add_operator_parser(sub: Any) -> None:
@@ -385,6 +400,21 @@ def _add_operator_parser(sub: Any) -> None:
         help="quiet time before applying a burst of changes",
     )
     cmd.add_argument(
+        "--max-debounce",
+        type=float,
+        default=float(_env("KUBE_AUDIT_MAX_DEBOUNCE", "30")),
+        metavar="SECONDS",
+        help="the longest a stream of changes may delay applying them",
+    )
+    cmd.add_argument(
+        "--min-ready",
+        type=float,
+        default=float(_env("KUBE_AUDIT_MIN_READY", "10")),
+        metavar="SECONDS",
+        help="after a restart, how long the new apiserver must be ready before the next node "
+        "restarts its own (at least your load balancer's time to mark a server healthy)",
+    )
+    cmd.add_argument(
         "--resync",
         type=float,
         default=float(_env("KUBE_AUDIT_RESYNC", "300")),
@@ -397,10 +427,26 @@ def _add_operator_parser(sub: Any) -> None:
         "--no-wait", action="store_true", default=_env("KUBE_AUDIT_NO_WAIT", "") == "true"
     )
     cmd.add_argument(
-        "--metrics-port", type=int, default=int(_env("KUBE_AUDIT_METRICS_PORT", "9090"))
+        "--metrics-port",
+        type=int,
+        default=int(_env("KUBE_AUDIT_METRICS_PORT", "9090")),
+        help="Prometheus metrics port (0: none)",
     )
     cmd.add_argument(
-        "--liveness", default=_env("KUBE_AUDIT_LIVENESS", "http://0.0.0.0:8080/healthz")
+        "--metrics-address",
+        default=_env("KUBE_AUDIT_METRICS_ADDRESS", "127.0.0.1"),
+        help="address the metrics listen on; the pod shares the node's network, so the "
+        "default keeps them on the node",
+    )
+    cmd.add_argument(
+        "--liveness",
+        default=_env("KUBE_AUDIT_LIVENESS", "http://127.0.0.1:8080/healthz"),
+        help="kopf's liveness endpoint (on the node only by default, as kubeadm's components)",
+    )
+    cmd.add_argument(
+        "--readiness",
+        default=_env("KUBE_AUDIT_READINESS", "http://127.0.0.1:8081/readyz"),
+        help="ready once the node is settled: a DaemonSet update waits for it on each node",
     )
     for flag, default in (("maxage", 30), ("maxbackup", 10), ("maxsize", 100)):
         cmd.add_argument(

@@ -49,6 +49,12 @@ class ManifestError(KubeAuditError):
     exit_code = 3
 
 
+class NodeConfigError(KubeAuditError):
+    """The node's own configuration (the kubelet config) cannot be used; fix it on the node."""
+
+    exit_code = 4
+
+
 class HostError(KubeAuditError):
     """Reading or writing the host failed (disk full, read-only, missing folder); retry later."""
 

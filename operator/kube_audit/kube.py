@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,17 +25,29 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from kube_audit import hostfs
+from kube_audit.constants import (
+    CONTROL_PLANE_LABEL,
+    EVENT_NAMESPACE,
+    GROUP,
+    NODE_LEASE_PREFIX,
+    ROTATED_FOR,
+    TOKEN_LABEL,
+    VERSION,
+)
 from kube_audit.core import yamlio
-from kube_audit.core.models import GROUP, VERSION, SecretData, parse_secret
+from kube_audit.core.models import SecretData, parse_secret
 from kube_audit.errors import ClusterError, Conflict, InvalidInput, NotFound
 
 LISTING, LISTED = "LISTING", "LISTED"
+# The two Secret watches: every Secret of the token namespace, and Secrets elsewhere that
+# carry the token-for label (never every Secret of the cluster).
+TOKEN_NAMESPACE_SOURCE, LABELLED_SOURCE = "token-namespace", "labelled"
 
 log = logging.getLogger("kube_audit.operator")
-TOKEN_LABEL = "kube-audit.io/token"
-ROTATED_FOR = "kube-audit.io/rotated-for"
-CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
 MERGE_PATCH = "application/merge-patch+json"
+CONNECT_TIMEOUT = 10.0
+WATCH_SETTLED = 10.0
+MAX_WATCH_BACKOFF = 15.0
 
 
 def load_api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
@@ -117,9 +130,13 @@ class KubeApi:
     for 10,000 Secrets would cost more memory than the data.
     """
 
-    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+    def __init__(self, client: kubernetes.client.ApiClient, timeout: float = 30.0) -> None:
         self.client = client
-        self._watch: Any = None
+        # Every call but a watch gives up after this long: an apiserver stopping mid-restart
+        # can leave a connection open and silent, and a call without a timeout waits forever.
+        self.timeout = timeout
+        self._watches: set[Any] = set()
+        self._watches_lock = threading.Lock()
 
     def _send(
         self,
@@ -146,7 +163,9 @@ class KubeApi:
             auth_settings=["BearerToken"],
         )
         try:
-            response = self.client.call_api(*request, _request_timeout=timeout).response
+            response = self.client.call_api(
+                *request, _request_timeout=timeout or (CONNECT_TIMEOUT, self.timeout)
+            ).response
         except ApiException as error:
             raise ClusterError(f"{what}: {error.reason or error}", error.status or 0) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
@@ -301,36 +320,62 @@ class KubeApi:
         return True
 
     def watch_secrets(
-        self, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event
+        self,
+        on_event: Callable[[str, dict[str, Any]], None],
+        stop: threading.Event,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
     ) -> None:
-        """Blocking list+watch of every Secret, raw JSON, until ``stop``; reconnects forever.
+        """Blocking list+watch of Secrets (of one namespace, or those matching a label
+        selector), raw JSON, until ``stop``; reconnects forever, backing off.
 
-        A plain watch rather than kopf's: kopf keeps per-object state for each object it sees,
-        and a cluster can hold many thousands of Secrets of which kube-audit reads a few.
+        A plain watch rather than kopf's: kopf keeps per-object state for each object it sees.
         ``on_event`` gets ("ADDED"|"MODIFIED"|"DELETED", object), and LISTING / LISTED
-        around each complete list; it must be quick.
+        around each complete list; it must be quick. With a label selector, a Secret that
+        loses its label arrives as DELETED (the apiserver filters watches that way).
         """
+        path = _secret_path(namespace) if namespace else "/api/v1/secrets"
+        query = {"labelSelector": label_selector}
+        what = f"Secrets in {namespace}" if namespace else f"Secrets labelled {label_selector}"
         backoff = 1.0
         while not stop.is_set():
+            started = time.monotonic()
             try:
-                version: str | None = self._list_secrets(on_event)
-                backoff = 1.0
+                version: str | None = self._list_secrets(what, path, query, on_event)
                 while not stop.is_set() and version:
-                    version = self._watch_secrets(version, on_event, stop)
+                    version = self._watch_secrets(
+                        what, path, query, version=version, on_event=on_event, stop=stop
+                    )
             except ClusterError as error:
                 if stop.is_set():
                     return
-                log.warning("Secret watch interrupted, retrying in %.0fs: %s", backoff, error)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                log.warning("watch %s interrupted, retrying in %.0fs: %s", what, backoff, error)
+            else:
+                if stop.is_set():
+                    return
+                log.info("watch %s expired; listing again in %.0fs", what, backoff)
+            # Back off while lists fail or watches keep ending at once (410 Gone in a loop,
+            # an apiserver restarting), never into a hot loop of full lists; a watch that ran
+            # for a while starts the count again.
+            if time.monotonic() - started > WATCH_SETTLED:
+                backoff = 1.0
+            stop.wait(backoff)
+            backoff = min(backoff * 2, MAX_WATCH_BACKOFF)
 
-    def _list_secrets(self, on_event: Callable[[str, dict[str, Any]], None]) -> str:
+    def _list_secrets(
+        self,
+        what: str,
+        path: str,
+        query: Mapping[str, Any],
+        on_event: Callable[[str, dict[str, Any]], None],
+    ) -> str:
         """Every Secret as ADDED, framed by LISTING and LISTED (whose ``keys`` are all the
         (namespace, name) pairs listed): a re-list must also tell what is gone."""
         version = ""
         keys: list[tuple[str, str]] = []
         on_event(LISTING, {})
-        for page in self._pages("list Secrets", "/api/v1/secrets"):
+        for page in self._pages(f"list {what}", path, query):
             for item in page.get("items") or []:
                 meta = item.get("metadata") or {}
                 keys.append((str(meta.get("namespace") or ""), str(meta.get("name") or "")))
@@ -340,22 +385,31 @@ class KubeApi:
         return version
 
     def _watch_secrets(
-        self, version: str, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event
+        self,
+        what: str,
+        path: str,
+        query: Mapping[str, Any],
+        *,
+        version: str,
+        on_event: Callable[[str, dict[str, Any]], None],
+        stop: threading.Event,
     ) -> str | None:
         """One watch request; the resourceVersion to go on from, or None to list again."""
         response = self._send(
-            "watch Secrets",
+            f"watch {what}",
             "GET",
-            "/api/v1/secrets",
+            path,
             query={
+                **query,
                 "watch": "true",
                 "resourceVersion": version,
                 "allowWatchBookmarks": "true",
                 "timeoutSeconds": 300,
             },
-            timeout=(10, 330),
+            timeout=(CONNECT_TIMEOUT, 330),
         )
-        self._watch = response
+        with self._watches_lock:
+            self._watches.add(response)
         buffer = b""
         try:
             for chunk in response.stream(65536, decode_content=True):
@@ -374,16 +428,19 @@ class KubeApi:
                 if stop.is_set():
                     return version
         except (urllib3.exceptions.HTTPError, OSError, orjson.JSONDecodeError) as error:
-            raise ClusterError(f"watch Secrets: {error}") from None
+            raise ClusterError(f"watch {what}: {error}") from None
         finally:
-            self._watch = None
+            with self._watches_lock:
+                self._watches.discard(response)
             response.release_conn()
         return version
 
     def stop_watches(self) -> None:
-        """Break an open watch at once (it would otherwise last until the server's timeout)."""
-        response = self._watch
-        if response is not None:
+        """Break the open watches at once (they would otherwise last until the server's
+        timeout)."""
+        with self._watches_lock:
+            responses = list(self._watches)
+        for response in responses:
             with contextlib.suppress(Exception):
                 response.shutdown() if hasattr(response, "shutdown") else response.close()
 
@@ -406,7 +463,7 @@ class KubeApi:
             "kind": "Event",
             "metadata": {
                 "generateName": f"{meta.get('name', 'kube-audit')}.",
-                "namespace": "default",
+                "namespace": EVENT_NAMESPACE,
             },
             "involvedObject": {
                 "apiVersion": f"{GROUP}/{VERSION}",
@@ -423,7 +480,11 @@ class KubeApi:
             "count": 1,
             "reportingComponent": "kube-audit",
         }
-        _drain(self._send("create Event", "POST", "/api/v1/namespaces/default/events", body=body))
+        _drain(
+            self._send(
+                "create Event", "POST", f"/api/v1/namespaces/{EVENT_NAMESPACE}/events", body=body
+            )
+        )
 
     def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -456,6 +517,50 @@ class KubeApi:
         except Conflict:
             return False
         return True
+
+    def node_records(self, namespace: str) -> dict[str, dict[str, str]]:
+        """Node name -> the annotations of its node Lease (what it runs, its last outcome)."""
+        out = {}
+        for item in self._items(f"list Leases in {namespace}", _lease_path(namespace)):
+            meta = item.get("metadata") or {}
+            name = str(meta.get("name") or "")
+            if name.startswith(NODE_LEASE_PREFIX):
+                notes = meta.get("annotations") or {}
+                out[name.removeprefix(NODE_LEASE_PREFIX)] = {k: str(v) for k, v in notes.items()}
+        return out
+
+    def write_node_record(
+        self, namespace: str, node: str, annotations: Mapping[str, str], renew_time: str
+    ) -> None:
+        """Create or update this node's Lease: its holder is the node, its annotations say
+        what it runs; a merge patch, so each node writes only its own and never conflicts."""
+        name = f"{NODE_LEASE_PREFIX}{node}"
+        body = {
+            "metadata": {"name": name, "annotations": dict(annotations)},
+            "spec": {"holderIdentity": node, "renewTime": renew_time},
+        }
+        try:
+            _drain(
+                self._send(
+                    f"patch Lease {namespace}/{name}",
+                    "PATCH",
+                    _lease_path(namespace, name),
+                    body=body,
+                    content_type=MERGE_PATCH,
+                )
+            )
+        except NotFound:
+            create = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "annotations": dict(annotations),
+                },
+                "spec": {"holderIdentity": node, "renewTime": renew_time},
+            }
+            self.create_lease(namespace, create)
 
 
 def _custom_path(plural: str, name: str | None = None) -> str:

@@ -461,8 +461,11 @@ class OperatorProcess:
     def log(self) -> Path:
         return self.node.work / "operator.log"
 
+    @property
+    def metrics_port(self) -> int:
+        return 10290 + self.cp.nodes.index(self.node)
+
     def start(self) -> None:
-        index = self.cp.nodes.index(self.node)
         env = {
             **os.environ,
             **daemonset_env(),
@@ -470,7 +473,8 @@ class OperatorProcess:
             "POD_NAMESPACE": TOKEN_NAMESPACE,
             "KUBE_AUDIT_HOST_ROOT": str(self.node.tree),
             "KUBE_AUDIT_LIVENESS": f"http://{self.node.address}:10281/healthz",
-            "KUBE_AUDIT_METRICS_PORT": str(10282 + index),
+            "KUBE_AUDIT_READINESS": f"http://{self.node.address}:10283/readyz",
+            "KUBE_AUDIT_METRICS_PORT": str(self.metrics_port),
             "KUBECONFIG": str(self.kubeconfig),
             **self.env,
         }

@@ -8,6 +8,11 @@ generation (bumped on spec changes only), creationTimestamp, generateName; list 
 and watch-from-resourceVersion; RFC 6902 JSON patch with ``test`` (422 on failure) and RFC 7386
 merge patch; PUT with optimistic concurrency (409); the status subresource; ownerReference
 cascade on delete; and an outage switch that drops watches and answers 503.
+
+It answers 400 to any query parameter it does not implement, rather than ignoring it: a
+``labelSelector`` silently ignored once made ``control_plane_nodes()`` return workers here
+while the real apiserver filtered them. Label selectors (equality and existence) filter lists
+and watches as the apiserver does, including DELETED for an object that stops matching.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import attrs
 import kmock
 from kmock._internal import enums, k8s, references, rendering
 
-from kube_audit.core.models import GROUP, VERSION
+from kube_audit.constants import GROUP, VERSION
 
 CRDS = {
     "auditusers": ("AuditUser", "audituser", {"au"}),
@@ -95,6 +100,51 @@ def merge_patch(doc: Any, patch: Any) -> Any:
 
 
 REQUEST_RECORD = 2000
+QUERY_PARAMS = frozenset(
+    {
+        "limit",
+        "continue",
+        "labelSelector",
+        "resourceVersion",
+        "watch",
+        "allowWatchBookmarks",
+        "timeoutSeconds",
+        "fieldManager",
+    }
+)
+
+
+def parse_label_selector(text: str) -> list[tuple[str, str, str | None]]:
+    """``a``, ``!a``, ``a=b``, ``a==b``, ``a!=b``, comma-separated (all must hold); set-based
+    selectors are refused (ValueError) rather than misread."""
+    terms: list[tuple[str, str, str | None]] = []
+    for raw in (t.strip() for t in text.split(",") if t.strip()):
+        if " in " in raw or " notin " in raw or "(" in raw:
+            raise ValueError(f"set-based selector {raw!r} is not implemented")
+        if "!=" in raw:
+            key, value = raw.split("!=", 1)
+            terms.append((key.strip(), "!=", value.strip()))
+        elif "==" in raw or "=" in raw:
+            key, value = raw.split("==", 1) if "==" in raw else raw.split("=", 1)
+            terms.append((key.strip(), "=", value.strip()))
+        elif raw.startswith("!"):
+            terms.append((raw[1:].strip(), "!", None))
+        else:
+            terms.append((raw, "exists", None))
+    return terms
+
+
+def labels_match(terms: list[tuple[str, str, str | None]], labels: dict[str, str]) -> bool:
+    for key, op, value in terms:
+        present = key in labels
+        if (
+            (op == "exists" and not present)
+            or (op == "!" and present)
+            or (op == "=" and labels.get(key) != value)
+            or (op == "!=" and present and labels.get(key) == value)
+        ):
+            return False
+    return True
 
 
 def _body_of(obj: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +156,8 @@ class Cluster(kmock.KubernetesEmulator):
     rv: int = 0
     down: bool = False
     list_delay: dict[str, float] = attrs.field(factory=dict)
+    # Every collection read of Secrets (path and query): what the operator asks to see.
+    secret_reads: list[str] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -144,9 +196,25 @@ class Cluster(kmock.KubernetesEmulator):
         if len(self._requests) > REQUEST_RECORD:
             del self._requests[: -REQUEST_RECORD // 2]
         try:
+            unknown = sorted(set(request.params) - QUERY_PARAMS)
+            if unknown:
+                raise self._error(
+                    400, "BadRequest", f"query parameter(s) not implemented here: {unknown}"
+                )
+            try:
+                parse_label_selector(str(request.params.get("labelSelector") or ""))
+            except ValueError as error:
+                raise self._error(400, "BadRequest", str(error)) from None
             if self.down:
                 raise self._error(503, "ServiceUnavailable", "apiserver is restarting")
             resource = request.resource
+            if (
+                resource is not None
+                and resource.plural == "secrets"
+                and request.name is None
+                and request.method == enums.method.GET
+            ):
+                self.secret_reads.append(str(request.url.path_qs))
             if (
                 resource is not None
                 and request.name is not None
@@ -163,8 +231,17 @@ class Cluster(kmock.KubernetesEmulator):
             return await self._render_error(error)
         return await super()._handle(request)
 
-    async def _emit(self, resource: references.resource, kind: str, obj: dict[str, Any]) -> None:
-        await self._buses[resource].put({"type": kind, "object": copy.deepcopy(obj)})
+    async def _emit(
+        self,
+        resource: references.resource,
+        kind: str,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None = None,
+    ) -> None:
+        event = {"type": kind, "object": copy.deepcopy(obj)}
+        if old is not None:
+            event["old"] = copy.deepcopy(old)
+        await self._buses[resource].put(event)
 
     async def _mutate(self, request: rendering.Request, op: str) -> aiohttp.web.StreamResponse:
         resource = request.resource
@@ -253,7 +330,7 @@ class Cluster(kmock.KubernetesEmulator):
             return old
         meta["resourceVersion"] = self._next_rv()
         self._objects[key].create(new)
-        await self._emit(resource, "MODIFIED", new)
+        await self._emit(resource, "MODIFIED", new, old)
         return new
 
     async def _delete(
@@ -279,7 +356,10 @@ class Cluster(kmock.KubernetesEmulator):
         meta = obj.get("metadata") or {}
         if request.namespace is not None and meta.get("namespace") != request.namespace:
             return False
-        return request.name is None or meta.get("name") == request.name
+        if request.name is not None and meta.get("name") != request.name:
+            return False
+        selector = parse_label_selector(str(request.params.get("labelSelector") or ""))
+        return labels_match(selector, meta.get("labels") or {})
 
     def _current(self, request: rendering.Request) -> Iterator[dict[str, Any]]:
         for (resource, _, _), obj in self._objects.items():
@@ -322,11 +402,16 @@ class Cluster(kmock.KubernetesEmulator):
             async for event in bus.stream(since=marker):
                 if self.down:
                     return
-                obj = event.get("object") or {}
-                if event.get("type") == "_WAKE" or not self._visible(request, obj):
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "_WAKE" or int(obj["metadata"]["resourceVersion"]) <= since:
                     continue
-                if int(obj["metadata"]["resourceVersion"]) > since:
-                    yield event
+                now_seen = self._visible(request, obj)
+                was_seen = "old" in event and self._visible(request, event["old"])
+                if kind == "MODIFIED" and now_seen != was_seen:
+                    kind = "ADDED" if now_seen else "DELETED"  # as the apiserver's watch cache
+                elif not now_seen:
+                    continue
+                yield {"type": kind, "object": obj}
         finally:
             await bus.unmark(marker)
 

@@ -17,9 +17,11 @@ import pytest
 
 from kube_audit.agent.health import HealthCheck, HealthOutcome
 from kube_audit.agent.layout import HostLayout
+from kube_audit.constants import CONTROL_PLANE_LABEL
+from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.main import run_operator
-from kube_audit.controller.runtime import NodeRuntime, OperatorConfig
-from kube_audit.kube import CONTROL_PLANE_LABEL, KubeApi
+from kube_audit.controller.reconciler import NodeRuntime
+from kube_audit.kube import KubeApi
 from tests.agent.conftest import make_host
 from tests.operator.cluster import ClusterThread
 

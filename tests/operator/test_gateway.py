@@ -42,3 +42,18 @@ def test_unreachable_api_is_a_cluster_error() -> None:
     api = KubeApi(kubernetes.client.ApiClient(config))
     with pytest.raises(ClusterError, match=r"list control-plane Nodes: Kubernetes API unreachable"):
         api.control_plane_nodes()
+
+
+def test_a_silent_api_times_out() -> None:
+    """An apiserver stopping mid-restart can accept a connection and never answer: without a
+    timeout the reconcile would hang there, its pod alive and doing nothing."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        config = kubernetes.client.Configuration(
+            host=f"http://{sock.getsockname()[0]}:{sock.getsockname()[1]}"
+        )
+        config.retries = 0
+        api = KubeApi(kubernetes.client.ApiClient(config), timeout=0.5)
+        with pytest.raises(ClusterError, match=r"list control-plane Nodes: .*timed out"):
+            api.control_plane_nodes()  # without the timeout this would never return

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from typing import Any
 
 import kopf
 
+from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.handlers import to_kopf_error
-from kube_audit.controller.lease import _free_for, _parse
-from kube_audit.controller.runtime import NodeRuntime, OperatorConfig
+from kube_audit.controller.lease import LeaseLock
+from kube_audit.controller.metrics import Metrics
+from kube_audit.controller.reconciler import NodeRuntime
+from kube_audit.controller.rollout import NodeReport, Rollout
+from kube_audit.controller.status import StatusWriter
 from kube_audit.controller.store import ObjectStore
 from kube_audit.errors import ClusterError, InvalidInput, Problem
+from kube_audit.kube import KubeApi
+from tests.clock import ManualClock
 from tests.operator.conftest import Harness
 
 USER = {
@@ -56,30 +63,40 @@ def test_store_merges_status_per_node() -> None:
     assert [d[0] for d in store.documents()] == ["AuditUser/alice"]
 
 
-def test_lease_times_in_both_formats() -> None:
-    assert _parse("2026-11-27T10:00:00.123456Z") == datetime(
-        2026, 11, 27, 10, 0, 0, 123456, tzinfo=UTC
+def _lock(harness: Harness, holder: str, clock: ManualClock, duration: int = 60) -> LeaseLock:
+    return LeaseLock(
+        harness.api, clock, namespace="kube-audit", name="rollout", holder=holder, duration=duration
     )
-    assert _parse("2026-11-27T10:00:00.123456+00:00") == _parse("2026-11-27T10:00:00.123456Z")
-    assert _parse("garbage") is None and _parse(None) is None
 
 
-def test_lease_free_only_when_expired_or_ours() -> None:
-    now = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
-    held = {
-        "spec": {
-            "holderIdentity": "cp-1",
-            "leaseDurationSeconds": 60,
-            "renewTime": (now - timedelta(seconds=30)).isoformat(),
-        }
-    }
-    assert not _free_for(held, "cp-2", now)
-    assert _free_for(held, "cp-1", now)
-    assert _free_for(held, "cp-2", now + timedelta(seconds=31))
-    assert _free_for({"spec": {"holderIdentity": None}}, "cp-2", now)
-    assert not _free_for({"spec": {"holderIdentity": "cp-1", "renewTime": "??"}}, "cp-2", now), (
-        "unreadable time is not free"
-    )
+def test_lease_expiry_is_timed_from_observation_not_the_holders_clock(harness: Harness) -> None:
+    """cp-1's clock is an hour behind, so its renewTime looks long expired to cp-2's wall
+    clock: cp-2 must still wait a whole duration of seeing no renewal (as client-go does)."""
+    behind, ours = ManualClock(), ManualClock()
+    behind.wall -= timedelta(hours=1)
+    holder, waiter = _lock(harness, "cp-1", behind), _lock(harness, "cp-2", ours)
+    assert holder.try_acquire()
+    assert not waiter.try_acquire(), "first sight of the record starts the count"
+    ours.advance(59)
+    behind.advance(59)
+    assert not waiter.try_acquire()
+    assert holder.renew(), "a renewal during a long apply"
+    ours.advance(30)
+    assert not waiter.try_acquire(), "the renewal restarted the count"
+    ours.advance(59)
+    assert not waiter.try_acquire()
+    ours.advance(2)
+    assert waiter.try_acquire(), "no renewal seen for longer than the duration"
+    assert not holder.renew(), "the old holder no longer renews what it lost"
+
+
+def test_lease_annotations_only_while_held(harness: Harness) -> None:
+    clock = ManualClock()
+    one, two = _lock(harness, "cp-1", clock), _lock(harness, "cp-2", clock)
+    assert one.try_acquire()
+    assert not two.annotate({"k": "v"}), "not ours: nothing written"
+    assert one.annotate({"k": "v"}, release=True)
+    assert one.annotation("k") == "v" and two.try_acquire(), "released at once, mark kept"
 
 
 def test_errors_map_to_kopf() -> None:
@@ -117,3 +134,104 @@ async def test_a_delete_the_watch_missed_is_forgotten_before_the_next_plan(
     await asyncio.wait_for(runtime.wait_synced(asyncio.Event()), 10)
     assert runtime.store.has("auditusers", "alice")
     assert not runtime.store.has("auditusers", "bob")
+
+
+class _FlakyApi:
+    """The calls StatusWriter makes; ``refuse`` names objects whose status patch fails."""
+
+    def __init__(self, refuse: set[str], events_fail: bool = False) -> None:
+        self.refuse = refuse
+        self.events_fail = events_fail
+        self.patched: dict[str, dict[str, Any]] = {}
+        self.events: list[str] = []
+
+    def patch_status(self, plural: str, name: str, patch: dict[str, Any]) -> None:
+        if name in self.refuse:
+            raise ClusterError(f"patch {name}: HTTP 422", 422)
+        self.patched[name] = patch
+
+    def create_event(self, obj: Any, kind: str, type_: str, reason: str, message: str) -> None:
+        if self.events_fail:
+            raise ClusterError("create Event: HTTP 403", 403)
+        self.events.append(obj["metadata"]["name"])
+
+    def write_node_record(self, *args: Any) -> None:
+        pass
+
+
+def _writer(api: Any, store: ObjectStore) -> StatusWriter:
+    return StatusWriter(
+        OperatorConfig(node_name="cp-1"),
+        api,
+        ManualClock(),
+        store=store,
+        metrics=Metrics(),
+        on_gone=lambda: None,
+    )
+
+
+def _users(store: ObjectStore, *names: str, generation: int = 1) -> None:
+    for name in names:
+        meta = {**USER["metadata"], "name": name, "uid": name, "generation": generation}
+        store.upsert("auditusers", {**USER, "metadata": meta})
+
+
+def _report(generations: dict[str, int]) -> NodeReport:
+    return NodeReport("h" * 64, (), generations, "Applied", "applied")
+
+
+async def test_status_reports_the_generation_that_went_into_the_plan() -> None:
+    """alice changed (generation 2) during the health wait: the node runs generation 1, and
+    status must say so, or alice would show Ready for a change that is not live."""
+    store = ObjectStore()
+    _users(store, "alice", generation=2)
+    api = _FlakyApi(set())
+    errors = await _writer(api, store).write_node(_report({"AuditUser/alice": 1}), asyncio.Event())
+    assert not errors
+    assert api.patched["alice"]["nodes"]["cp-1"]["observedGeneration"] == 1
+
+
+async def test_one_refused_status_write_does_not_stop_the_others() -> None:
+    store = ObjectStore()
+    _users(store, "alice", "bob", "carol")
+    api = _FlakyApi({"bob"}, events_fail=True)
+    generations = {f"AuditUser/{n}": 1 for n in ("alice", "bob", "carol")}
+    errors = await _writer(api, store).write_node(_report(generations), asyncio.Event())
+    assert set(api.patched) == {"alice", "carol"}, "the others were written"
+    assert len(errors) == 1 and "bob" in str(errors[0]), "the failure is returned for a retry"
+    assert api.events == [], "Events the API refuses are best effort: no error for them"
+
+
+class _LeaseFaults(KubeApi):
+    """Lease writes fail ``fail`` times (an apiserver restarting next door)."""
+
+    def __init__(self, api: KubeApi, fail: int) -> None:
+        super().__init__(api.client)
+        self.fail = fail
+
+    def replace_lease(self, namespace: str, name: str, body: Any) -> bool:
+        if self.fail > 0:
+            self.fail -= 1
+            raise ClusterError("replace Lease: HTTP 503", 503)
+        return super().replace_lease(namespace, name, body)
+
+
+async def test_the_failed_config_is_recorded_first_with_retries(harness: Harness) -> None:
+    """The mark tells the other nodes not to try a config that failed here; if it were lost,
+    the next node would restart its apiserver into the same failure."""
+    config = OperatorConfig(node_name="cp-1", host_root=harness.tmp)
+    flaky = _LeaseFaults(harness.api, fail=2)
+    rollout = Rollout(config, flaky, ManualClock(), Metrics(), plan=lambda: None)  # type: ignore[arg-type, return-value]
+    assert await asyncio.to_thread(rollout.lease.try_acquire)
+    assert await rollout._mark_failed("a" * 64)
+    assert rollout.lease.annotation("kube-audit.io/failed-configs") == "a" * 64
+    assert await rollout._mark_failed("b" * 64)
+    assert rollout.lease.annotation("kube-audit.io/failed-configs") == f"{'a' * 64},{'b' * 64}"
+    flaky.fail = 100
+    assert not await rollout._mark_failed("c" * 64), "the API never took it"
+    assert rollout.lease.holds(), "so the Lease is kept: no other node goes on meanwhile"
+    assert rollout._unmarked == "c" * 64, "still owed, written before the Lease is released"
+    flaky.fail = 0
+    await rollout._settle_lease()
+    assert "c" * 64 in (rollout.lease.annotation("kube-audit.io/failed-configs") or "")
+    assert not rollout.lease.holds()

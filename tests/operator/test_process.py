@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from tests.operator.conftest import Harness, eventually
@@ -18,7 +21,24 @@ from tests.operator.conftest import Harness, eventually
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ready(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
 def test_sigterm_stops_the_operator_process(harness: Harness, tmp_path: Path) -> None:
+    """Also: the pod's readiness turns 200 only once the node is settled."""
     host = tmp_path / "host"
     shutil.copytree(REPO / "examples/demo/host", host)
     kubeconfig = harness.cluster.write_kubeconfig(tmp_path / "kubeconfig")
@@ -26,6 +46,7 @@ def test_sigterm_stops_the_operator_process(harness: Harness, tmp_path: Path) ->
     for i in range(200):
         harness.apply_user(f"user-{i:03d}", groups=["developer"])
     log = tmp_path / "operator.log"
+    readiness = f"http://127.0.0.1:{_free_port()}/readyz"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
@@ -44,6 +65,8 @@ def test_sigterm_stops_the_operator_process(harness: Harness, tmp_path: Path) ->
                 "0",
                 "--liveness",
                 "",
+                "--readiness",
+                readiness,
             ],
             env={**os.environ, "KUBECONFIG": str(kubeconfig)},
             stdout=out,
@@ -51,7 +74,8 @@ def test_sigterm_stops_the_operator_process(harness: Harness, tmp_path: Path) ->
         )
         try:
             manifest = host / "etc/kubernetes/manifests/kube-apiserver.yaml"
-            eventually(lambda: "token-auth-file" in manifest.read_text(), 60, "an apply")
+            eventually(lambda: _ready(readiness) == 200, 60, "the pod ready")
+            assert "token-auth-file" in manifest.read_text(), "ready only once the node settled"
             process.send_signal(signal.SIGTERM)
             code = process.wait(timeout=45)
         finally:

@@ -70,6 +70,9 @@ def test_rbac_is_least_privilege(objects: list[dict[str, Any]]) -> None:
     cluster = _one(objects, "ClusterRole")
     secrets = [r for r in cluster["rules"] if "secrets" in r["resources"]]
     assert secrets and all(set(r["verbs"]) <= {"get", "list", "watch"} for r in secrets)
+    token_role = _one(objects, "Role", "kube-audit-operator")
+    writes = [r for r in token_role["rules"] if "secrets" in r["resources"]]
+    assert writes and all(set(r["verbs"]) == {"create", "patch"} for r in writes)
     assert _one(objects, "Role", "kube-audit-operator")["metadata"]["namespace"] == "kube-audit"
 
 
@@ -89,7 +92,20 @@ def test_daemonset(objects: list[dict[str, Any]]) -> None:
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["KUBE_AUDIT_HOST_ROOT"]["value"] == "/host"
     assert container["resources"]["requests"] and container["resources"]["limits"]
-    assert container["livenessProbe"]["httpGet"]["port"] == 10281
+    # Health, readiness and metrics only on the node's loopback (the pod shares its network).
+    assert container["livenessProbe"]["httpGet"] == {
+        "host": "127.0.0.1",
+        "path": "/healthz",
+        "port": 10281,
+    }
+    assert container["readinessProbe"]["httpGet"] == {
+        "host": "127.0.0.1",
+        "path": "/readyz",
+        "port": 10283,
+    }
+    assert env["KUBE_AUDIT_LIVENESS"]["value"] == "http://127.0.0.1:10281/healthz"
+    assert env["KUBE_AUDIT_READINESS"]["value"] == "http://127.0.0.1:10283/readyz"
+    assert env["KUBE_AUDIT_METRICS_ADDRESS"]["value"] == "127.0.0.1"
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     host_paths = {

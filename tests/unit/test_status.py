@@ -14,6 +14,7 @@ from kube_audit.core.status import (
     compute_conditions,
     conditions_differ,
     entry_differs,
+    entry_patch,
     node_entry,
     summarize,
 )
@@ -30,9 +31,7 @@ def _obj(
         "metadata": {"name": "alice", "generation": generation},
         "status": {
             "nodes": {
-                n: node_entry(
-                    generation=g, config_hash="abc", outcome=o, message=f"{o} msg", time=NOW
-                )
+                n: node_entry(generation=g, outcome=o, message=f"{o} msg", time=NOW)
                 for n, (g, o) in nodes.items()
             },
             "conditions": conditions or [],
@@ -76,6 +75,14 @@ def test_the_node_that_failed_is_named_not_the_ones_it_stopped() -> None:
     assert c["Ready"]["message"].startswith("node c: RolledBack msg"), c["Ready"]["message"]
 
 
+def test_a_blocked_node_alone_is_stalled_with_its_reason() -> None:
+    """A node we must not manage is a permanent failure the user must see, not a wait."""
+    obj = _obj(1, {"a": (1, APPLIED), "b": (1, BLOCKED)})
+    c = _by_type(compute_conditions(obj, ["a", "b"], NOW))
+    assert c["Ready"]["status"] == "False" and c["Ready"]["reason"] == BLOCKED
+    assert c["Stalled"]["status"] == "True" and c["Stalled"]["message"] == "node b: Blocked msg"
+
+
 def test_a_token_not_created_yet_is_reconciling_not_stalled() -> None:
     """Flux and Argo CD treat Stalled as failed: a burst must not flap through it."""
     c = _by_type(compute_conditions(_obj(1, {"a": (1, PENDING)}), ["a"], NOW))
@@ -104,9 +111,20 @@ def test_transition_time_kept_while_status_unchanged() -> None:
 
 
 def test_entry_time_alone_is_no_change() -> None:
-    a = node_entry(generation=1, config_hash="x", outcome=APPLIED, message="m", time="t1")
+    a = node_entry(generation=1, outcome=APPLIED, message="m", time="t1")
     assert not entry_differs(a, {**a, "time": "t2"})
     assert entry_differs(a, {**a, "observedGeneration": 2}) and entry_differs(None, a)
+
+
+def test_an_entry_holds_no_config_hash_and_drops_an_old_one() -> None:
+    """The node's config hash changes with every user added: in each entry, it made every
+    change rewrite every object's status. An entry written before loses it, once."""
+    new = node_entry(generation=1, outcome=APPLIED, message="live", time="t1")
+    assert "configHash" not in new
+    old = {**new, "configHash": "abc"}
+    assert entry_differs(old, new)
+    assert entry_patch(old, new) == {**new, "configHash": None}
+    assert entry_patch(new, new) == new
 
 
 def test_summarize() -> None:
@@ -115,10 +133,22 @@ def test_summarize() -> None:
     bad = _obj(1, {"a": (1, ROLLED_BACK)})
     bad["metadata"]["name"] = "bob"
     bad["status"]["conditions"] = [{"type": "Stalled", "status": "True", "message": "boom"}]
-    objects, nodes = summarize([("AuditUser", bad), ("AuditUser", ready)], ["a", "b"])
+    records = {
+        "a": {
+            "kube-audit.io/config-hash": "abcdef0123456789ffff",
+            "kube-audit.io/outcome": APPLIED,
+            "kube-audit.io/applied-at": NOW,
+        },
+        "old": {"kube-audit.io/outcome": APPLIED},
+    }
+    objects, nodes = summarize([("AuditUser", bad), ("AuditUser", ready)], ["a", "b"], records)
     assert objects[0] == ["AuditUser/alice", "True", "1/2 (a)", ""]
     assert objects[1] == ["AuditUser/bob", "Unknown", "0/2", "boom"]
-    assert nodes == [["a", "abc", NOW, NOW], ["b", "-", "-", "-"]]
+    assert nodes == [
+        ["a", "abcdef0123456789", APPLIED, NOW, "-"],
+        ["b", "-", "-", "-", "-"],
+        ["old", "-", "Applied (not a control-plane node now)", "-", "-"],
+    ]
 
 
 def test_kubeconfig() -> None:

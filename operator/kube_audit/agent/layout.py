@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 from kube_audit import hostfs
 from kube_audit.core import yamlio
 from kube_audit.core.settings import Settings
-from kube_audit.errors import HostError
+from kube_audit.errors import HostError, NodeConfigError
 
 DEFAULT_KUBELET_CONFIG = "/var/lib/kubelet/config.yaml"
 DEFAULT_STATIC_POD_PATH = "/etc/kubernetes/manifests"
@@ -29,12 +29,16 @@ def static_pod_path(root: Path, kubelet_config: str) -> str:
     try:
         config = yamlio.load(data)
     except yamlio.YAMLError as error:
-        raise HostError(f"kubelet config {kubelet_config} is not valid YAML: {error}") from None
+        raise NodeConfigError(
+            f"kubelet config {kubelet_config} is not valid YAML: {error}"
+        ) from None
     value = config.get("staticPodPath") if isinstance(config, dict) else None
     if value is None:
         return DEFAULT_STATIC_POD_PATH
     if not isinstance(value, str) or not value.startswith("/"):
-        raise HostError(f"kubelet config {kubelet_config}: staticPodPath {value!r} is not absolute")
+        raise NodeConfigError(
+            f"kubelet config {kubelet_config}: staticPodPath {value!r} is not absolute"
+        )
     return value
 
 

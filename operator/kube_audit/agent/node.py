@@ -514,3 +514,30 @@ def default_health_check(layout: HostLayout, timeout: float) -> HealthCheck:
         ca_file=layout.host("/etc/kubernetes/pki/ca.crt"),
         timeout=timeout,
     )
+
+
+@dataclass(frozen=True)
+class NodeAgent:
+    """What the operator asks of this node's agent, through one typed interface: the agent's
+    state file stays the agent's business."""
+
+    layout: HostLayout
+    health: HealthCheck | None
+
+    def needs_change(self, desired: DesiredState) -> bool:
+        return needs_change(self.layout, desired)
+
+    def has_failed(self, config_hash: str) -> bool:
+        """This config failed on this node and was rolled back (it is not tried again)."""
+        return config_hash in read_state(self.layout).get("failed", [])
+
+    def pending(self) -> str | None:
+        """The config hash an interrupted apply left unverified, if any."""
+        value = read_state(self.layout).get("pending")
+        return str(value) if value else None
+
+    def apply(self, desired: DesiredState) -> NodeResult:
+        return apply_node(self.layout, desired, self.health, retry_failed=False)
+
+    def resume(self) -> NodeResult | None:
+        return resume_node(self.layout, self.health)

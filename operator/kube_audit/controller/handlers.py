@@ -15,10 +15,9 @@ from typing import Any
 
 import kopf
 
-from kube_audit.controller.runtime import NodeRuntime
-from kube_audit.core.models import GROUP, VERSION
+from kube_audit.constants import CONTROL_PLANE_LABEL, GROUP, VERSION
+from kube_audit.controller.reconciler import NodeRuntime
 from kube_audit.errors import KubeAuditError
-from kube_audit.kube import CONTROL_PLANE_LABEL
 
 log = logging.getLogger("kube_audit.operator")
 

@@ -1,112 +1,151 @@
-"""coordination.k8s.io Leases: one node restarts its apiserver at a time; one pod owns status."""
+"""coordination.k8s.io Leases: one node restarts its apiserver at a time; one pod owns status.
+
+Expiry is timed as client-go's leader election times it: from when *this* pod last saw the
+holder's record change, on its own monotonic clock. Comparing the holder's ``renewTime`` with
+our wall clock would make a node whose clock runs a minute ahead take a Lease that is still
+held, and restart its apiserver while another node's is down.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from typing import Any
 
-from kube_audit.controller.aio import sleep_unless_stopped
+from kube_audit.controller.clock import Clock, micro_time
+from kube_audit.errors import ClusterError
 from kube_audit.kube import KubeApi
 
-FAILED_ANNOTATION = "kube-audit.io/failed-config"
+
+@dataclass
+class _Observed:
+    record: tuple[Any, ...]
+    at: float
 
 
-def _micro(ts: datetime) -> str:
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+class LeaseLock:
+    """A named Lease held by ``holder`` for ``duration`` seconds at a time."""
 
+    def __init__(
+        self,
+        api: KubeApi,
+        clock: Clock,
+        *,
+        namespace: str,
+        name: str,
+        holder: str,
+        duration: int,
+    ) -> None:
+        self.api = api
+        self.clock = clock
+        self.namespace = namespace
+        self.name = name
+        self.holder = holder
+        self.duration = duration
+        self._observed: _Observed | None = None
 
-def _parse(value: str | None) -> datetime | None:
-    """RFC 3339 as the API sends it ('Z') or as the client re-serialises it ('+00:00')."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _free_for(lease: dict[str, Any], holder: str, now: datetime) -> bool:
-    spec = lease.get("spec") or {}
-    current = spec.get("holderIdentity")
-    if not current or current == holder:
-        return True
-    renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
-    if renewed is None:
-        return False
-    duration = int(spec.get("leaseDurationSeconds") or 0)
-    return renewed + timedelta(seconds=duration) < now
-
-
-def try_acquire(api: KubeApi, namespace: str, name: str, holder: str, duration: int) -> bool:
-    """Take or renew the lease if it is free, ours, or expired; False if someone else holds it."""
-    now = datetime.now(UTC)
-    lease = api.read_lease(namespace, name)
-    if lease is None:
-        return api.create_lease(
-            namespace,
-            {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": name, "namespace": namespace},
-                "spec": {
-                    "holderIdentity": holder,
-                    "leaseDurationSeconds": duration,
-                    "acquireTime": _micro(now),
-                    "renewTime": _micro(now),
-                },
-            },
+    def _expired(self, lease: dict[str, Any]) -> bool:
+        """Held by another: expired once its record has not changed for its duration."""
+        spec = lease.get("spec") or {}
+        record = (
+            spec.get("holderIdentity"),
+            spec.get("renewTime"),
+            spec.get("acquireTime"),
+            (lease.get("metadata") or {}).get("resourceVersion"),
         )
-    if not _free_for(lease, holder, now):
+        now = self.clock.monotonic()
+        if self._observed is None or self._observed.record != record:
+            self._observed = _Observed(record, now)
+            return False
+        duration = int(spec.get("leaseDurationSeconds") or self.duration)
+        return now - self._observed.at > duration
+
+    def try_acquire(self) -> bool:
+        """Take or renew the Lease if it is free, ours, or expired; False if another holds it."""
+        now = micro_time(self.clock.now())
+        lease = self.api.read_lease(self.namespace, self.name)
+        if lease is None:
+            return self.api.create_lease(
+                self.namespace,
+                {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace},
+                    "spec": {
+                        "holderIdentity": self.holder,
+                        "leaseDurationSeconds": self.duration,
+                        "acquireTime": now,
+                        "renewTime": now,
+                    },
+                },
+            )
+        spec = lease.setdefault("spec", {})
+        current = spec.get("holderIdentity")
+        if current and current != self.holder and not self._expired(lease):
+            return False
+        if current != self.holder:
+            spec["acquireTime"] = now
+        spec.update(holderIdentity=self.holder, leaseDurationSeconds=self.duration, renewTime=now)
+        return self.api.replace_lease(self.namespace, self.name, lease)
+
+    def renew(self) -> bool:
+        """Extend the Lease if it is still ours (during a long apply)."""
+        lease = self.api.read_lease(self.namespace, self.name)
+        if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.holder:
+            return False
+        lease["spec"]["renewTime"] = micro_time(self.clock.now())
+        return self.api.replace_lease(self.namespace, self.name, lease)
+
+    def holds(self) -> bool:
+        lease = self.api.read_lease(self.namespace, self.name)
+        return lease is not None and (lease.get("spec") or {}).get("holderIdentity") == self.holder
+
+    def annotate(self, annotations: dict[str, str | None], *, release: bool = False) -> bool:
+        """Record ``annotations`` (None removes one) while the Lease is ours, giving it up if
+        ``release``. False when it is not ours (nothing written) or the write lost a race."""
+        lease = self.api.read_lease(self.namespace, self.name)
+        if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.holder:
+            return False
+        meta = lease.setdefault("metadata", {})
+        notes = meta.get("annotations") or {}
+        for key, value in annotations.items():
+            if value is None:
+                notes.pop(key, None)
+            else:
+                notes[key] = value
+        meta["annotations"] = notes
+        if release:
+            lease["spec"]["holderIdentity"] = None
+        return self.api.replace_lease(self.namespace, self.name, lease)
+
+    def release(self) -> bool:
+        return self.annotate({}, release=True)
+
+    def annotation(self, key: str) -> str | None:
+        lease = self.api.read_lease(self.namespace, self.name)
+        if lease is None:
+            return None
+        value = ((lease.get("metadata") or {}).get("annotations") or {}).get(key)
+        return str(value) if value is not None else None
+
+    async def acquire(self, poll: float, stop: asyncio.Event) -> bool:
+        """Wait until the Lease is ours (True) or the operator stops (False). An API error is
+        only a reason to try again: the holder's apiserver may be the one restarting."""
+        while not stop.is_set():
+            try:
+                if await asyncio.to_thread(self.try_acquire):
+                    return True
+            except ClusterError as error:
+                if error.status in (401, 403):
+                    raise
+            await self.clock.sleep(poll, stop)
         return False
-    spec = lease.setdefault("spec", {})
-    if spec.get("holderIdentity") != holder:
-        spec["acquireTime"] = _micro(now)
-    spec.update(holderIdentity=holder, leaseDurationSeconds=duration, renewTime=_micro(now))
-    return api.replace_lease(namespace, name, lease)
 
-
-def release(
-    api: KubeApi, namespace: str, name: str, holder: str, annotations: dict[str, str | None]
-) -> None:
-    """Give the lease up (if still ours), recording ``annotations`` (None removes one)."""
-    lease = api.read_lease(namespace, name)
-    if lease is None or (lease.get("spec") or {}).get("holderIdentity") != holder:
-        return
-    meta = lease.setdefault("metadata", {})
-    notes = meta.get("annotations") or {}
-    for key, value in annotations.items():
-        if value is None:
-            notes.pop(key, None)
-        else:
-            notes[key] = value
-    meta["annotations"] = notes
-    lease["spec"]["holderIdentity"] = None
-    api.replace_lease(namespace, name, lease)
-
-
-def annotation(api: KubeApi, namespace: str, name: str, key: str) -> str | None:
-    lease = api.read_lease(namespace, name)
-    if lease is None:
-        return None
-    value = ((lease.get("metadata") or {}).get("annotations") or {}).get(key)
-    return str(value) if value is not None else None
-
-
-async def acquire(
-    api: KubeApi,
-    *,
-    namespace: str,
-    name: str,
-    holder: str,
-    duration: int,
-    poll: float,
-    stop: asyncio.Event,
-) -> bool:
-    """Wait until the lease is ours (True) or the operator stops (False)."""
-    while not stop.is_set():
-        if await asyncio.to_thread(try_acquire, api, namespace, name, holder, duration):
-            return True
-        await sleep_unless_stopped(stop, poll)
-    return False
+    async def keep_renewed(self, stop: asyncio.Event) -> None:
+        """Renew every third of the duration until cancelled (the apply it guards ended)."""
+        while not stop.is_set():
+            await self.clock.sleep(self.duration / 3, stop)
+            try:
+                await asyncio.to_thread(self.renew)
+            except ClusterError:
+                continue

@@ -7,15 +7,19 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
+from kube_audit.constants import TOKEN_FOR_LABEL
+from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.handlers import build_registry
 from kube_audit.controller.metrics import Metrics
-from kube_audit.controller.runtime import NodeRuntime, OperatorConfig
+from kube_audit.controller.probe import serve_readiness
+from kube_audit.controller.reconciler import NodeRuntime
 from kube_audit.controller.store import compact
-from kube_audit.kube import LISTED, LISTING, KubeApi
+from kube_audit.kube import LABELLED_SOURCE, LISTED, LISTING, TOKEN_NAMESPACE_SOURCE, KubeApi
 
 log = logging.getLogger("kube_audit.operator")
 
@@ -38,30 +42,42 @@ def connection_info(api: KubeApi) -> kopf.ConnectionInfo:
     )
 
 
+class CoreTaskDied(RuntimeError):
+    """A task the operator cannot work without ended: exit, and let the DaemonSet restart."""
+
+
 async def run_operator(
     runtime: NodeRuntime,
     *,
     stop: threading.Event | None = None,
     ready: threading.Event | None = None,
     liveness_endpoint: str | None = None,
+    readiness_endpoint: str | None = None,
 ) -> None:
-    """Run until ``stop`` is set or SIGTERM/SIGINT comes: kopf standalone, cluster-wide, plus
-    the reconciler, which stops first so that no new API write starts after the signal."""
+    """Run until ``stop`` is set or SIGTERM/SIGINT comes: kopf standalone, cluster-wide, the
+    two Secret watches and the reconciler, which stops first so that no new API write starts
+    after the signal. Raises ``CoreTaskDied`` when the reconciler or a Secret watch dies: a
+    pod whose liveness stays green while nothing reconciles would never be restarted."""
     registry = build_registry(runtime, lambda: connection_info(runtime.api))
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    secrets_stop = threading.Event()
+    watches_stop = threading.Event()
     kopf_stop: asyncio.Future[Any] = loop.create_future()
+    deaths: list[str] = []
 
     def begin_stop(reason: str) -> None:
         if stopping.is_set():
             return
         log.info("%s: stopping", reason)
         stopping.set()
-        secrets_stop.set()
+        watches_stop.set()
         runtime.api.stop_watches()
         if not kopf_stop.done():
             kopf_stop.set_result(None)
+
+    def died(what: str) -> None:
+        deaths.append(what)
+        begin_stop(f"{what} died")
 
     async def watch_stop() -> None:
         while stop is not None and not stop.is_set():
@@ -69,27 +85,59 @@ async def run_operator(
         if stop is not None:
             begin_stop("stop requested")
 
-    def on_secret(kind: str, obj: dict[str, Any]) -> None:
-        """Compacted here, on the watch thread: a first list of 10,000 Secrets would otherwise
-        wait in the loop's queue with all their managedFields."""
-        if kind == LISTING:
-            loop.call_soon_threadsafe(runtime.secrets_listing)
-        elif kind == LISTED:
-            loop.call_soon_threadsafe(runtime.secrets_listed, {tuple(k) for k in obj["keys"]})
-        else:
-            meta = obj.get("metadata") or {}
-            loop.call_soon_threadsafe(
-                runtime.observe_secret, kind, meta.get("namespace"), compact(obj)
-            )
+    def secret_events(source: str) -> Callable[[str, dict[str, Any]], None]:
+        def on_secret(kind: str, obj: dict[str, Any]) -> None:
+            """Compacted here, on the watch thread: a first list of many Secrets would
+            otherwise wait in the loop's queue with all their managedFields."""
+            if kind == LISTING:
+                loop.call_soon_threadsafe(runtime.secrets_listing, source)
+            elif kind == LISTED:
+                keys = {tuple(k) for k in obj["keys"]}
+                loop.call_soon_threadsafe(runtime.secrets_listed, source, keys)
+            else:
+                loop.call_soon_threadsafe(runtime.observe_secret, kind, compact(obj))
 
+        return on_secret
+
+    def supervised_watch(source: str, **where: str) -> None:
+        try:
+            runtime.api.watch_secrets(secret_events(source), watches_stop, **where)
+        except Exception:
+            log.exception("the Secret watch (%s) crashed", source)
+            loop.call_soon_threadsafe(died, f"Secret watch ({source})")
+
+    def on_runtime_done(task: asyncio.Task[None]) -> None:
+        if task.cancelled() or (stopping.is_set() and task.exception() is None):
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("the reconciler crashed", exc_info=error)
+        died("reconciler")
+
+    settings = runtime.config.settings
+    threads = [
+        threading.Thread(
+            target=supervised_watch,
+            args=(TOKEN_NAMESPACE_SOURCE,),
+            kwargs={"namespace": settings.token_namespace},
+            daemon=True,
+        ),
+        threading.Thread(
+            target=supervised_watch,
+            args=(LABELLED_SOURCE,),
+            kwargs={"label_selector": TOKEN_FOR_LABEL},
+            daemon=True,
+        ),
+    ]
     existing = asyncio.all_tasks()
     watcher = asyncio.create_task(watch_stop())
     loop_task = asyncio.create_task(runtime.run(stopping))
-    secrets_thread = threading.Thread(
-        target=runtime.api.watch_secrets, args=(on_secret, secrets_stop), daemon=True
-    )
-    secrets_thread.start()
+    loop_task.add_done_callback(on_runtime_done)
+    for thread in threads:
+        thread.start()
+    probe = serve_readiness(readiness_endpoint, runtime.settled.is_set)
     try:
+        await probe.__aenter__()
         kopf_tasks = await kopf.spawn_tasks(
             registry=registry,
             standalone=True,
@@ -111,15 +159,34 @@ async def run_operator(
             log.warning("reconcile did not stop within 10s; cancelling it (writes are crash-safe)")
             loop_task.cancel()
         for task in (loop_task, watcher):
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await probe.__aexit__(None, None, None)
+    if deaths:
+        raise CoreTaskDied(", ".join(deaths))
 
 
-def main(config: OperatorConfig, api: KubeApi, metrics_port: int, liveness: str) -> int:
+def main(
+    config: OperatorConfig,
+    api: KubeApi,
+    metrics_at: tuple[str, int],
+    liveness: str,
+    readiness: str,
+) -> int:
     metrics = Metrics()
-    if metrics_port:
-        metrics.serve(metrics_port)
+    if metrics_at[1]:
+        metrics.serve(*metrics_at)
     runtime = NodeRuntime(config, api, metrics)
     log.info("kube-audit operator on node %s, host root %s", config.node_name, config.host_root)
-    asyncio.run(run_operator(runtime, liveness_endpoint=liveness or None))
+    try:
+        asyncio.run(
+            run_operator(
+                runtime,
+                liveness_endpoint=liveness or None,
+                readiness_endpoint=readiness or None,
+            )
+        )
+    except CoreTaskDied as error:
+        log.critical("exiting: %s died (the DaemonSet starts a new pod)", error)
+        return 1
     return 0

@@ -25,6 +25,16 @@ class Metrics:
             "kube_audit_last_success_timestamp_seconds", "Last successful reconcile", registry=r
         )
         self.invalid = Gauge("kube_audit_invalid_objects", "Objects refused as invalid", registry=r)
+        self.blocked = Gauge(
+            "kube_audit_node_blocked",
+            "1 while this node cannot be managed (a manifest we must not take over, an "
+            "unusable kubelet config): see the objects' status and Events",
+            registry=r,
+        )
+        self.status_patches = Counter(
+            "kube_audit_status_patches", "Status patches written by this pod", registry=r
+        )
+        self.events = Counter("kube_audit_events", "Events posted by this pod", registry=r)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, address: str, port: int) -> None:
+        start_http_server(port, addr=address, registry=self.registry)

@@ -8,24 +8,31 @@ bytes: each ``orjson.dumps`` result keeps its whole 4 KB write buffer allocated.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from kube_audit.core.models import TOKEN_FOR_LABEL
+from kube_audit.constants import (
+    AUDIT_POLICY,
+    AUDIT_USER,
+    PLURALS,
+    ROTATE_ANNOTATION,
+    ROTATED_FOR,
+    SECRETS,
+    TOKEN_FOR_LABEL,
+)
 
-ROTATE_ANNOTATION = "kube-audit.io/rotate-token"
-KINDS = ("auditusers", "auditpolicies", "secrets")
+KINDS = (PLURALS[AUDIT_USER], PLURALS[AUDIT_POLICY], SECRETS)
 _KEEP_META = ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
-_KEEP_ANNOTATIONS = (ROTATE_ANNOTATION, "kube-audit.io/rotated-for")
+_KEEP_ANNOTATIONS = (ROTATE_ANNOTATION, ROTATED_FOR)
 
 
 def _relevant(kind: str, body: Mapping[str, Any]) -> str:
     """The part of an object whose change needs a new plan (status changes do not)."""
     meta = body.get("metadata") or {}
-    if kind == "secrets":
+    if kind == SECRETS:
         consent = (meta.get("labels") or {}).get(TOKEN_FOR_LABEL)
         return json.dumps([body.get("data"), body.get("stringData"), consent], sort_keys=True)
     return json.dumps(
@@ -57,6 +64,19 @@ def compact(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, Mapping):
+        return patch
+    out = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
 def _encode(body: Mapping[str, Any]) -> str:
     """Exact-size JSON text (``decode`` copies it out of orjson's oversized buffer)."""
     return orjson.dumps(body).decode()
@@ -64,7 +84,7 @@ def _encode(body: Mapping[str, Any]) -> str:
 
 def key_of(kind: str, body: Mapping[str, Any]) -> Any:
     meta = body.get("metadata") or {}
-    if kind == "secrets":
+    if kind == SECRETS:
         return (meta.get("namespace") or "", meta.get("name") or "")
     return meta.get("name") or ""
 
@@ -87,7 +107,7 @@ class ObjectStore:
         self._seen[kind][key] = self.sequence
         self._marks[kind][key] = mark
         self._data[kind][key] = _encode(compact(body))
-        if changed and kind == "auditusers":
+        if changed and kind == PLURALS[AUDIT_USER]:
             self.user_version += 1
         return changed
 
@@ -98,21 +118,28 @@ class ObjectStore:
         self._marks[kind].pop(key, None)
         self._seen[kind].pop(key, None)
         removed = self._data[kind].pop(key, None) is not None
-        if removed and kind == "auditusers":
+        if removed and kind == PLURALS[AUDIT_USER]:
             self.user_version += 1
         return removed
 
-    def forget_unlisted(self, kind: str, listed: set[Any], since: int) -> list[Any]:
+    def forget_unlisted(
+        self,
+        kind: str,
+        listed: set[Any],
+        since: int,
+        where: Callable[[Any], bool] = lambda _: True,
+    ) -> list[Any]:
         """Drop what a complete list no longer shows: the deletes a watch never reported (a
         re-list after an error or 410 Gone says nothing of what vanished meanwhile).
 
         ``since`` is ``sequence`` when the list started: an object first seen after that came
-        from the watch and may be newer than the list, so it stays.
+        from the watch and may be newer than the list, so it stays. ``where`` says which keys
+        the list covers (two Secret watches each cover a part).
         """
         gone = [
             key
             for key, seen in list(self._seen[kind].items())
-            if key not in listed and seen <= since
+            if key not in listed and seen <= since and where(key)
         ]
         for key in gone:
             self.forget(kind, key)
@@ -138,24 +165,19 @@ class ObjectStore:
                 yield key, orjson.loads(data)
 
     def merge_status(self, kind: str, key: Any, patch: Mapping[str, Any]) -> None:
-        """Record a status write of ours (``nodes`` merged per node, other keys replaced)."""
+        """Record a status merge patch of ours, as the API applies it (None removes a key)."""
         body = self.get(kind, key)
         if body is None:
             return
-        status = body.setdefault("status", {})
-        for name, value in patch.items():
-            if name == "nodes":
-                status.setdefault("nodes", {}).update(value)
-            else:
-                status[name] = value
+        body["status"] = merge_patch(body.get("status"), patch)
         self._data[kind][key] = _encode(body)
 
     def documents(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(source, object) pairs in a stable order for ``collect_inputs``, decoded one at a
         time: all 20,000 objects of 10,000 users as dicts at once would cost about 80 MB."""
-        for name, body in self.items("auditusers"):
+        for name, body in self.items(PLURALS[AUDIT_USER]):
             yield f"AuditUser/{name}", body
-        for name, body in self.items("auditpolicies"):
+        for name, body in self.items(PLURALS[AUDIT_POLICY]):
             yield f"AuditPolicy/{name}", body
-        for (ns, name), body in self.items("secrets"):
+        for (ns, name), body in self.items(SECRETS):
             yield f"Secret/{ns}/{name}", {"apiVersion": "v1", "kind": "Secret", **body}

@@ -15,15 +15,9 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from kube_audit.constants import GROUP, VERSION
 from kube_audit.core import yamlio
-from kube_audit.core.models import (
-    GROUP,
-    VERSION,
-    AuditPolicySpec,
-    AuditUserSpec,
-    GroupResources,
-    PolicyRule,
-)
+from kube_audit.core.models import AuditPolicySpec, AuditUserSpec, GroupResources, PolicyRule
 
 _DNS = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 

@@ -12,15 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from kube_audit.constants import AUDIT_POLICY, AUDIT_USER, TOKEN_FOR_LABEL
 from kube_audit.errors import InvalidInput, Problem
-
-GROUP = "kube-audit.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-# On a Secret outside the token namespace: the AuditUser (by name) that may use it as its token.
-TOKEN_FOR_LABEL = f"{GROUP}/token-for"
-AUDIT_USER = "AuditUser"
-AUDIT_POLICY = "AuditPolicy"
 
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 Url = Annotated[str, Field(min_length=1, max_length=512)]

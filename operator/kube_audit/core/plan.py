@@ -8,12 +8,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kube_audit.constants import API_VERSION, AUDIT_POLICY, AUDIT_USER
 from kube_audit.core import yamlio
 from kube_audit.core.manifest import Manifest, ManifestConfig, patch_manifest
 from kube_audit.core.models import (
-    API_VERSION,
-    AUDIT_POLICY,
-    AUDIT_USER,
     AuditPolicy,
     AuditUser,
     SecretData,

@@ -8,9 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kube_audit.constants import AUDIT_POLICY
 from kube_audit.core import yamlio
 from kube_audit.core.models import (
-    AUDIT_POLICY,
     STAGE_ORDER,
     AuditPolicy,
     AuditPolicySpec,

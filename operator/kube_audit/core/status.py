@@ -3,12 +3,23 @@
 Each node writes only ``status.nodes.<node>``; one owner turns them into ``observedGeneration`` and
 the ``Ready``/``Reconciling``/``Stalled`` conditions, so pods never overwrite each other and
 Argo CD and Flux read health the way they read any kstatus-compliant object.
+
+An entry holds what changes only with the object or the node's outcome (generation, outcome,
+message), never the node's config hash: that changes with every user added, and would make
+each change rewrite the status of every object. The hash lives in the node's own record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from kube_audit.constants import (
+    NODE_APPLIED_ANNOTATION,
+    NODE_CONFIG_ANNOTATION,
+    NODE_OUTCOME_ANNOTATION,
+    NODE_ROLLBACK_ANNOTATION,
+)
 
 APPLIED = "Applied"
 INVALID = "Invalid"
@@ -17,12 +28,12 @@ ROLLED_BACK = "RolledBack"
 BLOCKED = "Blocked"
 
 
-def node_entry(
-    *, generation: int, config_hash: str, outcome: str, message: str, time: str
-) -> dict[str, Any]:
+LEGACY_ENTRY_KEYS = ("configHash",)
+
+
+def node_entry(*, generation: int, outcome: str, message: str, time: str) -> dict[str, Any]:
     return {
         "observedGeneration": generation,
-        "configHash": config_hash[:16],
         "outcome": outcome,
         "message": message,
         "time": time,
@@ -30,10 +41,20 @@ def node_entry(
 
 
 def entry_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """Whether a node's entry needs writing (the time alone is not a change)."""
+    """Whether a node's entry needs writing (the time alone is not a change; a key that
+    entries no longer carry is, once)."""
     if old is None:
         return True
+    if any(k in old for k in LEGACY_ENTRY_KEYS):
+        return True
     return any(old.get(k) != new.get(k) for k in new if k != "time")
+
+
+def entry_patch(old: Mapping[str, Any] | None, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch of one entry: a merge patch keeps keys it does not name, so keys that
+    entries no longer carry are removed by name."""
+    gone = {k: None for k in LEGACY_ENTRY_KEYS if old and k in old}
+    return {**entry, **gone}
 
 
 def _condition(kind: str, true: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
@@ -56,6 +77,7 @@ def compute_conditions(
     current = {n: e for n, e in nodes.items() if e.get("observedGeneration") == generation}
     invalid = [e for e in current.values() if e.get("outcome") == INVALID]
     failed = {n: e for n, e in current.items() if e.get("outcome") in (ROLLED_BACK, BLOCKED)}
+    pending = [e for e in current.values() if e.get("outcome") == PENDING]
     live = [n for n in control_plane if (current.get(n) or {}).get("outcome") == APPLIED]
     total = len(control_plane)
     if invalid:
@@ -71,10 +93,11 @@ def compute_conditions(
             failed.items(), key=lambda item: (item[1].get("outcome") != ROLLED_BACK, item[0])
         )
         message = f"node {node}: {entry.get('message') or entry.get('outcome')}"
+        reason = str(entry.get("outcome"))
         conditions = [
-            _condition("Ready", False, ROLLED_BACK, message, generation),
-            _condition("Reconciling", False, ROLLED_BACK, "", generation),
-            _condition("Stalled", True, ROLLED_BACK, message, generation),
+            _condition("Ready", False, reason, message, generation),
+            _condition("Reconciling", False, reason, "", generation),
+            _condition("Stalled", True, reason, message, generation),
         ]
     elif total and len(live) == total:
         message = f"live on all {total} control-plane node(s)"
@@ -85,6 +108,8 @@ def compute_conditions(
         ]
     else:
         message = f"live on {len(live)} of {total} control-plane node(s)"
+        if pending:
+            message += f"; {pending[0].get('message') or 'waiting'}"
         conditions = [
             _condition("Ready", False, "Progressing", message, generation),
             _condition("Reconciling", True, "Progressing", message, generation),
@@ -113,14 +138,16 @@ def conditions_differ(status: Mapping[str, Any], patch: Mapping[str, Any]) -> bo
 
 
 def summarize(
-    objects: Sequence[tuple[str, Mapping[str, Any]]], control_plane: Sequence[str]
+    objects: Sequence[tuple[str, Mapping[str, Any]]],
+    control_plane: Sequence[str],
+    records: Mapping[str, Mapping[str, str]],
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Rows for ``kube-audit status``: one per object, one per control-plane node.
 
-    ``objects`` are (kind, object) pairs as the API returns them.
+    ``objects`` are (kind, object) pairs as the API returns them; ``records`` each node's
+    record (the annotations of its node Lease).
     """
     object_rows = []
-    latest: dict[str, dict[str, str]] = {n: {} for n in control_plane}
     for kind, obj in sorted(objects, key=lambda ko: (ko[0], ko[1]["metadata"]["name"])):
         generation = int(obj["metadata"].get("generation") or 0)
         status = obj.get("status") or {}
@@ -141,20 +168,19 @@ def summarize(
                 error,
             ]
         )
-        for node, entry in nodes.items():
-            facts = latest.setdefault(node, {})
-            when = str(entry.get("time") or "")
-            key = (
-                "applied"
-                if entry.get("outcome") == APPLIED
-                else ("rollback" if entry.get("outcome") == ROLLED_BACK else "")
-            )
-            if key and when > facts.get(key, ""):
-                facts[key] = when
-                if key == "applied":
-                    facts["hash"] = str(entry.get("configHash") or "")
-    node_rows = [
-        [node, facts.get("hash", "-"), facts.get("applied", "-"), facts.get("rollback", "-")]
-        for node, facts in sorted(latest.items())
-    ]
+    node_rows = []
+    for node in sorted({*control_plane, *records}):
+        record = records.get(node) or {}
+        outcome = record.get(NODE_OUTCOME_ANNOTATION) or "-"
+        if node not in control_plane:
+            outcome += " (not a control-plane node now)"
+        node_rows.append(
+            [
+                node,
+                (record.get(NODE_CONFIG_ANNOTATION) or "")[:16] or "-",
+                outcome,
+                record.get(NODE_APPLIED_ANNOTATION) or "-",
+                record.get(NODE_ROLLBACK_ANNOTATION) or "-",
+            ]
+        )
     return object_rows, node_rows

@@ -6,7 +6,8 @@ import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from kube_audit.core.models import TOKEN_FOR_LABEL, AuditUser, SecretData
+from kube_audit.constants import TOKEN_FOR_LABEL
+from kube_audit.core.models import AuditUser, SecretData
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import TokenRecord, name_problem, token_problem
 from kube_audit.errors import Problem

@@ -1,0 +1,41 @@
+"""Every name kube-audit shares with the cluster, in one place: API group and kinds, labels,
+annotations, Lease names. Changing one here changes it everywhere, CRDs and RBAC excepted
+(``make crds`` regenerates the CRDs; ``deploy/`` names the resources in plain YAML)."""
+
+from __future__ import annotations
+
+GROUP = "kube-audit.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+AUDIT_USER = "AuditUser"
+AUDIT_POLICY = "AuditPolicy"
+PLURALS = {AUDIT_USER: "auditusers", AUDIT_POLICY: "auditpolicies"}
+SECRETS = "secrets"
+
+# On token Secrets the operator made (it lists its own Secrets by this label).
+TOKEN_LABEL = f"{GROUP}/token"
+# On a Secret outside the token namespace: the AuditUser allowed to use it as its token.
+TOKEN_FOR_LABEL = f"{GROUP}/token-for"
+# On an AuditUser: a new value asks for a new token; the Secret records the value it served.
+ROTATE_ANNOTATION = f"{GROUP}/rotate-token"
+ROTATED_FOR = f"{GROUP}/rotated-for"
+
+CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
+
+# One node restarts its apiserver at a time: the holder of this Lease.
+ROLLOUT_LEASE = "kube-audit-rollout"
+# Config hashes that failed on some node (newest last, comma-separated), on the rollout Lease.
+FAILED_ANNOTATION = f"{GROUP}/failed-configs"
+# One pod turns node entries into conditions: the holder of this Lease.
+STATUS_LEASE = "kube-audit-status"
+# Each node's record (what it runs, its last outcome) is a Lease of this name prefix: one
+# object per node instead of the config hash repeated on every AuditUser.
+NODE_LEASE_PREFIX = "kube-audit-node-"
+NODE_CONFIG_ANNOTATION = f"{GROUP}/config-hash"
+NODE_OUTCOME_ANNOTATION = f"{GROUP}/outcome"
+NODE_MESSAGE_ANNOTATION = f"{GROUP}/message"
+NODE_APPLIED_ANNOTATION = f"{GROUP}/applied-at"
+NODE_ROLLBACK_ANNOTATION = f"{GROUP}/rolled-back-at"
+
+EVENT_NAMESPACE = "default"

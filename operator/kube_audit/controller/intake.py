@@ -1,0 +1,196 @@
+"""Event intake: what the watches report goes into the store; bursts are coalesced into one
+plan; and no plan starts before the store holds the cluster's complete current view.
+
+Handlers only call ``observe``; all decisions happen in the reconciler, so a burst of 1,000
+changes becomes one plan and at most one apiserver restart per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from kube_audit import hostfs
+from kube_audit.constants import AUDIT_USER, PLURALS, SECRETS
+from kube_audit.controller.clock import Clock
+from kube_audit.controller.config import OperatorConfig
+from kube_audit.controller.store import ObjectStore
+from kube_audit.core.models import parse_audit_user
+from kube_audit.core.users import secret_location
+from kube_audit.errors import InvalidInput, KubeAuditError
+from kube_audit.kube import TOKEN_NAMESPACE_SOURCE, KubeApi
+
+log = logging.getLogger("kube_audit.operator")
+SYNC_RELIST = 10.0
+LAYOUT_REFRESH = 30
+
+
+class Intake:
+    def __init__(self, config: OperatorConfig, api: KubeApi, clock: Clock) -> None:
+        self.config = config
+        self.api = api
+        self.clock = clock
+        self.store = ObjectStore()
+        self._plan_wanted = asyncio.Event()
+        self._status_wanted = asyncio.Event()
+        self._first_change = 0.0
+        self._last_change = 0.0
+        self._wanted_cache: tuple[int, set[tuple[str, str]]] = (-1, set())
+        self._list_started: dict[str, int] = {}
+
+    # -- what the watches call ---------------------------------------------------------------
+
+    def observe(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """Record a watch event; wake the loop for a new plan or only a status update."""
+        if event_type == "DELETED":
+            changed = self.store.remove(kind, body)
+        else:
+            changed = self.store.upsert(kind, body)
+        if changed:
+            self.wake_plan()
+        elif kind != SECRETS:
+            self._status_wanted.set()
+
+    def observe_secret(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A Secret event: kept only if it is one of ours or some AuditUser reads it."""
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        if self.store.has(SECRETS, key) or key in self._wanted_secrets():
+            self.observe(SECRETS, event_type, body)
+
+    def secrets_listing(self, source: str) -> None:
+        """A Secret watch starts a complete list (first, or again after an error)."""
+        self._list_started[source] = self.store.sequence
+
+    def secrets_listed(self, source: str, keys: set[tuple[str, str]]) -> None:
+        """The list is complete: that watch's Secrets it lacks were deleted meanwhile."""
+        token_namespace = self.config.settings.token_namespace
+
+        def covered(key: Any) -> bool:
+            return bool(key[0] == token_namespace) == (source == TOKEN_NAMESPACE_SOURCE)
+
+        since = self._list_started.get(source, 0)
+        if self.store.forget_unlisted(SECRETS, keys, since, where=covered):
+            self.wake_plan()
+
+    def node_changed(self) -> None:
+        self._status_wanted.set()
+
+    def wake_plan(self) -> None:
+        now = self.clock.monotonic()
+        if not self._plan_wanted.is_set():
+            self._first_change = now
+        self._last_change = now
+        self._plan_wanted.set()
+
+    def _wanted_secrets(self) -> set[tuple[str, str]]:
+        """Secret keys the users refer to, recomputed only when the users change."""
+        version = self.store.user_version
+        if self._wanted_cache[0] != version:
+            wanted = set()
+            for _, body in self.store.items(PLURALS[AUDIT_USER]):
+                try:
+                    user = parse_audit_user(body)
+                except InvalidInput:
+                    continue
+                ns, secret, _ = secret_location(user, self.config.settings)
+                wanted.add((ns, secret))
+            self._wanted_cache = (version, wanted)
+        return self._wanted_cache[1]
+
+    # -- what the reconciler calls -----------------------------------------------------------
+
+    async def next_work(self, stop: asyncio.Event) -> bool | None:
+        """Wait for work: True for a plan (after a quiet debounce window, or the resync),
+        False for a status update only, None when stopping."""
+        waiters = [
+            asyncio.ensure_future(e.wait()) for e in (self._plan_wanted, self._status_wanted, stop)
+        ]
+        done, pending = await asyncio.wait(
+            waiters, timeout=self.config.resync, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        if not done:
+            self.wake_plan()
+        await self._debounce(stop)
+        if stop.is_set():
+            return None
+        plan = self._plan_wanted.is_set()
+        self._plan_wanted.clear()
+        self._status_wanted.clear()
+        return plan
+
+    def retry_later(self) -> None:
+        """The reconcile failed: plan again after the back-off."""
+        self._plan_wanted.set()
+
+    async def _debounce(self, stop: asyncio.Event) -> None:
+        """Wait until no change came for ``debounce`` seconds (at most ``max_debounce``)."""
+        while not stop.is_set() and self._plan_wanted.is_set():
+            now = self.clock.monotonic()
+            quiet_at = self._last_change + self.config.debounce
+            give_up_at = self._first_change + self.config.max_debounce
+            wake = min(quiet_at, give_up_at)
+            if now >= wake:
+                return
+            await self.clock.sleep(wake - now, stop)
+
+    async def wait_synced(self, stop: asyncio.Event) -> None:
+        """Plan only from the cluster's current view of every AuditUser and AuditPolicy.
+
+        kopf lists each kind on its own and 10,000 users take a while; a watch can also be
+        failing for a while (a CRD whose storage is still initializing answers 429). A plan
+        made from a half-loaded view would drop users or the policy and restart the apiserver
+        twice. And a watch that re-lists (after every apiserver restart we cause) never reports
+        what was deleted meanwhile: a deleted user would keep a working token. So before every
+        plan both kinds are listed (name and uid): what the list lacks is forgotten, what the
+        store lacks (or has with another uid: deleted and made again) is waited for. The names
+        are listed again now and then, so an object deleted meanwhile is not waited for.
+        """
+        while not stop.is_set():
+            missing: set[tuple[str, str, str]] = set()
+            try:
+                for plural in PLURALS.values():
+                    since = self.store.sequence
+                    listed = await asyncio.to_thread(self.api.list_uids, plural)
+                    gone = self.store.forget_unlisted(plural, set(listed), since)
+                    if gone:
+                        log.info("%s deleted while unwatched: %s", plural, ", ".join(gone))
+                    missing.update((plural, name, uid) for name, uid in listed.items())
+            except KubeAuditError as error:
+                log.warning("cannot list the objects yet, will retry: %s", error)
+                await self.clock.sleep(self.config.retry_backoff, stop)
+                continue
+            relist_at = self.clock.monotonic() + SYNC_RELIST
+            while not stop.is_set():
+                missing = {m for m in missing if self.store.uid(m[0], m[1]) != m[2]}
+                if not missing:
+                    return
+                if self.clock.monotonic() >= relist_at:
+                    log.info("watches still miss %d listed objects; listing again", len(missing))
+                    break
+                await self.clock.sleep(0.1, stop)
+
+    async def watch_manifest(self, stop: asyncio.Event) -> None:
+        """Plan again when someone else rewrites the manifest (``kubeadm upgrade`` does, and
+        drops our flags): the identities come back within seconds, not at the next resync.
+        The kubelet config (where the manifest lives) is read again every minute or so."""
+        seen: tuple[int, int, int] | None = None
+        polls = 0
+        manifest = None
+        while not stop.is_set():
+            current = None
+            try:
+                if manifest is None or polls % LAYOUT_REFRESH == 0:
+                    manifest = self.config.layout().manifest
+                current = hostfs.file_signature(manifest)
+            except KubeAuditError:
+                manifest = None
+            if seen is not None and current is not None and current != seen:
+                self.wake_plan()
+            seen = current if current is not None else seen
+            polls += 1
+            await self.clock.sleep(self.config.manifest_poll, stop)

@@ -1,0 +1,279 @@
+"""Rollout: bring this node to the plan, one node of the cluster at a time.
+
+A node that needs a change takes the rollout Lease, plans again (waiting can take minutes),
+lets its agent write and wait for the new apiserver (health), and gives the Lease back, with
+the config hash recorded on it if the apiserver refused the config: the other nodes never try
+that config. The Lease is renewed during the apply and kept when the apply is interrupted,
+so no second apiserver restarts while this one is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from kube_audit.agent.node import NodeAgent, NodeResult
+from kube_audit.constants import FAILED_ANNOTATION, ROLLOUT_LEASE
+from kube_audit.controller.clock import Clock
+from kube_audit.controller.config import OperatorConfig
+from kube_audit.controller.health import node_agent
+from kube_audit.controller.lease import LeaseLock
+from kube_audit.controller.metrics import Metrics
+from kube_audit.core.plan import DesiredState
+from kube_audit.core.status import APPLIED, BLOCKED, ROLLED_BACK
+from kube_audit.errors import (
+    ClusterError,
+    KubeAuditError,
+    ManifestError,
+    NodeConfigError,
+    Problem,
+    RolledBack,
+)
+from kube_audit.kube import KubeApi
+
+log = logging.getLogger("kube_audit.operator")
+KEEP_FAILED = 20
+MARK_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A plan and the generation of every object it was made from ("AuditUser/alice" -> 3):
+    status reports what went into the plan, not what arrived during the health wait."""
+
+    desired: DesiredState
+    generations: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What one reconcile tells the objects: the plan's hash and problems, and the outcome.
+    ``permanent``: nothing will change until someone changes the input or the node."""
+
+    config_hash: str
+    problems: tuple[Problem, ...]
+    generations: Mapping[str, int]
+    outcome: str
+    message: str
+    permanent: bool = False
+
+
+def failed_configs(value: str | None) -> list[str]:
+    return [h for h in (value or "").split(",") if h]
+
+
+class Rollout:
+    def __init__(
+        self,
+        config: OperatorConfig,
+        api: KubeApi,
+        clock: Clock,
+        metrics: Metrics,
+        plan: Callable[[], Planned],
+    ) -> None:
+        self.config = config
+        self.api = api
+        self.clock = clock
+        self.metrics = metrics
+        self.plan = plan
+        self.lease = LeaseLock(
+            api,
+            clock,
+            namespace=config.namespace,
+            name=ROLLOUT_LEASE,
+            holder=config.node_name,
+            duration=config.rollout_lease_seconds,
+        )
+        self.applies: deque[NodeResult] = deque(maxlen=100)
+        self._holding = False
+        self._checked_stale = False
+        self._unmarked: str | None = None
+        self._logged_live: str | None = None
+
+    def _agent(self) -> NodeAgent:
+        return node_agent(self.config, self.api)
+
+    async def resume_local(self) -> None:
+        """Before anything needs the API: a pod killed during the health wait left it open.
+        Verify that apiserver or roll it back now; on a single node with a bad config the API
+        would never come back for the usual path to do it."""
+        name = self.config.node_name
+        try:
+            agent = await asyncio.to_thread(self._agent)
+            result = await asyncio.to_thread(agent.resume)
+        except RolledBack as error:
+            self.metrics.rollbacks.inc()
+            self._unmarked = error.failed_hash
+            log.error("%s: resumed the wait and rolled back: %s", name, error)
+        except KubeAuditError as error:
+            log.warning("could not resume the previous health wait: %s", error)
+        else:
+            if result is not None:
+                log.info("%s: resumed the wait: %s", name, result.message)
+
+    async def converge(self, stop: asyncio.Event) -> NodeReport:
+        """Plan and, if the host differs, roll out. At most one plan is alive at a time and only
+        the small report outlives it: 10,000 users' models are gone before the status writes."""
+        planned = self.plan()
+        desired = planned.desired
+        facts = (desired.config_hash, desired.problems, planned.generations)
+
+        def report(outcome: str, message: str, permanent: bool = False) -> NodeReport:
+            return NodeReport(*facts, outcome, message, permanent)
+
+        try:
+            agent = await asyncio.to_thread(self._agent)
+            change = await asyncio.to_thread(agent.needs_change, desired)
+            failed_here = change and await asyncio.to_thread(agent.has_failed, desired.config_hash)
+        except (ManifestError, NodeConfigError) as error:
+            self.metrics.blocked.set(1)
+            log.error("%s: blocked: %s", self.config.node_name, error)
+            return report(BLOCKED, str(error), permanent=True)
+        self.metrics.blocked.set(0)
+        if not change or failed_here:
+            await self._settle_lease()
+        if not change:
+            if self._logged_live != desired.config_hash:
+                self._logged_live = desired.config_hash
+                log.info(
+                    "%s: unchanged, the node runs config %s",
+                    self.config.node_name,
+                    desired.config_hash[:16] or "(none)",
+                )
+            return report(APPLIED, "live")
+        if failed_here:
+            return report(ROLLED_BACK, "this configuration failed on this node and was rolled back")
+        stopped = report(BLOCKED, "operator stopping")
+        del desired, planned
+        return await self._rollout(agent, stop) or stopped
+
+    async def _settle_lease(self) -> None:
+        """Nothing to apply here: record a failure mark still owed, and give back a Lease in
+        our name (a pod of this node killed mid-rollout left it; the other nodes wait)."""
+        if self._unmarked is not None and not await self._mark_failed(self._unmarked):
+            return
+        if self._holding or not self._checked_stale:
+            await asyncio.to_thread(self.lease.release)
+            self._holding = False
+            self._checked_stale = True
+
+    async def _mark_failed(self, config_hash: str) -> bool:
+        """Record a config the apiserver refused on the rollout Lease, first and with retries:
+        if it were lost, the next node would restart its apiserver into the same failure.
+        False (the Lease is kept, the mark still owed) if the API never took it."""
+        self._unmarked = config_hash
+        delay = 1.0
+        for attempt in range(1, MARK_ATTEMPTS + 1):
+            try:
+                current = failed_configs(
+                    await asyncio.to_thread(self.lease.annotation, FAILED_ANNOTATION)
+                )
+                marks = [*[h for h in current if h != config_hash], config_hash][-KEEP_FAILED:]
+                if await asyncio.to_thread(
+                    self.lease.annotate, {FAILED_ANNOTATION: ",".join(marks)}
+                ):
+                    self._unmarked = None
+                    return True
+            except ClusterError as error:
+                log.warning("recording the failed config (attempt %d): %s", attempt, error)
+            if attempt < MARK_ATTEMPTS:
+                await self.clock.sleep(delay, asyncio.Event())
+                delay *= 2
+        log.error("could not record failed config %s; keeping the rollout Lease", config_hash[:16])
+        return False
+
+    async def _rollout(self, agent: NodeAgent, stop: asyncio.Event) -> NodeReport | None:
+        """Apply under the rollout Lease, planning again once it is held. None if the operator
+        stopped before the Lease was free."""
+        holder = self.config.node_name
+        if not await self.lease.acquire(self.config.lease_poll, stop):
+            return None
+        self._holding = True
+        planned = self.plan()
+        desired = planned.desired
+
+        def report(outcome: str, message: str) -> NodeReport:
+            return NodeReport(
+                desired.config_hash, desired.problems, planned.generations, outcome, message
+            )
+
+        marks = failed_configs(await asyncio.to_thread(self.lease.annotation, FAILED_ANNOTATION))
+        if desired.config_hash in marks:
+            await self._release()
+            return report(BLOCKED, "rollout stopped: this configuration failed on another node")
+        renewing = asyncio.create_task(self.lease.keep_renewed(stop))
+        try:
+            result = await asyncio.to_thread(agent.apply, desired)
+        except asyncio.CancelledError:
+            # The apply goes on in its thread: this node is restarting. Releasing now would let
+            # the next node restart too (two apiservers down). The next pod on this node
+            # resumes the wait and releases it; if none comes, the Lease expires.
+            log.warning(
+                "%s: stopping during an apply; keeping the rollout Lease for this node's "
+                "next pod to finish the wait",
+                holder,
+            )
+            raise
+        except RolledBack as error:
+            self.metrics.rollbacks.inc()
+            self.metrics.restarts.inc(2)
+            log.error("rolled back on %s: %s", holder, error)
+            if await self._mark_failed(error.failed_hash):
+                await self._release()
+            return report(ROLLED_BACK, str(error))
+        except (ManifestError, NodeConfigError) as error:
+            await self._release()
+            self.metrics.blocked.set(1)
+            log.error("%s: blocked: %s", holder, error)
+            return NodeReport(
+                desired.config_hash,
+                desired.problems,
+                planned.generations,
+                BLOCKED,
+                str(error),
+                permanent=True,
+            )
+        except Exception:
+            await self._release()
+            raise
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+        self.applies.append(result)
+        if result.restarted and self.config.min_ready > 0:
+            # Ready is not yet in rotation: a load balancer marks the new apiserver healthy
+            # only after a few checks. Until then, the next node must not go down.
+            log.info(
+                "%s: ready; holding the rollout for %.0f s more", holder, self.config.min_ready
+            )
+            await self.clock.sleep(self.config.min_ready, stop)
+        await self._release()
+        if result.outcome == "skipped-failed":
+            return report(ROLLED_BACK, result.message)
+        self.metrics.applies.inc()
+        if result.restarted:
+            self.metrics.restarts.inc()
+        log.info("%s: %s", holder, result.message)
+        return report(APPLIED, result.message)
+
+    async def _others_wait(self) -> bool:
+        """Whether another control-plane node could restart next (not on a single node)."""
+        try:
+            nodes = await asyncio.to_thread(self.api.control_plane_nodes)
+        except ClusterError:
+            return True
+        return any(n != self.config.node_name for n in nodes)
+
+    async def _release(self) -> None:
+        """Let the next node go; if the API is down now, the next reconcile releases it."""
+        try:
+            await asyncio.to_thread(self.lease.release)
+        except ClusterError as error:
+            log.warning("releasing the rollout Lease: %s (the next reconcile will)", error)
+            return
+        self._holding = False

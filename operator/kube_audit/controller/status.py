@@ -1,0 +1,241 @@
+"""Status: what one reconcile tells the users, and only what changed.
+
+Each node writes its record (a Lease of its own: config hash, outcome, times) and its entry
+``status.nodes.<node>`` on the objects whose entry changed, with one Event for each. The pod
+that holds the status Lease turns entries into kstatus conditions and prunes the entries of
+nodes that left the control plane. One new user on three nodes: a few patches and Events,
+not one per object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+from kube_audit.constants import (
+    AUDIT_USER,
+    NODE_APPLIED_ANNOTATION,
+    NODE_CONFIG_ANNOTATION,
+    NODE_MESSAGE_ANNOTATION,
+    NODE_OUTCOME_ANNOTATION,
+    NODE_ROLLBACK_ANNOTATION,
+    PLURALS,
+    STATUS_LEASE,
+)
+from kube_audit.controller.aio import run_bounded
+from kube_audit.controller.clock import Clock, micro_time, rfc3339
+from kube_audit.controller.config import OperatorConfig
+from kube_audit.controller.lease import LeaseLock
+from kube_audit.controller.metrics import Metrics
+from kube_audit.controller.rollout import NodeReport
+from kube_audit.controller.store import ObjectStore
+from kube_audit.core.status import (
+    APPLIED,
+    BLOCKED,
+    INVALID,
+    PENDING,
+    ROLLED_BACK,
+    compute_conditions,
+    conditions_differ,
+    entry_differs,
+    entry_patch,
+    node_entry,
+)
+from kube_audit.errors import KubeAuditError, NotFound
+from kube_audit.kube import KubeApi
+
+log = logging.getLogger("kube_audit.operator")
+EVENT_REASONS = {
+    APPLIED: "Applied",
+    INVALID: "Refused",
+    PENDING: "Pending",
+    ROLLED_BACK: "RolledBack",
+    BLOCKED: "Blocked",
+}
+STATUS_LEASE_SECONDS = 60
+
+
+class StatusWriter:
+    def __init__(
+        self,
+        config: OperatorConfig,
+        api: KubeApi,
+        clock: Clock,
+        *,
+        store: ObjectStore,
+        metrics: Metrics,
+        on_gone: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.api = api
+        self.clock = clock
+        self.store = store
+        self.metrics = metrics
+        self.on_gone = on_gone
+        self.owner = LeaseLock(
+            api,
+            clock,
+            namespace=config.namespace,
+            name=STATUS_LEASE,
+            holder=config.node_name,
+            duration=STATUS_LEASE_SECONDS,
+        )
+        self._record: tuple[str, str, str] | None = None
+
+    async def write_node(self, report: NodeReport, stop: asyncio.Event) -> list[KubeAuditError]:
+        """This node's record, then its entry on every object whose entry changed."""
+        errors: list[KubeAuditError] = []
+        try:
+            await self._write_record(report)
+        except KubeAuditError as error:
+            log.warning("node record: %s", error)
+            errors.append(error)
+        problems: dict[str, list[str]] = {}
+        waiting: set[str] = set()
+        for problem in report.problems:
+            problems.setdefault(problem.obj, []).append(
+                f"{problem.field}: {problem.message}" if problem.field else problem.message
+            )
+            if problem.pending:
+                waiting.add(problem.obj)
+        waiting -= {p.obj for p in report.problems if not p.pending}
+        now = rfc3339(self.clock.now())
+        node = self.config.node_name
+
+        def jobs() -> Iterator[Callable[[], Awaitable[None]]]:
+            for kind, plural in PLURALS.items():
+                for name, body in self.store.items(plural):
+                    ref = f"{kind}/{name}"
+                    generation = report.generations.get(ref)
+                    if generation is None:
+                        continue  # arrived after the plan: the next plan reports it
+                    old = ((body.get("status") or {}).get("nodes") or {}).get(node)
+                    if ref in problems:
+                        outcome = PENDING if ref in waiting else INVALID
+                        text = "; ".join(problems[ref])
+                    elif report.outcome == APPLIED:
+                        outcome, text = APPLIED, "live"
+                    elif (
+                        old
+                        and old.get("outcome") == APPLIED
+                        and old.get("observedGeneration") == generation
+                    ):
+                        continue  # still live here: the failed change was another object's
+                    else:
+                        outcome, text = report.outcome, report.message
+                    entry = node_entry(
+                        generation=generation, outcome=outcome, message=text, time=now
+                    )
+                    if entry_differs(old, entry):
+                        uid = str((body.get("metadata") or {}).get("uid") or "")
+                        patch = {"nodes": {node: entry_patch(old, entry)}}
+                        yield functools.partial(self._write_entry, kind, name, uid, patch, entry)
+
+        errors += await run_bounded(jobs(), stop, "status")
+        self.metrics.invalid.set(len(problems))
+        return errors
+
+    async def _write_record(self, report: NodeReport) -> None:
+        """The node's Lease: what it runs and its last outcome (written when they change)."""
+        record = (report.config_hash, report.outcome, report.message)
+        if record == self._record:
+            return
+        now = rfc3339(self.clock.now())
+        notes = {
+            NODE_OUTCOME_ANNOTATION: report.outcome,
+            NODE_MESSAGE_ANNOTATION: report.message[:1024],
+        }
+        if report.outcome == APPLIED:
+            notes[NODE_CONFIG_ANNOTATION] = report.config_hash
+            notes[NODE_APPLIED_ANNOTATION] = now
+        elif report.outcome == ROLLED_BACK:
+            notes[NODE_ROLLBACK_ANNOTATION] = now
+        await asyncio.to_thread(
+            self.api.write_node_record,
+            self.config.namespace,
+            self.config.node_name,
+            notes,
+            micro_time(self.clock.now()),
+        )
+        self._record = record
+
+    async def _write_entry(
+        self, kind: str, name: str, uid: str, patch: dict[str, Any], entry: Mapping[str, Any]
+    ) -> None:
+        """Write one node entry and the Event that goes with it (best effort: an Event the
+        API refuses never stops the status writes)."""
+        if not await self._patch_status(kind, name, patch):
+            return
+        outcome = str(entry["outcome"])
+        try:
+            await asyncio.to_thread(
+                self.api.create_event,
+                {"metadata": {"name": name, "uid": uid}},
+                kind,
+                "Normal" if outcome in (APPLIED, PENDING) else "Warning",
+                EVENT_REASONS.get(outcome, outcome),
+                f"node {self.config.node_name}: {entry['message']}",
+            )
+        except KubeAuditError as error:
+            log.debug("Event on %s/%s not posted: %s", kind, name, error)
+        else:
+            self.metrics.events.inc()
+
+    async def _patch_status(self, kind: str, name: str, patch: dict[str, Any]) -> bool:
+        """Patch status; False when the object is gone (then it is forgotten: its delete may
+        never have reached our watch)."""
+        plural = PLURALS[kind]
+        try:
+            await asyncio.to_thread(self.api.patch_status, plural, name, patch)
+        except NotFound:
+            if self.store.forget(plural, name):
+                self.on_gone()
+            return False
+        self.metrics.status_patches.inc()
+        self.store.merge_status(plural, name, patch)
+        return True
+
+    async def update_conditions(self, stop: asyncio.Event) -> list[KubeAuditError]:
+        """If this pod owns status: conditions from the node entries, and the entries of nodes
+        that are no longer control-plane nodes removed."""
+        owner = await asyncio.to_thread(self.owner.try_acquire)
+        if not owner:
+            return []
+        nodes = await asyncio.to_thread(self.api.control_plane_nodes)
+        now = rfc3339(self.clock.now())
+
+        # Prune only from a list that holds this very node: never from an empty or odd answer.
+        prune = self.config.node_name in nodes
+
+        def jobs() -> Iterator[Callable[[], Awaitable[None]]]:
+            for kind, plural in PLURALS.items():
+                for name, body in self.store.items(plural):
+                    status = body.get("status") or {}
+                    entries = status.get("nodes") or {}
+                    gone = {n: None for n in entries if prune and n not in nodes}
+                    kept = {**status, "nodes": {n: e for n, e in entries.items() if n not in gone}}
+                    patch = {
+                        **compute_conditions({**body, "status": kept}, nodes, now),
+                        **_columns(kind, body),
+                    }
+                    if gone or conditions_differ(status, patch):
+                        if gone:
+                            patch["nodes"] = gone
+                        yield functools.partial(self._write_conditions, kind, name, patch)
+
+        return await run_bounded(jobs(), stop, "status")
+
+    async def _write_conditions(self, kind: str, name: str, patch: dict[str, Any]) -> None:
+        await self._patch_status(kind, name, patch)
+
+
+def _columns(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Status fields behind the printer columns that JSONPath cannot compute."""
+    spec = body.get("spec") or {}
+    if kind == AUDIT_USER:
+        return {"username": spec.get("username") or (body.get("metadata") or {}).get("name")}
+    rules = spec.get("rules")
+    return {"ruleCount": len(rules) if isinstance(rules, list) else 0}

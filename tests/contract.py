@@ -1,0 +1,146 @@
+"""API checks that the emulator and the real kube-apiserver must both pass.
+
+The emulator stands in for the apiserver in the fast tests; wherever the two disagree, the real
+one is right. Every behaviour of the API that kube-audit relies on is checked here, once
+against each (tests/operator/test_contract.py, tests/controlplane/test_contract.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import kubernetes.client
+
+from kube_audit.constants import CONTROL_PLANE_LABEL, TOKEN_FOR_LABEL
+from kube_audit.errors import NotFound
+from kube_audit.kube import LISTED, LISTING, KubeApi
+
+
+def _wait(what: str, check: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not seen within {timeout}s")
+
+
+def check_api_contract(api: KubeApi) -> None:
+    """Run every check; each names what kube-audit would get wrong without it."""
+    core = kubernetes.client.CoreV1Api(api.client)
+    suffix = uuid.uuid4().hex[:6]
+    # Objects get unique names in "default" (kmock cannot create Namespaces).
+    _nodes_by_label(api, core, suffix)
+    _token_secrets(api, core, suffix)
+    _labelled_secret_watch(api, core, suffix)
+    _leases(api, suffix)
+
+
+def _nodes_by_label(api: KubeApi, core: Any, suffix: str) -> None:
+    """Only control-plane Nodes: a worker's entry would keep every object from Ready."""
+    worker, control = f"worker-{suffix}", f"control-{suffix}"
+    core.create_node({"metadata": {"name": worker}})
+    core.create_node({"metadata": {"name": control, "labels": {CONTROL_PLANE_LABEL: ""}}})
+    try:
+        nodes = api.control_plane_nodes()
+        assert control in nodes and worker not in nodes, nodes
+    finally:
+        core.delete_node(worker)
+        core.delete_node(control)
+
+
+NAMESPACE = "default"
+
+
+def _token_secrets(api: KubeApi, core: Any, suffix: str) -> None:
+    """Create once (409 means another pod won), list ours by label, read a missing one."""
+    ns, ours, other = NAMESPACE, f"token-{suffix}", f"other-{suffix}"
+    owner = {"apiVersion": "v1", "kind": "Namespace", "name": ns, "uid": str(uuid.uuid4())}
+    created = api.create_token_secret(ns, ours, "x" * 43, owner)
+    assert created is not None and created["metadata"]["namespace"] == ns
+    assert api.create_token_secret(ns, ours, "y" * 43, owner) is None, "409 is None"
+    core.create_namespaced_secret(ns, {"metadata": {"name": other}})
+    try:
+        listed = {s["metadata"]["name"] for s in api.list_token_secrets(ns)}
+        assert ours in listed and other not in listed, listed
+        assert api.read_secret(ns, f"missing-{suffix}") is None
+    finally:
+        core.delete_namespaced_secret(ours, ns)
+        core.delete_namespaced_secret(other, ns)
+    try:
+        api.patch_status("auditusers", f"missing-{suffix}", {"nodes": {}})
+    except NotFound:
+        pass
+    else:
+        raise AssertionError("a status patch of a missing object must be NotFound")
+
+
+def _labelled_secret_watch(api: KubeApi, core: Any, suffix: str) -> None:
+    """The label-selected watch: a Secret that gains the label arrives, one that loses it
+    leaves as DELETED (else a withdrawn consent would keep a working token)."""
+    events: list[tuple[str, str]] = []
+    stop = threading.Event()
+    namespace, plain, consent = NAMESPACE, f"plain-{suffix}", f"consent-{suffix}"
+
+    def record(kind: str, obj: dict[str, Any]) -> None:
+        if kind in (LISTING, LISTED):
+            events.append((kind, ""))
+        elif (obj.get("metadata") or {}).get("namespace") == namespace:
+            events.append((kind, obj["metadata"]["name"]))
+
+    thread = threading.Thread(
+        target=api.watch_secrets,
+        args=(record, stop),
+        kwargs={"label_selector": TOKEN_FOR_LABEL},
+        daemon=True,
+    )
+    thread.start()
+    try:
+        _wait("the first list", lambda: (LISTED, "") in events)
+        core.create_namespaced_secret(namespace, {"metadata": {"name": plain}})
+        core.create_namespaced_secret(
+            namespace, {"metadata": {"name": consent, "labels": {TOKEN_FOR_LABEL: "alice"}}}
+        )
+        _wait("the labelled Secret", lambda: ("ADDED", consent) in events)
+        core.patch_namespaced_secret(
+            consent, namespace, {"metadata": {"labels": {TOKEN_FOR_LABEL: None}}}
+        )
+        _wait("DELETED when the label goes", lambda: ("DELETED", consent) in events)
+        assert not any(name == plain for _, name in events), events
+    finally:
+        for name in (plain, consent):
+            core.delete_namespaced_secret(name, namespace)
+        stop.set()
+        api.stop_watches()
+        thread.join(15)
+    assert not thread.is_alive(), "the watch did not stop"
+
+
+def _leases(api: KubeApi, suffix: str) -> None:
+    """Optimistic concurrency on Leases (one rollout at a time) and node records by patch."""
+    ns, name, node = NAMESPACE, f"rollout-{suffix}", f"cp-{suffix}"
+    assert api.read_lease(ns, name) is None
+    body = {"metadata": {"name": name, "namespace": ns}, "spec": {}}
+    assert api.create_lease(ns, body)
+    assert not api.create_lease(ns, body), "a second create is a lost race"
+    first = api.read_lease(ns, name)
+    assert first is not None
+    winner = {**first, "spec": {"holderIdentity": "cp-1"}}
+    assert api.replace_lease(ns, name, winner)
+    loser = {**first, "spec": {"holderIdentity": "cp-2"}}
+    assert not api.replace_lease(ns, name, loser), "a stale resourceVersion loses"
+    api.write_node_record(ns, node, {"kube-audit.io/outcome": "Applied"}, _now())
+    api.write_node_record(ns, node, {"kube-audit.io/config-hash": "abc"}, _now())
+    records = api.node_records(ns)
+    assert records[node] == {
+        "kube-audit.io/outcome": "Applied",
+        "kube-audit.io/config-hash": "abc",
+    }, records
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
