@@ -1,7 +1,9 @@
 """Three real control-plane nodes behind HAProxy (tests/controlplane): client requests that fail
 through the load balancer while a change rolls over the nodes (goal 0), the full rollout time,
-and how long identities are missing on a node whose manifest kubeadm rewrites. Reported, not
-asserted; skipped with the reason where the tier cannot run.
+and how long identities are missing on a node whose manifest kubeadm rewrites. With 1,000
+AuditUsers: the last change of a burst of 1,000 -> every node's token file complete; one
+delete -> its token refused on every node; status patches and Events one change costs (goal:
+a handful). Reported, not asserted; skipped with the reason where the tier cannot run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.controlplane.cluster import (  # noqa: E402
+    Node,
     OperatorProcess,
     boot_ha,
     control_plane,
@@ -29,8 +32,35 @@ from tests.controlplane.cluster import (  # noqa: E402
 )
 from tests.controlplane.test_job import is_ready, token_of, whoami  # noqa: E402
 
+from kube_audit.core.manifest import flag_value, parse_manifest  # noqa: E402
+from kube_audit.core.tokens import parse_token_file  # noqa: E402
+
 MAX_REQUESTS = 20_000
 MAX_SECONDS = 900.0
+BURST = 1000
+
+
+def token_users(node: Node) -> set[str]:
+    """The user names in the token file the node's manifest names (empty when none)."""
+    manifest = parse_manifest(node.manifest.read_text())
+    path = flag_value(manifest, "--token-auth-file")
+    if path is None:
+        return set()
+    data = (node.tree / path.lstrip("/")).read_bytes()
+    return {record.username for record in parse_token_file(data)}
+
+
+def writes(processes: list[OperatorProcess]) -> tuple[float, float]:
+    """Status patches and Events all operators have written (their metrics)."""
+    patches = events = 0.0
+    for process in processes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics") as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("kube_audit_status_patches_total "):
+                    patches += float(line.split()[1])
+                elif line.startswith("kube_audit_events_total "):
+                    events += float(line.split()[1])
+    return patches, events
 
 
 class Load(threading.Thread):
@@ -81,8 +111,33 @@ def main() -> int:
         nodes, lb = boot_ha(cp)
         kubeconfig = install_operator(cp)
         kubeconfig.write_text(kubeconfig.read_text().replace(nodes[0].url, lb.url))
-        for node in nodes:
-            OperatorProcess(cp, node, kubeconfig).start()
+        processes = [OperatorProcess(cp, node, kubeconfig) for node in nodes]
+        for process in processes:
+            process.start()
+        burst = [
+            {"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser",
+             "metadata": {"name": f"user-{i:04d}"}, "spec": {"groups": ["developer"]}}
+            for i in range(BURST)
+        ]  # fmt: skip
+        cp.apply([{"apiVersion": "v1", "kind": "List", "items": burst}], timeout=600)
+        applied = time.monotonic()
+        wanted = {f"user-{i:04d}" for i in range(BURST)}
+        wait_for(
+            "1,000 users in every token file",
+            lambda: all(wanted <= token_users(n) for n in nodes),
+            1800,
+            1,
+        )
+        print(
+            f"three nodes: last change of a burst of {BURST} AuditUsers -> every token file "
+            f"complete: {time.monotonic() - applied:.0f} s"
+        )
+        wait_for(
+            "the burst Ready",
+            lambda: is_ready(cp, "auditusers", f"user-{BURST - 1:04d}"),
+            600,
+            1,
+        )
         cp.kubectl("create", "serviceaccount", "load", "-n", "default")
         cp.kubectl(
             "create", "rolebinding", "load", "--clusterrole=edit", "--serviceaccount=default:load"
@@ -91,6 +146,7 @@ def main() -> int:
         load = Load(lb.url, token, nodes[0].ca)
         load.start()
         time.sleep(5)
+        before = writes(processes)
         start = time.monotonic()
         cp.apply([{"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser",
                    "metadata": {"name": "bench"}}])  # fmt: skip
@@ -112,6 +168,26 @@ def main() -> int:
         for failure in load.failures[:5]:
             print(f"  {failure}")
         print(f"three nodes: full rollout over 3 nodes: {rollout:.0f} s")
+        time.sleep(10)  # the status owner's last condition updates
+        patches, events = (a - b for a, b in zip(writes(processes), before, strict=True))
+        print(
+            f"three nodes, {BURST + 1} users: one new AuditUser cost {patches:.0f} status "
+            f"patches and {events:.0f} Events (goal: a handful)"
+        )
+
+        doomed = token_of(cp, "user-0000")
+        deleted = time.monotonic()
+        cp.kubectl("delete", "audituser", "user-0000")
+        wait_for(
+            "the deleted user's token refused on every node",
+            lambda: all(whoami(cp, doomed, server=n.url) == "Unauthorized" for n in nodes),
+            1800,
+            1,
+        )
+        print(
+            f"three nodes: one delete -> its token refused on every node: "
+            f"{time.monotonic() - deleted:.0f} s"
+        )
 
         second = nodes[1]
         alice = token_of(cp, "bench")

@@ -11,11 +11,14 @@ import json
 import os
 import shutil
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.controlplane.cluster import (
     ROOT,
@@ -56,7 +59,11 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HA]:
         operators = {}
         for node in nodes:
             operators[node.name] = OperatorProcess(
-                cp, node, kubeconfig, env={"KUBE_AUDIT_TIMEOUT": "60"}
+                # HAProxy marks a server up after rise 2 x inter 1 s.
+                cp,
+                node,
+                kubeconfig,
+                env={"KUBE_AUDIT_TIMEOUT": "60", "KUBE_AUDIT_MIN_READY": "3"},
             )
             operators[node.name].start()
         yield HA(cp, nodes, lb, operators)
@@ -179,3 +186,70 @@ def test_an_operator_stopped_mid_wait_leaves_its_node_verified(ha: HA, how: sign
     state = json.loads((node.tree / "var/lib/kube-audit/state.json").read_text())
     assert state["pending"] is None, state
     assert_one_at_a_time(ha, marks)
+
+
+def test_a_kubeadm_rewrite_of_another_node_mid_rollout_is_not_clobbered(ha: HA) -> None:
+    """While one node restarts into a change, kubeadm rewrites another node's manifest (an
+    upgrade: our flags gone, a new flag of its own). Nothing is clobbered: that node gets the
+    change on top of kubeadm's manifest when its turn comes, and never again runs a manifest
+    older than the one kubeadm wrote."""
+    marks = ha.marks()
+    ha.cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": "ha-upgrade"}}])
+
+    def restarting() -> Node | None:
+        for node in ha.nodes:
+            if node.apiserver_events("stopping", since=marks[node.name]):
+                return node
+        return None
+
+    busy = wait_for("a node to start its restart", restarting, 300, 0.2)
+    other = next(
+        n
+        for n in ha.nodes
+        if n is not busy and not n.apiserver_events("stopping", since=marks[n.name])
+    )
+    log_start = len(ha.operators[other.name].log.read_text())
+    init, cluster = yaml.safe_load_all(other.kubeadm_config.read_text())
+    cluster["apiServer"]["extraArgs"].append({"name": "profiling", "value": "false"})
+    other.kubeadm_config.write_text(yaml.safe_dump_all([init, cluster], sort_keys=False))
+    seen: list[bytes] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            seen.append(other.manifest.read_bytes())
+            time.sleep(0.05)
+
+    rewrite = len(other.records())
+    other.kubeadm(
+        "init", "phase", "control-plane", "apiserver", "--config", str(other.kubeadm_config)
+    )
+    assert b"--profiling=false" in other.manifest.read_bytes()
+    assert b"--token-auth-file" not in other.manifest.read_bytes(), "kubeadm dropped our flags"
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        wait_for(
+            "ha-upgrade's token on every node",
+            lambda: token_works_everywhere(ha, "ha-upgrade"),
+            900,
+            2,
+        )
+        wait_for("ha-upgrade Ready", lambda: is_ready(ha.cp, "auditusers", "ha-upgrade"), 180, 1)
+    finally:
+        watching.set()
+        watcher.join(5)
+    final = other.manifest.read_bytes()
+    assert b"--profiling=false" in final and b"--token-auth-file" in final
+    assert all(b"--profiling=false" in version for version in seen), (
+        "a manifest older than kubeadm's was written back"
+    )
+    assert "rolled back" not in ha.operators[other.name].log.read_text()[log_start:]
+    # kubeadm's rewrite restarted that node's apiserver itself, whoever was down: only the
+    # restarts kube-audit caused must be one at a time.
+    kubeadm_ready = next(
+        i
+        for i, event in enumerate(other.records())
+        if i >= rewrite and event["event"] == "ready" and event["pod"].startswith("kube-apiserver")
+    )
+    assert_one_at_a_time(ha, {**marks, other.name: kubeadm_ready + 1})
