@@ -22,6 +22,7 @@ import kubernetes.client
 import kubernetes.config
 import orjson
 import urllib3.exceptions
+import yaml
 from kubernetes.client.exceptions import ApiException
 
 from kube_audit import hostfs
@@ -50,25 +51,37 @@ WATCH_SETTLED = 10.0
 MAX_WATCH_BACKOFF = 15.0
 
 
-def load_api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
-    """In-cluster credentials inside a pod, else the current kubeconfig context."""
+def load_api_client(
+    kubeconfig: str | None = None, context: str | None = None
+) -> kubernetes.client.ApiClient:
+    """As kubectl: ``kubeconfig`` (or ``context``) given wins; else in-cluster credentials
+    inside a pod; else $KUBECONFIG or ~/.kube/config."""
     configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
-    except kubernetes.config.ConfigException:
+    if kubeconfig is None and context is None:
         try:
-            kubernetes.config.load_kube_config(
-                config_file=kubeconfig, client_configuration=configuration
-            )
-        except (kubernetes.config.ConfigException, OSError) as error:
-            raise ClusterError(
-                f"no cluster credentials: not in a pod and no usable kubeconfig ({error})"
-            ) from None
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            pass
+        else:
+            return kubernetes.client.ApiClient(configuration)
+    try:
+        kubernetes.config.load_kube_config(
+            config_file=kubeconfig, context=context, client_configuration=configuration
+        )
+    except (kubernetes.config.ConfigException, OSError, ValueError) as error:
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise ClusterError(f"no usable kubeconfig ({where}): {error}") from None
+    except yaml.YAMLError as error:
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise ClusterError(f"kubeconfig {where} is not valid YAML: {_one_line(error)}") from None
     return kubernetes.client.ApiClient(configuration)
 
 
-def current_cluster(kubeconfig: str | None = None) -> tuple[str, str, str | None, bool]:
-    """(cluster name, server, base64 CA data or None, insecure) of the current context.
+def current_cluster(
+    kubeconfig: str | None = None, context: str | None = None
+) -> tuple[str, str, str | None, bool]:
+    """(cluster name, server, base64 CA data or None, insecure) of ``context`` (default: the
+    current one).
 
     Follows kubectl: ``--kubeconfig``, else every file in ``$KUBECONFIG``, else ~/.kube/config;
     the first file that sets a value wins.
@@ -83,14 +96,22 @@ def current_cluster(kubeconfig: str | None = None) -> tuple[str, str, str | None
     for path in paths:
         data = hostfs.read_optional(Path(path))
         if data is not None:
-            docs.append(yamlio.load(data) or {})
-    current = next((d.get("current-context") for d in docs if d.get("current-context")), None)
+            try:
+                docs.append(yamlio.load(data) or {})
+            except yamlio.YAMLError as error:
+                raise ClusterError(
+                    f"kubeconfig {path} is not valid YAML: {_one_line(error)}"
+                ) from None
+    current = context or next(
+        (d.get("current-context") for d in docs if d.get("current-context")), None
+    )
     contexts = {c["name"]: c.get("context", {}) for d in docs for c in d.get("contexts") or []}
     clusters = {
         c["name"]: c.get("cluster", {}) for d in reversed(docs) for c in d.get("clusters") or []
     }
     if not current or current not in contexts:
-        raise ClusterError(f"no current context in kubeconfig {os.pathsep.join(paths)}")
+        what = f"no context {context!r}" if context else "no current context"
+        raise ClusterError(f"{what} in kubeconfig {os.pathsep.join(paths)}")
     name = str(contexts[current].get("cluster") or "")
     entry = clusters.get(name) or {}
     ca_data = entry.get("certificate-authority-data")
@@ -102,6 +123,21 @@ def current_cluster(kubeconfig: str | None = None) -> tuple[str, str, str | None
         ca_data,
         bool(entry.get("insecure-skip-tls-verify")),
     )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _reason(error: BaseException) -> str:
+    """The cause in a few words, without urllib3's pool and retry wrappers."""
+    while isinstance(getattr(error, "reason", None), BaseException):
+        error = error.reason  # type: ignore[attr-defined]
+    text = str(error)
+    for marker in ("Failed to establish a new connection: ", "Caused by ", "): "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return text.strip(" ()'\"") or type(error).__name__
 
 
 def _status_message(data: bytes) -> str:
@@ -169,7 +205,10 @@ class KubeApi:
         except ApiException as error:
             raise ClusterError(f"{what}: {error.reason or error}", error.status or 0) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise ClusterError(f"{what}: Kubernetes API unreachable ({error})") from None
+            host = self.client.configuration.host
+            raise ClusterError(
+                f"{what}: Kubernetes API unreachable at {host}: {_reason(error)}"
+            ) from None
         if 200 <= response.status <= 299:
             return response
         data = _drain(response)

@@ -57,7 +57,7 @@ def log_files(paths: Iterable[str], log_file: str) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            problems.append(Problem(raw, "PATH", "no such audit log file or folder"))
+            problems.append(Problem(raw, "path", "no such audit log file or folder"))
     if problems:
         raise InvalidInput(problems)
     return files
@@ -157,7 +157,19 @@ def _pop(
 def run_who(
     paths: Iterable[str], query: Query, *, output: str, out: TextIO, err: TextIO, log_file: str
 ) -> int:
+    paths = list(paths)
     files = log_files(paths, log_file)
+    if not files:
+        raise InvalidInput(
+            [
+                Problem(
+                    ", ".join(paths),
+                    "path",
+                    f"holds no audit log files ({log_file} or its rotated copies): is this the "
+                    "folder of --audit-log-path?",
+                )
+            ]
+        )
     counters = Counters()
     blocks = (block for path in files for block in hostfs.read_blocks(path))
     results = find_requests(blocks, query, counters)

@@ -139,3 +139,24 @@ def test_window_keeps_memory_bounded(
     assert main(["who", str(log), "-o", "json"]) == 0
     ids = [json.loads(line)["auditID"] for line in capsys.readouterr().out.splitlines()]
     assert len(ids) == len(set(ids)) == 2000
+
+
+def test_filters_as_people_type_them(log_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Comma lists are repeated flags; relative times combine units."""
+    assert main(["who", str(log_dir), "--verb", "create,delete", "-o", "json"]) == 0
+    verbs = {json.loads(line)["verb"] for line in capsys.readouterr().out.splitlines()}
+    assert verbs == {"create", "delete"}
+    assert main(["who", str(log_dir), "--since", "1h30m", "-o", "json"]) == 0, "1h30m parses"
+    capsys.readouterr()
+    code = main(["who", str(log_dir), "--since", "2h", "--until", "2026-11-01T00:00:00Z"])
+    assert code == 1
+    assert "--since" in capsys.readouterr().err
+
+
+def test_a_folder_without_audit_logs_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "no matching requests in 0 files": the folder is wrong, not the question."""
+    assert main(["who", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "holds no audit log files" in err and "Traceback" not in err

@@ -113,6 +113,7 @@ class Harness:
             "resync": 3600,
             "lease_poll": 0.05,
             "retry_backoff": 0.2,
+            "min_ready": 0.0,
             **overrides,
         }
         config = OperatorConfig(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import stat
 from pathlib import Path
 
@@ -111,3 +113,66 @@ def test_status_table(harness: Harness, tmp_path: Path, capsys: pytest.CaptureFi
     assert "False" in lines["AuditUser/mallory"] and "system:masters" in lines["AuditUser/mallory"]
     assert "AuditPolicy/dev" in lines
     assert lines["cp-1"].split()[1] != "-", "the node's applied config hash"
+
+
+def test_kubeconfig_to_stdout_and_never_over_a_file_without_force(
+    harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness.add_control_plane("cp-1")
+    harness.start("cp-1")
+    harness.apply_user("alice")
+    eventually(lambda: _ready(harness, "auditusers", "alice"))
+    admin = _admin_kubeconfig(harness, tmp_path)
+    assert main(["kubeconfig", "alice", "--kubeconfig", admin, "-o", "-"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["users"] == [{"name": "alice", "user": {"token": _token(harness, "alice")}}]
+    taken = tmp_path / "alice.kubeconfig"
+    taken.write_text("mine")
+    assert main(["kubeconfig", "alice", "--kubeconfig", admin, "-o", str(taken)]) == 1
+    assert "exists" in capsys.readouterr().err and taken.read_text() == "mine"
+    assert main(["kubeconfig", "alice", "--kubeconfig", admin, "-o", str(taken), "--force"]) == 0
+    assert yaml.safe_load(taken.read_text())["current-context"] == "alice@test"
+
+
+def test_status_as_json_and_yaml(
+    harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness.add_control_plane("cp-1")
+    harness.start("cp-1")
+    harness.apply_user("alice")
+    eventually(lambda: _ready(harness, "auditusers", "alice"))
+    admin = _admin_kubeconfig(harness, tmp_path)
+    assert main(["status", "--kubeconfig", admin, "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["objects"][0]["object"] == "AuditUser/alice"
+    assert report["objects"][0]["ready"] == "True"
+    assert report["nodes"][0]["node"] == "cp-1" and report["nodes"][0]["outcome"] == "Applied"
+    assert main(["status", "--kubeconfig", admin, "-o", "yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == report
+
+
+def test_cluster_errors_exit_6_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "gone",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "gone", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
+    assert main(["status", "--kubeconfig", str(config)]) == 6
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "unreachable" in err and "HTTPConnectionPool" not in err and "Traceback" not in err
+    assert main(["status", "--kubeconfig", str(config), "--context", "other"]) == 6
+    assert "other" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from kube_audit.core.audit_query import (
     parse_status,
     parse_time,
     resource_plural,
+    table_row,
 )
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -77,3 +78,48 @@ def test_matches_and_the_byte_prefilter_agree(query: Query, ok: bool) -> None:
 def test_prefilter_drops_lines_without_the_values() -> None:
     q = Query(users=frozenset({"alice"}), verbs=frozenset({"create"}))
     assert not may_match(b'{"verb":"create","user":{"username":"bob"}}', q.needles)
+
+
+def _line(event: dict[str, object]) -> bytes:
+    """As kube-apiserver writes it: Go's encoding/json escapes &, < and >."""
+    text = orjson.dumps(event).decode()
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e").encode()
+
+
+def test_a_user_is_found_when_impersonated_and_shown_as_such() -> None:
+    event = {**EVENT, "user": {"username": "kubernetes-admin"},
+             "impersonatedUser": {"username": "alice"}}  # fmt: skip
+    query = Query(users=frozenset({"alice"}))
+    assert may_match(_line(event), query.needles) and matches(event, query)
+    assert table_row(event, wide=False)[1] == "kubernetes-admin as alice"
+    assert matches(event, Query(users=frozenset({"kubernetes-admin"})))
+
+
+def test_subresources() -> None:
+    log = {**EVENT, "objectRef": {"resource": "pods", "subresource": "log", "name": "p"}}
+    assert resource_plural("po/log") == "pods/log"
+    for wanted, ok in (("pods/log", True), ("pods", True), ("pods/exec", False)):
+        query = Query(resources=frozenset({resource_plural(wanted)}))
+        assert may_match(_line(log), query.needles)
+        assert matches(log, query) is ok, wanted
+    assert not matches(EVENT, Query(resources=frozenset({"ingresses/status"})))
+
+
+def test_the_prefilter_finds_values_go_escaped() -> None:
+    event = {**EVENT, "user": {"username": "R&D-bot", "groups": ["<team>"]}}
+    assert b"R\\u0026D-bot" in _line(event)
+    query = Query(users=frozenset({"R&D-bot"}), groups=frozenset({"<team>"}))
+    assert may_match(_line(event), query.needles) and matches(event, query)
+
+
+def test_a_cut_user_agent_ends_with_an_ellipsis() -> None:
+    agent = "kubectl/v1.34.3 (linux/amd64) kubernetes/abcdef0 with a long tail"
+    row = table_row({**EVENT, "userAgent": agent}, wide=False)
+    assert row[-1].endswith("…") and len(row[-1]) == 40 and agent.startswith(row[-1][:-1])
+    assert table_row({**EVENT, "userAgent": agent}, wide=True)[7] == agent
+    assert table_row({**EVENT, "userAgent": "curl/8"}, wide=False)[-1] == "curl/8"
+
+
+def test_relative_times_combine_units() -> None:
+    assert parse_time("1h30m", NOW) == "2026-11-27T10:30:00.000000Z"
+    assert parse_time("2d12h", NOW) == "2026-11-25T00:00:00.000000Z"

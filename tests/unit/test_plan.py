@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from kube_audit.core.manifest import flag_value, parse_manifest
@@ -98,7 +99,24 @@ def test_lists_are_flattened_and_duplicates_reported() -> None:
     inputs = collect_inputs(
         _docs({"apiVersion": "v1", "kind": "List", "items": [audit_user("a"), audit_user("a")]})
     )
-    assert [p.message for p in inputs.problems] == ["is defined twice"]
+    assert [p.message for p in inputs.problems] == [
+        "is defined twice: test#0.items[0] and test#0.items[1]"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("api_version", "kind", "hint"),
+    [
+        ("kube-audit.io/v1alpha1", "AuditUsers", "did you mean AuditUser?"),
+        ("kube-audit.io/v1alpha1", "audituser", "did you mean AuditUser?"),
+        ("kube-audit.io/v1", "AuditPolicy", "AuditPolicy needs apiVersion kube-audit.io/v1alpha1"),
+        ("v1", "ConfigMap", "or v1 Secret"),
+    ],
+)
+def test_an_unknown_kind_suggests_the_closest(api_version: str, kind: str, hint: str) -> None:
+    inputs = collect_inputs(_docs({"apiVersion": api_version, "kind": kind, "metadata": {}}))
+    (problem,) = inputs.problems
+    assert problem.field == "kind" and problem.message.endswith(hint), problem.message
 
 
 def test_parse_documents_names_sources() -> None:

@@ -29,7 +29,7 @@ class OperatorConfig:
     # After a restart, how long the new apiserver must have been ready before the next node
     # may restart its own: at least the time your load balancer takes to mark a server healthy
     # again (HAProxy: rise x inter; cloud load balancers: healthy threshold x interval).
-    min_ready: float = 0.0
+    min_ready: float = 10.0
     lease_poll: float = 2.0
     manifest_poll: float = 2.0
     retry_backoff: float = 5.0

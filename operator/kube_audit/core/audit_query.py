@@ -30,13 +30,18 @@ _ALIASES = {
     "priorityclass": "priorityclasses", "storageclass": "storageclasses",
     "auditpolicy": "auditpolicies",
 }  # fmt: skip
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_RELATIVE = re.compile(r"^(?:\d+[smhd])+$")
+_RELATIVE_PART = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _STATUS = re.compile(r"^[1-5](\d\d|xx)$")
 
 
 def resource_plural(name: str) -> str:
-    """kubectl's short and singular names to the plural in objectRef (``ing`` -> ``ingresses``)."""
+    """kubectl's short and singular names to the plural in objectRef (``ing`` -> ``ingresses``);
+    a subresource stays (``po/log`` -> ``pods/log``)."""
+    head, slash, sub = name.partition("/")
+    if slash:
+        return f"{resource_plural(head)}/{sub.lower()}"
     lower = name.lower()
     if lower in _ALIASES:
         return _ALIASES[lower]
@@ -52,16 +57,19 @@ def resource_plural(name: str) -> str:
 
 
 def parse_time(value: str, now: datetime) -> str:
-    """RFC 3339 or relative (``2h``, ``30m``, ``7d``) -> the audit log's timestamp format."""
-    match = _RELATIVE.match(value.strip())
-    if match:
-        moment = now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    """RFC 3339 or relative (``2h``, ``30m``, ``1h30m``, ``7d``) -> the audit log's timestamp
+    format."""
+    if _RELATIVE.match(value.strip()):
+        ago = timedelta()
+        for amount, unit in _RELATIVE_PART.findall(value.strip()):
+            ago += timedelta(**{_UNITS[unit]: int(amount)})
+        moment = now - ago
     else:
         try:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:
             raise ValueError(
-                f"{value!r} is neither RFC 3339 (2026-11-27T10:00:00Z) nor relative (2h, 30m, 7d)"
+                f"{value!r} is neither RFC 3339 (2026-11-27T10:00:00Z) nor relative (2h, 1h30m, 7d)"
             ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
@@ -90,9 +98,24 @@ class Query:
     needles: tuple[tuple[bytes, ...], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        groups = [self.users, self.groups, self.verbs, self.resources, self.namespaces, self.names]
-        needles = tuple(tuple(orjson.dumps(v) for v in sorted(g)) for g in groups if g)
+        resources = frozenset(r.partition("/")[0] for r in self.resources)
+        groups = [self.users, self.groups, self.verbs, resources, self.namespaces, self.names]
+        needles = tuple(tuple(sorted({n for v in g for n in _quoted(v)})) for g in groups if g)
         object.__setattr__(self, "needles", needles)
+
+
+# Go's encoding/json writes these as escapes: the apiserver logs "R&D" as "R\u0026D".
+_GO_ESCAPES = {"&": "\\u0026", "<": "\\u003c", ">": "\\u003e", "\u2028": "\\u2028",
+               "\u2029": "\\u2029"}  # fmt: skip
+
+
+def _quoted(value: str) -> set[bytes]:
+    """The value as JSON in a log line: as we would write it, and as Go writes it."""
+    plain = orjson.dumps(value)
+    go = plain.decode()
+    for char, escape in _GO_ESCAPES.items():
+        go = go.replace(char, escape)
+    return {plain, go.encode()}
 
 
 def may_match(line: bytes, needles: Sequence[Sequence[bytes]]) -> bool:
@@ -111,13 +134,14 @@ def matches(event: Mapping[str, Any], q: Query) -> bool:
     """The exact test on a parsed event."""
     user = event.get("user") or {}
     ref = event.get("objectRef") or {}
-    if q.users and user.get("username") not in q.users:
+    acting_as = (event.get("impersonatedUser") or {}).get("username")
+    if q.users and user.get("username") not in q.users and acting_as not in q.users:
         return False
     if q.groups and not q.groups.intersection(user.get("groups") or ()):
         return False
     if q.verbs and event.get("verb") not in q.verbs:
         return False
-    if q.resources and ref.get("resource") not in q.resources:
+    if q.resources and not _resource_ok(ref, q.resources):
         return False
     if q.namespaces and ref.get("namespace") not in q.namespaces:
         return False
@@ -129,6 +153,26 @@ def matches(event: Mapping[str, Any], q: Query) -> bool:
     if q.until and received >= q.until:
         return False
     return not q.statuses or _status_ok((event.get("responseStatus") or {}).get("code"), q.statuses)
+
+
+def _resource_ok(ref: Mapping[str, Any], wanted: frozenset[str]) -> bool:
+    """``pods`` matches pods and their subresources; ``pods/log`` only the log."""
+    resource = ref.get("resource")
+    full = f"{resource}/{ref['subresource']}" if ref.get("subresource") else resource
+    return resource in wanted or full in wanted
+
+
+def _who(event: Mapping[str, Any]) -> str:
+    """The user, and whom they acted as when impersonating (``admin as alice``)."""
+    name = str((event.get("user") or {}).get("username") or "")
+    acting_as = (event.get("impersonatedUser") or {}).get("username")
+    return f"{name} as {acting_as}" if acting_as else name
+
+
+def _cut(text: str, width: int | None) -> str:
+    if width is None or len(text) <= width:
+        return text
+    return text[: width - 1] + "…"
 
 
 def _what(event: Mapping[str, Any]) -> tuple[str, str]:
@@ -149,13 +193,13 @@ def table_row(event: Mapping[str, Any], wide: bool) -> list[str]:
     resource, where = _what(event)
     row = [
         str(event.get("requestReceivedTimestamp") or "")[:19].replace("T", " "),
-        str(user.get("username") or ""),
+        _who(event),
         str(event.get("verb") or ""),
         resource,
         where,
         str((event.get("responseStatus") or {}).get("code") or "-"),
         ",".join(event.get("sourceIPs") or []),
-        str(event.get("userAgent") or "")[: None if wide else 40],
+        _cut(str(event.get("userAgent") or ""), None if wide else 40),
     ]
     if wide:
         groups = [g for g in user.get("groups") or [] if g != "system:authenticated"]

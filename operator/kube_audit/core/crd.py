@@ -33,7 +33,8 @@ CEL: dict[tuple[type[BaseModel], str | None], list[dict[str, str]]] = {
         {
             "rule": "self.all(g, !g.startsWith('system:') && g != 'kubeadm:cluster-admins')",
             "message": "'system:' groups (above all system:masters) and kubeadm:cluster-admins "
-            "are refused; see the allowedSystemGroups setting",
+            "are refused (to allow one: this rule, the admission policy's ConfigMap and the "
+            "operator's --allow-system-group; see docs/security.md)",
         },
         {"rule": "self.all(g, !g.contains(','))", "message": "a group must not contain ','"},
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import posixpath
 from collections.abc import Iterable, Mapping
@@ -87,6 +88,17 @@ def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
     policies: dict[str, AuditPolicy] = {}
     secrets: dict[tuple[str, str], SecretData] = {}
     problems: list[Problem] = []
+    defined_in: dict[str, str] = {}
+
+    def once(ref: str, source: str) -> None:
+        """A second definition names both places (files and documents)."""
+        if ref in defined_in:
+            first = defined_in[ref]
+            problems.append(
+                Problem(ref, "metadata.name", f"is defined twice: {first} and {source}")
+            )
+        else:
+            defined_in[ref] = source
 
     def add(source: str, obj: Any) -> None:
         if obj is None:
@@ -102,26 +114,17 @@ def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
         try:
             if api_version == API_VERSION and kind == AUDIT_USER:
                 user = parse_audit_user(obj)
-                if user.meta.name in users:
-                    problems.append(Problem(user.ref, "metadata.name", "is defined twice"))
+                once(user.ref, source)
                 users[user.meta.name] = user
             elif api_version == API_VERSION and kind == AUDIT_POLICY:
                 policy = parse_audit_policy(obj)
-                if policy.meta.name in policies:
-                    problems.append(Problem(policy.ref, "metadata.name", "is defined twice"))
+                once(policy.ref, source)
                 policies[policy.meta.name] = policy
             elif api_version == "v1" and kind == "Secret":
                 secret = parse_secret(obj)
                 secrets[(secret.namespace, secret.name)] = secret
             else:
-                problems.append(
-                    Problem(
-                        source,
-                        "kind",
-                        f"{api_version or '?'} {kind or '?'} is not an AuditUser, AuditPolicy "
-                        f"({API_VERSION}) or v1 Secret",
-                    )
-                )
+                problems.append(Problem(source, "kind", _unknown_kind(api_version, kind)))
         except InvalidInput as error:
             problems.extend(error.problems)
 
@@ -133,6 +136,23 @@ def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
         secrets=tuple(secrets[k] for k in sorted(secrets)),
         problems=tuple(sorted(problems)),
     )
+
+
+KNOWN_KINDS = {AUDIT_USER: API_VERSION, AUDIT_POLICY: API_VERSION, "Secret": "v1"}
+
+
+def _unknown_kind(api_version: str, kind: str) -> str:
+    """What is wrong and, where a known kind is near, what was probably meant."""
+    text = (
+        f"{api_version or '?'} {kind or '?'} is not an AuditUser, AuditPolicy ({API_VERSION}) "
+        "or v1 Secret"
+    )
+    if kind in KNOWN_KINDS:
+        return f"{text}: {kind} needs apiVersion {KNOWN_KINDS[kind]}"
+    by_case = {k.lower(): k for k in KNOWN_KINDS}
+    close = difflib.get_close_matches(kind, list(KNOWN_KINDS), n=1, cutoff=0.6)
+    meant = by_case.get(kind.lower()) or (close[0] if close else None)
+    return f"{text}; did you mean {meant}?" if meant else text
 
 
 def parse_documents(text: str, source: str) -> list[tuple[str, Any]]:

@@ -58,7 +58,7 @@ def _identity_problems(user: AuditUser, settings: Settings) -> list[Problem]:
                 user.ref,
                 username_field,
                 f"{user.username!r} is reserved for Kubernetes components; refused unless the "
-                "operator's allowedSystemUsers setting lists it",
+                "operator's --allow-system-user (KUBE_AUDIT_ALLOW_SYSTEM_USERS) lists it",
             )
         )
     if user.spec.uid is not None:
@@ -90,7 +90,7 @@ def _group_problems(
                 (
                     path,
                     f"{group!r} is a privileged system group{extra}; refused unless the "
-                    "operator's allowedSystemGroups setting lists it",
+                    "operator's --allow-system-group (KUBE_AUDIT_ALLOW_SYSTEM_GROUPS) lists it",
                 )
             )
         seen.add(group)

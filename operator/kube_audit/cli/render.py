@@ -1,0 +1,67 @@
+"""``kube-audit render`` and ``kube-audit crds``: files from YAML, no cluster, no host."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from kube_audit import hostfs
+from kube_audit.cli.common import guard_flags, settings_from_args, valid_desired
+from kube_audit.core.crd import CRD_FILES, render_crd_yaml
+from kube_audit.core.plan import POLICY_FILE, TOKEN_FILE
+from kube_audit.errors import InvalidInput, Problem
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    desired = valid_desired(args, settings_from_args(args))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInput([Problem(str(out), "--out", "exists and is not a folder")])
+    hostfs.ensure_dir(out)
+    hostfs.write_atomic(out / TOKEN_FILE, desired.files.get(TOKEN_FILE, b""), mode=0o600)
+    records = len(desired.users.records)
+    print(f"wrote {out / TOKEN_FILE} ({records} user{'s' * (records != 1)})")
+    policy = desired.files.get(POLICY_FILE)
+    if policy is None:
+        stale = out / POLICY_FILE
+        print(
+            "no AuditPolicy given: no audit policy written (a policy with 0 rules would stop "
+            "kube-apiserver)" + (f"; {stale} is left from an earlier run" if stale.exists() else "")
+        )
+    else:
+        hostfs.write_atomic(out / POLICY_FILE, policy, mode=0o644)
+        print(f"wrote {out / POLICY_FILE}")
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    hostfs.ensure_dir(out, 0o755)
+    for kind, name in CRD_FILES.items():
+        hostfs.write_atomic(out / name, render_crd_yaml(kind).encode(), mode=0o644)
+        print(f"wrote {out / name}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    render = sub.add_parser(
+        "render",
+        parents=[guard_flags()],
+        help="render tokens.csv and audit-policy.yaml from YAML files",
+        description="Validate AuditUser, AuditPolicy and Secret objects and write the token "
+        "file and audit policy kube-apiserver reads. Writes nothing if any input is invalid.",
+    )
+    render.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a YAML/JSON file or a folder of them (repeatable)",
+    )
+    render.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
+    render.set_defaults(func=cmd_render)
+    crds = sub.add_parser("crds", help="write the CustomResourceDefinitions")
+    crds.add_argument("--out", default="crds", metavar="DIR", help="folder (default: crds)")
+    crds.set_defaults(func=cmd_crds)

@@ -1,0 +1,104 @@
+"""``kube-audit who``: who did it, from this node's audit log."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kube_audit.cli.env import env_str
+from kube_audit.core.audit_query import Query, parse_status, parse_time, resource_plural
+from kube_audit.core.settings import Settings
+from kube_audit.errors import InvalidInput, Problem
+from kube_audit.who import run_who
+
+DEFAULT_LOG_DIR = Settings().log_dir
+
+
+def _values(given: list[str] | None) -> list[str]:
+    """Repeated flags and comma lists alike: ``--verb create,delete`` = two ``--verb``."""
+    return [v.strip() for item in given or () for v in item.split(",") if v.strip()]
+
+
+def cmd_who(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    problems = []
+
+    def convert(flag: str, values: list[str], func: Any) -> frozenset[str]:
+        out = set()
+        for value in values:
+            try:
+                out.add(func(value))
+            except ValueError as error:
+                problems.append(Problem("who", flag, str(error)))
+        return frozenset(out)
+
+    since = next(iter(convert("--since", [args.since] if args.since else [], _at(now))), None)
+    until = next(iter(convert("--until", [args.until] if args.until else [], _at(now))), None)
+    if since is not None and until is not None and since >= until:
+        problems.append(
+            Problem("who", "--since", f"{args.since!r} is not before --until {args.until!r}")
+        )
+    query = Query(
+        users=frozenset(_values(args.user)),
+        groups=frozenset(_values(args.group)),
+        verbs=frozenset(v.lower() for v in _values(args.verb)),
+        resources=frozenset(resource_plural(r) for r in _values(args.resource)),
+        namespaces=frozenset(_values(args.namespace)),
+        names=frozenset(_values(args.name)),
+        statuses=convert("--status", _values(args.status), parse_status),
+        since=since,
+        until=until,
+    )
+    if problems:
+        raise InvalidInput(problems)
+    settings = Settings()
+    paths = args.path or [str(Path(args.host_root) / settings.log_dir.lstrip("/"))]
+    return run_who(
+        paths, query, output=args.output, out=sys.stdout, err=sys.stderr, log_file=settings.log_file
+    )
+
+
+def _at(now: datetime) -> Any:
+    return lambda value: parse_time(value, now)
+
+
+def add_parser(sub: Any) -> None:
+    cmd = sub.add_parser(
+        "who",
+        help="who did it? search the audit log",
+        description="Search kube-apiserver audit logs: one line per request, newest last. "
+        "Filters combine with AND; a repeated filter (or a comma list) matches any of its values.",
+    )
+    cmd.add_argument(
+        "path",
+        nargs="*",
+        help=f"audit log files or folders (default: ROOT{DEFAULT_LOG_DIR}, the folder "
+        "kube-audit points --audit-log-path at)",
+    )
+    cmd.add_argument(
+        "--host-root",
+        default=env_str("KUBE_AUDIT_HOST_ROOT", "/"),
+        metavar="ROOT",
+        help="where the host's / is mounted (default /, or $KUBE_AUDIT_HOST_ROOT)",
+    )
+    cmd.add_argument("--user", action="append", help="user name")
+    cmd.add_argument("--group", action="append", help="one of the user's groups")
+    cmd.add_argument("--verb", action="append", help="create, update, patch, delete, get, ...")
+    cmd.add_argument("--resource", action="append", help="plural, singular or short (crd, ing)")
+    cmd.add_argument("--namespace", "-n", action="append", help="namespace")
+    cmd.add_argument("--name", action="append", help="object name")
+    cmd.add_argument("--since", help="RFC 3339 or relative (2h, 1h30m, 7d); inclusive")
+    cmd.add_argument("--until", help="RFC 3339 or relative; exclusive")
+    cmd.add_argument("--status", action="append", help="HTTP code (403) or class (4xx)")
+    cmd.add_argument(
+        "--output",
+        "-o",
+        choices=("table", "wide", "json"),
+        default="table",
+        help="table (default), wide, or json: JSON Lines, one audit event per line as the "
+        "apiserver wrote it",
+    )
+    cmd.set_defaults(func=cmd_who)

@@ -1,0 +1,104 @@
+"""The CLI behaves as kubectl users expect: help without arguments, environment fallbacks
+for every operator flag, one clear error (never a traceback) for a malformed variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kube_audit.cli import build_parser, main
+
+
+def test_no_arguments_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kube-audit") and "operator" in out and "who" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KUBE_AUDIT_TIMEOUT", "3m"),
+        ("KUBE_AUDIT_METRICS_PORT", "http"),
+        ("KUBE_AUDIT_NO_WAIT", "maybe"),
+        ("KUBE_AUDIT_LOG_MAXAGE", "30d"),
+    ],
+)
+def test_a_malformed_variable_is_one_error_naming_it(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert main(["--version"]) == 1
+    err = capsys.readouterr().err
+    assert f"environment: {name}: {value!r} is not" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("yes", True), ("true", True),
+                                                 ("TRUE", True), ("0", False), ("no", False)])  # fmt: skip
+def test_booleans_as_people_write_them(
+    value: str, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBE_AUDIT_NO_WAIT", value)
+    args = build_parser().parse_args(["operator"])
+    assert args.no_wait is expected
+
+
+def test_every_operator_flag_falls_back_to_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "NODE_NAME": "cp-9",
+        "POD_NAMESPACE": "audit",
+        "KUBE_AUDIT_HOST_ROOT": "/host",
+        "KUBE_AUDIT_KUBELET_CONFIG": "/etc/kubelet.yaml",
+        "KUBE_AUDIT_DEBOUNCE": "7",
+        "KUBE_AUDIT_MAX_DEBOUNCE": "70",
+        "KUBE_AUDIT_MIN_READY": "30",
+        "KUBE_AUDIT_RESYNC": "600",
+        "KUBE_AUDIT_TIMEOUT": "240",
+        "KUBE_AUDIT_HEALTH_URL": "https://10.0.0.1:6443/readyz",
+        "KUBE_AUDIT_NO_WAIT": "yes",
+        "KUBE_AUDIT_METRICS_PORT": "9999",
+        "KUBE_AUDIT_METRICS_ADDRESS": "10.0.0.1",
+        "KUBE_AUDIT_LIVENESS": "http://127.0.0.1:1/healthz",
+        "KUBE_AUDIT_READINESS": "http://127.0.0.1:2/readyz",
+        "KUBE_AUDIT_LOG_MAXAGE": "7",
+        "KUBE_AUDIT_LOG_MAXBACKUP": "3",
+        "KUBE_AUDIT_LOG_MAXSIZE": "50",
+        "KUBE_AUDIT_ALLOW_SYSTEM_GROUPS": "system:monitoring,system:x",
+        "KUBE_AUDIT_ALLOW_SYSTEM_USERS": "system:ci",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["operator"])
+    assert (args.node_name, args.namespace, args.host_root) == ("cp-9", "audit", "/host")
+    assert args.kubelet_config == "/etc/kubelet.yaml"
+    assert (args.debounce, args.max_debounce, args.min_ready) == (7, 70, 30)
+    assert (args.resync, args.timeout) == (600, 240)
+    assert args.health_url == "https://10.0.0.1:6443/readyz" and args.no_wait is True
+    assert (args.metrics_port, args.metrics_address) == (9999, "10.0.0.1")
+    assert args.liveness.endswith(":1/healthz") and args.readiness.endswith(":2/readyz")
+    assert (args.audit_log_maxage, args.audit_log_maxbackup, args.audit_log_maxsize) == (7, 3, 50)
+    assert args.allow_system_group == ["system:monitoring", "system:x"]
+    assert args.allow_system_user == ["system:ci"]
+
+
+def test_every_operator_flag_names_its_default_and_variable() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    operator = sub.choices["operator"]  # type: ignore[attr-defined]
+    for action in operator._actions:
+        if action.dest in ("help", "kubeconfig", "context"):
+            continue
+        assert action.help and "default" in action.help, action.dest
+        assert "$" in action.help, f"{action.dest}: no environment variable named"
+
+
+def test_a_broken_kubeconfig_is_one_line_exit_6(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "kubeconfig"
+    config.write_text("apiVersion: v1\nclusters: [unclosed\n")
+    assert main(["status", "--kubeconfig", str(config)]) == 6
+    err = capsys.readouterr().err
+    assert str(config) in err and "not valid YAML" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
