@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kube_audit.agent.node import NodeAgent, NodeResult
 from kube_audit.constants import FAILED_ANNOTATION, ROLLOUT_LEASE
@@ -60,6 +60,9 @@ class NodeReport:
     outcome: str
     message: str
     permanent: bool = False
+    # This reconcile changed the node (applied, or rolled back): the node record's times move
+    # only then.
+    changed_node: bool = False
 
 
 def failed_configs(value: str | None) -> list[str]:
@@ -224,7 +227,7 @@ class Rollout:
             log.error("rolled back on %s: %s", holder, error)
             if await self._mark_failed(error.failed_hash):
                 await self._release()
-            return report(ROLLED_BACK, str(error))
+            return replace(report(ROLLED_BACK, str(error)), changed_node=True)
         except (ManifestError, NodeConfigError) as error:
             await self._release()
             self.metrics.blocked.set(1)
@@ -259,7 +262,7 @@ class Rollout:
         if result.restarted:
             self.metrics.restarts.inc()
         log.info("%s: %s", holder, result.message)
-        return report(APPLIED, result.message)
+        return replace(report(APPLIED, result.message), changed_node=True)
 
     async def _others_wait(self) -> bool:
         """Whether another control-plane node could restart next (not on a single node)."""

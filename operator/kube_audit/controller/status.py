@@ -150,9 +150,10 @@ class StatusWriter:
         }
         if report.outcome == APPLIED:
             notes[NODE_CONFIG_ANNOTATION] = report.config_hash
-            notes[NODE_APPLIED_ANNOTATION] = now
-        elif report.outcome == ROLLED_BACK:
-            notes[NODE_ROLLBACK_ANNOTATION] = now
+        if report.changed_node:
+            notes[
+                NODE_APPLIED_ANNOTATION if report.outcome == APPLIED else NODE_ROLLBACK_ANNOTATION
+            ] = now
         await asyncio.to_thread(
             self.api.write_node_record,
             self.config.namespace,
