@@ -95,6 +95,20 @@ def valid_desired(args: argparse.Namespace, settings: Settings) -> DesiredState:
     return desired
 
 
+def input_flags() -> argparse.ArgumentParser:
+    """``-f``: the objects to render or apply, as ``kubectl apply -f`` takes them."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a YAML/JSON file or a folder of them (repeatable)",
+    )
+    return parent
+
+
 def guard_flags() -> argparse.ArgumentParser:
     """The privilege guard: which exact ``system:`` identities AuditUsers may use."""
     parent = argparse.ArgumentParser(add_help=False)

@@ -19,6 +19,7 @@ from kube_audit.agent.node import (
 from kube_audit.cli.common import (
     guard_flags,
     host_flags,
+    input_flags,
     rotation_flags,
     settings_from_args,
     valid_desired,
@@ -68,19 +69,6 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return _report(uninstall_node(layout, _health(args, layout)))
 
 
-def _inputs_flags() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "-f",
-        "--file",
-        action="append",
-        required=True,
-        metavar="FILE",
-        help="a YAML/JSON file or a folder of them (repeatable)",
-    )
-    return parent
-
-
 def _wait_flags() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
@@ -106,7 +94,7 @@ def add_parsers(sub: Any) -> None:
         dest="node_command", required=True, metavar="COMMAND"
     )
     host = host_flags(from_env=False)
-    inputs = [_inputs_flags(), guard_flags(), rotation_flags(from_env=False)]
+    inputs = [input_flags(), guard_flags(), rotation_flags(from_env=False)]
     wait = _wait_flags()
     commands: list[tuple[str, Any, str, list[argparse.ArgumentParser]]] = [
         ("plan", cmd_plan, "show what apply would change (tokens as fingerprints)", inputs),

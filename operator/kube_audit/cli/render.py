@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kube_audit import hostfs
-from kube_audit.cli.common import guard_flags, settings_from_args, valid_desired
+from kube_audit.cli.common import guard_flags, input_flags, settings_from_args, valid_desired
 from kube_audit.core.crd import CRD_FILES, render_crd_yaml
 from kube_audit.core.plan import POLICY_FILE, TOKEN_FILE
 from kube_audit.errors import InvalidInput, Problem
@@ -47,18 +47,10 @@ def cmd_crds(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     render = sub.add_parser(
         "render",
-        parents=[guard_flags()],
+        parents=[input_flags(), guard_flags()],
         help="render tokens.csv and audit-policy.yaml from YAML files",
         description="Validate AuditUser, AuditPolicy and Secret objects and write the token "
         "file and audit policy kube-apiserver reads. Writes nothing if any input is invalid.",
-    )
-    render.add_argument(
-        "-f",
-        "--file",
-        action="append",
-        required=True,
-        metavar="FILE",
-        help="a YAML/JSON file or a folder of them (repeatable)",
     )
     render.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
     render.set_defaults(func=cmd_render)
