@@ -107,6 +107,9 @@ class Rollout:
         name = self.config.node_name
         try:
             agent = await asyncio.to_thread(self._agent)
+            pending = await asyncio.to_thread(agent.pending)
+            if pending:
+                log.info("%s: an earlier pod left config %s unverified", name, pending[:16])
             result = await asyncio.to_thread(agent.resume)
         except RolledBack as error:
             self.metrics.rollbacks.inc()
