@@ -1,6 +1,8 @@
 """``kube-audit who`` against ``jq -c 'select(...)'`` and ``grep -F`` on the same 200 MB log.
 
-Targets: 5x faster than jq on a selective question, 3x on a broad one, under 100 MB of memory.
+Targets: on a selective question at least 10x faster than jq and within 3x of ``grep -F`` (which
+only finds lines and answers nothing); on a broad one at least 3x faster than jq; under 100 MB of
+memory.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ QUESTIONS = {
         ["--user", "alice", "--verb", "create", "--resource", "svc"],
         'select(.user.username=="alice" and .verb=="create" and .objectRef.resource=="services")',
         '"username":"alice"',
-        5.0,
+        10.0,
     ),
     "broad (every get by an authenticated user)": (
         ["--verb", "get", "--group", "system:authenticated"],
@@ -36,6 +38,8 @@ QUESTIONS = {
         3.0,
     ),
 }
+# Within this factor of grep -F on the selective question (the broad one prints 72,000 results).
+GREP_FACTOR = {"selective (alice's creates of services)": 3.0}
 
 
 def ensure_log() -> None:
@@ -72,6 +76,10 @@ def main() -> int:
         who_s, who_mb = run([WHO, "who", str(LOG), "-o", "json", *flags])
         grep_s, _ = run(["grep", "-F", grep_text, str(LOG)])
         line = f"who {title}: {who_s:6.2f} s, {who_mb:5.1f} MB; grep -F {grep_s:5.2f} s"
+        if title in GREP_FACTOR:
+            close = who_s <= GREP_FACTOR[title] * grep_s
+            failed += not close
+            line += f" ({who_s / grep_s:.1f}x grep, target <= {GREP_FACTOR[title]:.0f}x)"
         if jq:
             jq_s, _ = run([jq, "-c", jq_filter, str(LOG)])
             speedup = jq_s / who_s

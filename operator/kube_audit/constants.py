@@ -23,6 +23,13 @@ ROTATED_FOR = f"{GROUP}/rotated-for"
 
 CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
 
+# The DaemonSet's pods (deploy/daemonset.yaml) and their one container: `who --cluster` asks them.
+OPERATOR_POD_SELECTOR = "app.kubernetes.io/name=kube-audit-operator"
+OPERATOR_CONTAINER = "operator"
+DEFAULT_INSTALL_NAMESPACE = "kube-audit"
+# On each event `who --cluster -o json` prints: the control-plane node whose apiserver wrote it.
+WHO_NODE_ANNOTATION = f"{GROUP}/node"
+
 # One node restarts its apiserver at a time: the holder of this Lease.
 ROLLOUT_LEASE = "kube-audit-rollout"
 # Config hashes that failed on some node (newest last, comma-separated), on the rollout Lease.

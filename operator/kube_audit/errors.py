@@ -98,3 +98,9 @@ class NotFound(ClusterError):
     """The object does not exist (HTTP 404)."""
 
     retryable = False
+
+
+class PartialAnswer(KubeAuditError):
+    """A question asked of every node got answers from some only; the others are named."""
+
+    exit_code = 7

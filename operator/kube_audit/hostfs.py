@@ -245,19 +245,12 @@ def read_blocks(path: Path, size: int = 1 << 22) -> Iterator[bytes]:
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            carry = b""
             while True:
                 chunk = handle.read(size)
                 if not chunk:
                     break
-                chunk = carry + chunk
-                cut = chunk.rfind(b"\n") + 1
-                if cut == 0:
-                    carry = chunk
-                    continue
-                carry = chunk[cut:]
-                yield chunk[:cut]
-            if carry:
-                yield carry
+                if not chunk.endswith(b"\n"):
+                    chunk += handle.readline()  # the cut line's rest: one copy, not two
+                yield chunk
     except (OSError, EOFError) as error:
         raise HostError(f"cannot read {path}: {error}") from None

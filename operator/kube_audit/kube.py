@@ -12,7 +12,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import orjson
 import urllib3.exceptions
 import yaml
 from kubernetes.client.exceptions import ApiException
+from kubernetes.stream import ws_client
 
 from kube_audit import hostfs
 from kube_audit.constants import (
@@ -31,6 +33,7 @@ from kube_audit.constants import (
     EVENT_NAMESPACE,
     GROUP,
     NODE_LEASE_PREFIX,
+    OPERATOR_POD_SELECTOR,
     ROTATED_FOR,
     TOKEN_LABEL,
     VERSION,
@@ -149,12 +152,55 @@ def _status_message(data: bytes) -> str:
     return ""
 
 
+def _channel(stream: Any, channel: int) -> bytes:
+    """What arrived on one channel since the last read ("" when nothing did)."""
+    data = stream.read_channel(channel, timeout=0)
+    return data if isinstance(data, bytes) else str(data).encode()
+
+
+def _exec_reason(error: BaseException) -> str:
+    """The apiserver's own words for a refused exec (a 403 names the missing permission),
+    without websocket-client's dump of the response headers."""
+    status = getattr(error, "status_code", None)
+    if status:
+        return f"HTTP {status}{_status_message(getattr(error, 'resp_body', None) or b'')}"
+    return _one_line(error).split(" -+-+- ", 1)[0] or type(error).__name__
+
+
+def _exit_status(status: bytes) -> tuple[int | None, str | None]:
+    """kubelet's last word on the error channel: a ``Status`` with the exit code."""
+    if not status.strip():
+        return None, "the connection closed before the command's exit status arrived"
+    try:
+        data = orjson.loads(status)
+    except orjson.JSONDecodeError:
+        return None, status.decode("utf-8", "replace").strip()
+    if data.get("status") == "Success":
+        return 0, None
+    if data.get("reason") == "NonZeroExitCode":
+        for cause in (data.get("details") or {}).get("causes") or []:
+            if cause.get("reason") == "ExitCode" or cause.get("type") == "ExitCode":
+                with contextlib.suppress(ValueError):
+                    return int(cause.get("message")), None
+    return None, str(data.get("message") or status.decode("utf-8", "replace")).strip()
+
+
 def _drain(response: Any) -> bytes:
     """Read a raw response and give its connection back to the pool (unread, it would leak)."""
     try:
         return bytes(response.data)
     finally:
         response.release_conn()
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a command run through pods/exec said: its exit code, or why it has none."""
+
+    stdout: bytes
+    stderr: str
+    exit_code: int | None
+    failure: str | None = None
 
 
 class KubeApi:
@@ -490,6 +536,66 @@ class KubeApi:
                 "list control-plane Nodes", "/api/v1/nodes", {"labelSelector": CONTROL_PLANE_LABEL}
             )
         )
+
+    def operator_pods(self, namespace: str) -> list[dict[str, Any]]:
+        """The DaemonSet's pods: one per control-plane node when all is well."""
+        return list(
+            self._items(
+                f"list kube-audit Pods in {namespace}",
+                f"/api/v1/namespaces/{quote(namespace)}/pods",
+                {"labelSelector": OPERATOR_POD_SELECTOR},
+            )
+        )
+
+    def exec_in_pod(
+        self, namespace: str, pod: str, container: str, argv: Sequence[str], timeout: float
+    ) -> ExecResult:
+        """``kubectl exec`` without a terminal: the command's stdout, stderr and exit code.
+
+        The stream is read as it comes, a frame at a time, so a long answer costs no more
+        than its own bytes (the client's ``run_forever`` concatenates bytes per frame).
+        """
+        what = f"exec in Pod {namespace}/{pod}"
+        query = [("container", container), ("stdout", "true"), ("stderr", "true")]
+        query += [("command", arg) for arg in argv]
+        _, url, headers, _, _ = self.client.param_serialize(
+            "GET",
+            f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}/exec",
+            query_params=query,
+            header_params={},
+            auth_settings=["BearerToken"],
+        )
+        try:
+            stream = ws_client.WSClient(
+                self.client.configuration,
+                ws_client.get_websocket_url(url),
+                headers,
+                capture_all=False,
+                binary=True,
+            )
+        except Exception as error:  # websocket-client raises its own types and OSError
+            return ExecResult(b"", "", None, f"{what}: {_exec_reason(error)}")
+        out: list[bytes] = []
+        err: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while stream.is_open():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return ExecResult(b"", "", None, f"{what}: no answer within {timeout:g}s")
+                stream.update(timeout=min(left, 1.0))
+                out.append(_channel(stream, ws_client.STDOUT_CHANNEL))
+                err.append(_channel(stream, ws_client.STDERR_CHANNEL))
+            status = _channel(stream, ws_client.ERROR_CHANNEL)
+        except Exception as error:
+            return ExecResult(b"", "", None, f"{what}: {_exec_reason(error)}")
+        finally:
+            stream.close()
+        out.append(_channel(stream, ws_client.STDOUT_CHANNEL))
+        err.append(_channel(stream, ws_client.STDERR_CHANNEL))
+        stderr = b"".join(err).decode("utf-8", "replace")
+        code, failure = _exit_status(status)
+        return ExecResult(b"".join(out), stderr, code, failure and f"{what}: {failure}")
 
     def create_event(
         self, obj: Mapping[str, Any], kind: str, event_type: str, reason: str, message: str

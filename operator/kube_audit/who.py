@@ -7,6 +7,7 @@ later stages replace its earlier ones, and leave it oldest first once the window
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from kube_audit.core.audit_query import (
     STAGE_RANK,
     WIDE_HEADER,
     Query,
+    is_compact,
     matches,
     may_match,
     render_table,
@@ -100,6 +102,17 @@ def candidate_lines(
                     yield line
 
 
+def _needles(blocks: Iterator[bytes], query: Query) -> tuple[Iterator[bytes], tuple[Any, ...]]:
+    """The keyed needles when the log's first line is compact JSON as the apiserver writes it,
+    else the plain ones (a log someone re-formatted still matches)."""
+    first = next(blocks, None)
+    if first is None:
+        return iter(()), query.needles
+    line = first[: first.find(b"\n") + 1 or len(first)]
+    needles = query.keyed_needles if is_compact(line) else query.needles
+    return itertools.chain((first,), blocks), needles
+
+
 def find_requests(blocks: Iterable[bytes], query: Query, counters: Counters) -> Iterator[Result]:
     """Matching requests, one per auditID at its latest stage, in request-time order.
 
@@ -111,7 +124,8 @@ def find_requests(blocks: Iterable[bytes], query: Query, counters: Counters) -> 
     loads, decode_error, rank_of = orjson.loads, orjson.JSONDecodeError, STAGE_RANK.get
     push = heapq.heappush
     examined = corrupt = 0
-    for line in candidate_lines(blocks, query.needles):
+    blocks, needles = _needles(iter(blocks), query)
+    for line in candidate_lines(blocks, needles):
         examined += 1
         try:
             event = loads(line)

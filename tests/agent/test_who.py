@@ -160,3 +160,22 @@ def test_a_folder_without_audit_logs_says_so(
     assert main(["who", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "holds no audit log files" in err and "Traceback" not in err
+
+
+def test_a_log_someone_reformatted_is_searched_as_well(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keyed needles (``"verb":"create"``) are used only on compact JSON as the apiserver
+    writes it; a log re-written with spaces (``json.dumps``, ``jq .``) is still searched."""
+    events = [json.loads(line) for line in generate(400)]
+    compact, spaced = tmp_path / "compact", tmp_path / "spaced"
+    for folder, dump in ((compact, lambda e: json.dumps(e, separators=(",", ":"))),
+                         (spaced, json.dumps)):  # fmt: skip
+        folder.mkdir()
+        (folder / "audit.log").write_text("".join(dump(e) + "\n" for e in events))
+    answers = []
+    for folder in (compact, spaced):
+        assert main(["who", str(folder), "--verb", "create", "--user", "alice", "-o", "json"]) == 0
+        answers.append([json.loads(line)["auditID"] for line in capsys.readouterr().out.split("\n")
+                        if line])  # fmt: skip
+    assert answers[0] and answers[0] == answers[1]

@@ -23,11 +23,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from kube_audit.constants import OPERATOR_POD_SELECTOR
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = Path(__file__).resolve().parent
@@ -219,7 +222,8 @@ class Node:
                 "--kubeconfig",
                 str(self.super_admin_kubeconfig),
                 "--path",
-                str(BIN),
+                # The operator container's programs: kube-audit (for exec) with the others.
+                f"{BIN}{os.pathsep}{Path(sys.executable).parent}",
                 "--record",
                 str(self.work / "record.jsonl"),
                 "--log-dir",
@@ -356,7 +360,8 @@ class ControlPlane:
 
 def cluster_configuration(name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """kubeadm's ClusterConfiguration for the tier. Of the controllers, only those the tests
-    rely on: ownerReference cascade, namespace deletion, and the aggregated edit/view roles."""
+    rely on: ownerReference cascade, namespace deletion, the aggregated edit/view roles, and the
+    DaemonSet's pods (``run_operator_pods``)."""
     config: dict[str, Any] = {
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "ClusterConfiguration",
@@ -367,7 +372,7 @@ def cluster_configuration(name: str, extra: dict[str, Any] | None = None) -> dic
                 {
                     "name": "controllers",
                     "value": "garbage-collector-controller,namespace-controller,"
-                    "clusterrole-aggregation-controller",
+                    "clusterrole-aggregation-controller,daemonset-controller",
                 },
             ]
         },
@@ -515,6 +520,77 @@ def install_operator(cp: ControlPlane) -> Path:
         "create", "token", "kube-audit", "-n", TOKEN_NAMESPACE, "--duration=8h"
     ).stdout.strip()
     return cp.token_kubeconfig(cp.base / "operator.kubeconfig", token)
+
+
+def run_operator_pods(cp: ControlPlane, nodes: Sequence[Node]) -> dict[str, str]:
+    """Node name -> the DaemonSet's pod there, bound and Running.
+
+    What kube-scheduler and kubelet do for the DaemonSet's pods, which this tier has neither
+    of: each pod the DaemonSet controller made is bound to the node its affinity names, and
+    reported Running on the node's address (hostNetwork). The tier runs each pod's main process
+    itself (``OperatorProcess``); the stand-in serves ``kubectl exec`` into it, running the
+    command with the container's env and volumes.
+    """
+
+    def pods() -> list[dict[str, Any]] | None:
+        items = cp.kubectl_json("get", "pods", "-n", TOKEN_NAMESPACE, "-l", OPERATOR_POD_SELECTOR)[
+            "items"
+        ]
+        return items if len(items) >= len(nodes) else None
+
+    by_name = {n.name: n for n in nodes}
+    out = {}
+    for pod in wait_for("the DaemonSet's pods", pods, 120, 1):
+        name = pod["metadata"]["name"]
+        terms = pod["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+        node = by_name[terms[0]["matchFields"][0]["values"][0]]
+        if not pod["spec"].get("nodeName"):
+            binding = {
+                "apiVersion": "v1",
+                "kind": "Binding",
+                "metadata": {"name": name},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node.name},
+            }
+            cp.kubectl(
+                "create",
+                "--raw",
+                f"/api/v1/namespaces/{TOKEN_NAMESPACE}/pods/{name}/binding",
+                "-f",
+                "-",
+                stdin=json.dumps(binding),
+            )
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        container = pod["spec"]["containers"][0]
+        status = {
+            "phase": "Running",
+            "hostIP": node.address,
+            "podIP": node.address,
+            "podIPs": [{"ip": node.address}],
+            "startTime": now,
+            "conditions": [
+                {"type": t, "status": "True", "lastTransitionTime": now}
+                for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+            ],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container["image"],
+                    "imageID": "",
+                    "ready": True,
+                    "restartCount": 0,
+                    "started": True,
+                    "state": {"running": {"startedAt": now}},
+                }
+            ],
+        }
+        cp.kubectl(
+            "patch", "pod", name, "-n", TOKEN_NAMESPACE, "--subresource=status",
+            "--type=merge", "-p", json.dumps({"status": status}),
+        )  # fmt: skip
+        out[node.name] = name
+    return out
 
 
 LB_ADDRESS = "198.18.0.100"

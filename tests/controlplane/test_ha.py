@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -30,9 +31,10 @@ from tests.controlplane.cluster import (
     control_plane,
     install_operator,
     require_tier,
+    run_operator_pods,
     wait_for,
 )
-from tests.controlplane.test_job import USERS, is_ready, token_of, whoami
+from tests.controlplane.test_job import KUBE_AUDIT, USERS, is_ready, token_of, whoami
 
 
 @dataclass
@@ -132,6 +134,71 @@ def test_a_config_the_apiserver_refuses_stops_on_the_first_node(ha: HA) -> None:
         2,
     )
     assert_one_at_a_time(ha, marks)
+
+
+def test_who_in_cluster_mode_finds_a_request_served_by_each_apiserver(ha: HA) -> None:
+    """``kube-audit who --cluster`` from the admin's machine asks the kube-audit pod on every
+    node through the load balancer (pods/exec; the stand-in serves kubelet's exec API) and
+    merges the answers: a request sent to each apiserver directly is found, with its node. A
+    node whose pod is not running is named and the exit code says the answer is partial."""
+    pods = run_operator_pods(ha.cp, ha.nodes)
+    if ha.cp.kubectl("get", "auditpolicy", "developers", check=False).returncode != 0:
+        ha.cp.kubectl("apply", "-f", str(ROOT / "examples/auditpolicy-starter.yaml"))
+    wait_for(
+        "the starter policy live everywhere",
+        lambda: is_ready(ha.cp, "auditpolicies", "developers"),
+        600,
+        2,
+    )
+    for node in ha.nodes:
+        ha.cp.kubectl("--server", node.url, "create", "configmap", f"who-{node.name}")
+    names = ",".join(f"who-{n.name}" for n in ha.nodes)
+    admin = str(ha.nodes[0].admin_kubeconfig)  # the load balancer's address, as users have it
+
+    def ask(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [KUBE_AUDIT, "who", "--cluster", "--kubeconfig", admin, "--name", names, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def all_found() -> list[dict[str, Any]] | None:
+        result = ask("--verb", "create", "-o", "json")
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        return events if len(events) == len(ha.nodes) else None
+
+    events = wait_for("a create found on each node", all_found, 60, 2)
+    for event in events:
+        node = event["annotations"]["kube-audit.io/node"]
+        assert event["objectRef"]["name"] == f"who-{node}", event
+        assert event["user"]["username"] == "kubernetes-admin", "the starter logs the admin"
+    table = ask("--verb", "create")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:2] == ["NODE", "TIME"], lines
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(pods), lines
+    assert all(any(r["event"] == "exec" for r in n.records()) for n in ha.nodes), (
+        "each node's stand-in served an exec"
+    )
+
+    last = ha.nodes[-1]
+    ha.cp.kubectl(
+        "patch", "pod", pods[last.name], "-n", "kube-audit", "--subresource=status",
+        "--type=merge", "-p", '{"status":{"phase":"Pending"}}',
+    )  # fmt: skip
+    try:
+        partial = ask("--verb", "create")
+    finally:
+        run_operator_pods(ha.cp, ha.nodes)
+    assert partial.returncode == 7, partial
+    assert f"{last.name}: not asked: its kube-audit pod {pods[last.name]} is Pending" in (
+        partial.stderr
+    )
+    assert "partial answer: 2 of 3" in partial.stderr
+    assert len(partial.stdout.splitlines()) == 1 + len(ha.nodes) - 1, partial.stdout
 
 
 def _fails_on_one_node_only(ha: HA) -> None:

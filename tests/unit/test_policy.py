@@ -134,12 +134,22 @@ def test_render_is_byte_identical_for_any_input_order() -> None:
     assert render_audit_policy(ps) == render_audit_policy(list(reversed(ps)))
 
 
-def test_starter_policy_renders_like_the_field_note() -> None:
+def test_starter_policy_logs_every_persons_writes_not_the_machinerys() -> None:
+    """As the field note: writes and Secret/ConfigMap access at Metadata, RequestReceived
+    omitted; but for anyone (kubernetes-admin and CI tokens too), not one group, with the
+    cluster's own components kept out by None rules that come first."""
     with open("examples/auditpolicy-starter.yaml") as fh:
         policy = parse_audit_policy(yaml.safe_load(fh))
     data = render_audit_policy([policy])
     assert data is not None
     rules = yaml.safe_load(data)["rules"]
-    assert rules[0]["verbs"] == ["create", "update", "patch", "delete", "deletecollection"]
-    assert rules[1]["resources"] == [{"group": "", "resources": ["secrets", "configmaps"]}]
+    logged = [r for r in rules if r["level"] != "None"]
+    assert [r["level"] for r in logged] == ["Metadata", "Metadata"]
+    assert rules.index(logged[0]) == len(rules) - 2, "every None rule comes before"
+    assert logged[0]["resources"] == [{"group": "", "resources": ["secrets", "configmaps"]}]
+    assert logged[1]["verbs"] == ["create", "update", "patch", "delete", "deletecollection"]
+    assert all("users" not in r and "userGroups" not in r for r in logged), "anyone's"
+    ignored = {g for r in rules if r["level"] == "None" for g in r.get("userGroups", [])}
+    assert {"system:nodes", "system:serviceaccounts:kube-system"} <= ignored
+    assert "system:masters" not in ignored and "kubeadm:cluster-admins" not in ignored
     assert all(r["omitStages"] == ["RequestReceived"] for r in rules)

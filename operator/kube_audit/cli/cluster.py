@@ -11,7 +11,7 @@ from typing import Any
 
 from kube_audit import hostfs
 from kube_audit.cli.common import cluster_flags
-from kube_audit.constants import AUDIT_POLICY, AUDIT_USER, PLURALS
+from kube_audit.constants import AUDIT_POLICY, AUDIT_USER, DEFAULT_INSTALL_NAMESPACE, PLURALS
 from kube_audit.core import yamlio
 from kube_audit.core.audit_query import render_table
 from kube_audit.core.kubeconfig import render_kubeconfig
@@ -20,8 +20,6 @@ from kube_audit.core.settings import Settings
 from kube_audit.core.status import summarize
 from kube_audit.core.users import secret_location
 from kube_audit.errors import InvalidInput, NotFound, Problem
-
-OPERATOR_NAMESPACE = "kube-audit"
 
 
 def cluster_api(args: argparse.Namespace) -> Any:
@@ -122,8 +120,8 @@ def _namespace_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--namespace",
         "-n",
-        default=OPERATOR_NAMESPACE,
-        help=f"where kube-audit is installed: {what} (default: {OPERATOR_NAMESPACE})",
+        default=DEFAULT_INSTALL_NAMESPACE,
+        help=f"where kube-audit is installed: {what} (default: {DEFAULT_INSTALL_NAMESPACE})",
     )
 
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kube_audit import hostfs
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG
 from kube_audit.cli.env import env_int, env_list, env_str
-from kube_audit.core.plan import DesiredState, Inputs, collect_inputs, parse_documents, plan_desired
 from kube_audit.core.settings import Settings
 from kube_audit.errors import InvalidInput, Problem
+
+if TYPE_CHECKING:
+    from kube_audit.core.plan import DesiredState, Inputs
 
 _YAML_SUFFIXES = (".yaml", ".yml", ".json")
 ROTATION = (("maxage", "days"), ("maxbackup", "files"), ("maxsize", "MB"))
@@ -33,6 +36,8 @@ def input_files(paths: Sequence[str], problems: list[Problem]) -> list[Path]:
 
 
 def read_inputs(paths: Sequence[str]) -> Inputs:
+    from kube_audit.core.plan import collect_inputs, parse_documents  # noqa: PLC0415 - pydantic
+
     """Every object of every file; all problems together, so one run shows every mistake."""
     documents = []
     problems: list[Problem] = []
@@ -72,6 +77,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def valid_desired(args: argparse.Namespace, settings: Settings) -> DesiredState:
+    from kube_audit.core.plan import plan_desired  # noqa: PLC0415 - pydantic
+
     """The desired state of ``-f`` inputs; refused when any object is invalid, or when there is
     nothing to manage at all (an empty or wrong folder would otherwise remove every token and
     the audit flags: the deliberate case is ``node uninstall``)."""

@@ -61,7 +61,7 @@ def _seconds(cmd: argparse.ArgumentParser, name: str, env: str, text: str) -> No
     )
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     cmd = sub.add_parser(
         "operator",
         parents=[host_flags(from_env=True), cluster_flags(), guard_flags(), rotation_flags(True)],

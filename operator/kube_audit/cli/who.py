@@ -1,4 +1,5 @@
-"""``kube-audit who``: who did it, from this node's audit log."""
+"""``kube-audit who``: who did it, from this node's audit log or (``--cluster``) every
+control-plane node's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kube_audit.cli.env import env_str
+from kube_audit.cli.common import cluster_flags
+from kube_audit.cli.env import env_float, env_str
+from kube_audit.constants import DEFAULT_INSTALL_NAMESPACE
 from kube_audit.core.audit_query import Query, parse_status, parse_time, resource_plural
 from kube_audit.core.settings import Settings
 from kube_audit.errors import InvalidInput, Problem
@@ -52,8 +55,30 @@ def cmd_who(args: argparse.Namespace) -> int:
         since=since,
         until=until,
     )
+    if args.cluster and args.path:
+        problems.append(Problem("who", "path", "--cluster asks every node's pod; give no paths"))
+    if not args.cluster:
+        for flag in ("kubeconfig", "context"):
+            if getattr(args, flag) is not None:
+                problems.append(Problem("who", f"--{flag}", "only used with --cluster"))
+    if args.request_timeout <= 0:
+        problems.append(Problem("who", "--request-timeout", "must be more than 0 seconds"))
     if problems:
         raise InvalidInput(problems)
+    if args.cluster:
+        from kube_audit.kube import KubeApi, load_api_client  # noqa: PLC0415 - slow import
+        from kube_audit.who_cluster import run_who_cluster  # noqa: PLC0415
+
+        api = KubeApi(load_api_client(args.kubeconfig, args.context))
+        return run_who_cluster(
+            api,
+            args.operator_namespace,
+            query,
+            output=args.output,
+            out=sys.stdout,
+            err=sys.stderr,
+            timeout=args.request_timeout,
+        )
     settings = Settings()
     paths = args.path or [str(Path(args.host_root) / settings.log_dir.lstrip("/"))]
     return run_who(
@@ -65,12 +90,16 @@ def _at(now: datetime) -> Any:
     return lambda value: parse_time(value, now)
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     cmd = sub.add_parser(
         "who",
+        parents=[cluster_flags()],
         help="who did it? search the audit log",
         description="Search kube-apiserver audit logs: one line per request, newest last. "
-        "Filters combine with AND; a repeated filter (or a comma list) matches any of its values.",
+        "Filters combine with AND; a repeated filter (or a comma list) matches any of its values. "
+        "On a node (or in its kube-audit pod) it reads that node's log; with --cluster, from "
+        "anywhere kubectl works, it asks the kube-audit pod on every control-plane node "
+        "(pods/exec) and merges their answers with a NODE column.",
     )
     cmd.add_argument(
         "path",
@@ -83,6 +112,28 @@ def add_parser(sub: Any) -> None:
         default=env_str("KUBE_AUDIT_HOST_ROOT", "/"),
         metavar="ROOT",
         help="where the host's / is mounted (default /, or $KUBE_AUDIT_HOST_ROOT)",
+    )
+    cmd.add_argument(
+        "--cluster",
+        action="store_true",
+        help="ask every control-plane node's kube-audit pod through the API (needs get/list "
+        "on Nodes and Pods, create on pods/exec in the operator's namespace); exits 7 with a "
+        "warning per node when some node could not be asked",
+    )
+    cmd.add_argument(
+        "--operator-namespace",
+        default=env_str("POD_NAMESPACE", DEFAULT_INSTALL_NAMESPACE),
+        metavar="NS",
+        help=f"with --cluster: where kube-audit runs (default {DEFAULT_INSTALL_NAMESPACE}, "
+        "or $POD_NAMESPACE)",
+    )
+    cmd.add_argument(
+        "--request-timeout",
+        type=float,
+        default=env_float("KUBE_AUDIT_REQUEST_TIMEOUT", 300.0),
+        metavar="SECONDS",
+        help="with --cluster: give up on a node that has not answered after this long "
+        "(default 300, or $KUBE_AUDIT_REQUEST_TIMEOUT)",
     )
     cmd.add_argument("--user", action="append", help="user name")
     cmd.add_argument("--group", action="append", help="one of the user's groups")
@@ -99,6 +150,6 @@ def add_parser(sub: Any) -> None:
         choices=("table", "wide", "json"),
         default="table",
         help="table (default), wide, or json: JSON Lines, one audit event per line as the "
-        "apiserver wrote it",
+        'apiserver wrote it (with --cluster, its node in annotations["kube-audit.io/node"])',
     )
     cmd.set_defaults(func=cmd_who)

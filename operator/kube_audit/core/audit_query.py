@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from kube_audit.constants import WHO_NODE_ANNOTATION
+
 STAGE_RANK = {"RequestReceived": 0, "ResponseStarted": 1, "ResponseComplete": 2, "Panic": 3}
 
 _ALIASES = {
@@ -96,12 +98,32 @@ class Query:
     since: str | None = None
     until: str | None = None
     needles: tuple[tuple[bytes, ...], ...] = field(init=False)
+    # The same needles with their key in front (``"verb":"create"``), for logs as Go writes
+    # them (compact JSON): longer needles are rarer and bytes.find scans faster for them.
+    keyed_needles: tuple[tuple[bytes, ...], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         resources = frozenset(r.partition("/")[0] for r in self.resources)
-        groups = [self.users, self.groups, self.verbs, resources, self.namespaces, self.names]
-        needles = tuple(tuple(sorted({n for v in g for n in _quoted(v)})) for g in groups if g)
-        object.__setattr__(self, "needles", needles)
+        groups = [
+            (b'"username":', self.users),  # user.username and impersonatedUser.username
+            (b"", self.groups),  # list items: no key in front
+            (b'"verb":', self.verbs),
+            (b'"resource":', resources),
+            (b'"namespace":', self.namespaces),
+            (b'"name":', self.names),
+        ]
+        for attr, keyed in (("needles", False), ("keyed_needles", True)):
+            needles = tuple(
+                tuple(sorted({(key if keyed else b"") + n for v in g for n in _quoted(v)}))
+                for key, g in groups
+                if g
+            )
+            object.__setattr__(self, attr, needles)
+
+
+def is_compact(line: bytes) -> bool:
+    """Whether a log line is compact JSON as kube-apiserver writes it (keyed needles apply)."""
+    return line.startswith(b'{"kind":"Event"') and b'"verb":"' in line
 
 
 # Go's encoding/json writes these as escapes: the apiserver logs "R&D" as "R\u0026D".
@@ -232,3 +254,50 @@ def render_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
         for r in [header, *rows]
     ]
     return "\n".join(lines) + "\n"
+
+
+def render_who_args(q: Query) -> list[str]:
+    """The ``kube-audit who`` flags that ask another node the same question (times absolute,
+    so every node answers for the same interval whatever its clock says "now" is)."""
+    args: list[str] = []
+    for flag, values in (
+        ("--user", q.users),
+        ("--group", q.groups),
+        ("--verb", q.verbs),
+        ("--resource", q.resources),
+        ("--namespace", q.namespaces),
+        ("--name", q.names),
+        ("--status", q.statuses),
+    ):
+        for value in sorted(values):
+            args.append(f"{flag}={value}")
+    if q.since is not None:
+        args.append(f"--since={q.since}")
+    if q.until is not None:
+        args.append(f"--until={q.until}")
+    return args
+
+
+def merge_by_time(answers: Mapping[str, Iterable[bytes]]) -> list[tuple[str, dict[str, Any]]]:
+    """Every node's events (JSON Lines, each node's in time order) as one list of
+    ``(node, event)`` in request-time order; a tie keeps node order."""
+    merged = []
+    for node in sorted(answers):
+        for line in answers[node]:
+            if line.strip():
+                event = orjson.loads(line)
+                received = str(event.get("requestReceivedTimestamp") or "")
+                merged.append((received, node, event))
+    merged.sort(key=lambda item: (item[0], item[1]))
+    return [(node, event) for _, node, event in merged]
+
+
+def render_node_event(node: str, event: Mapping[str, Any]) -> bytes:
+    """One JSON line of ``who --cluster -o json``: the event with the node that logged it in
+    its ``annotations`` (where the apiserver puts its own notes on a request)."""
+    annotations = {**(event.get("annotations") or {}), WHO_NODE_ANNOTATION: node}
+    return orjson.dumps({**event, "annotations": annotations}) + b"\n"
+
+
+NODE_HEADER = ["NODE", *HEADER]
+NODE_WIDE_HEADER = ["NODE", *WIDE_HEADER]

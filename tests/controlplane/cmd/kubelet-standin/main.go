@@ -3,8 +3,9 @@
 // cannot decode is refused here too), runs each pod's container as a process in a private mount
 // namespace where every hostPath volume is bind-mounted at its mountPath, restarts it when the
 // manifest changes, keeps the mirror pod in the API up to date and records every start and stop.
+// It also serves kubelet's exec API, so `kubectl exec` reaches pods bound to its node.
 //
-//	kubelet-standin run --host-root DIR --node-name NAME --kubeconfig FILE --record FILE --log-dir DIR
+//	kubelet-standin run --host-root DIR --node-name NAME --kubeconfig FILE --record FILE --log-dir DIR [--kubelet-port N]
 //	kubelet-standin decode-pod FILE...           (kubelet's static pod decoder; JSON lines)
 //	kubelet-standin decode-audit-policy FILE...  (kube-apiserver's policy reader; JSON lines)
 //	kubelet-standin exec [--bind SRC:DST[:ro]]... -- COMMAND [ARG]...  (in a private mount namespace)

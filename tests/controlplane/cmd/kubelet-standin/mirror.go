@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	v1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -17,10 +18,13 @@ import (
 // syncMirrorPods keeps the Node and one mirror pod per running static pod in the API, as kubelet
 // does: a mirror pod whose config.mirror is not the static pod's hash is deleted and created
 // anew; status follows the processes. The API may be down (it is often our own apiserver
-// restarting), so every step is retried on the next tick.
+// restarting), so every step is retried on the next tick. Every 10 s it renews the node's Lease in
+// kube-node-lease, kubelet's heartbeat: without it the node lifecycle controller marks the Node
+// unreachable and taints it, and the DaemonSet controller no longer makes pods for it.
 func (n *node) syncMirrorPods(ctx context.Context) {
 	var client *kubernetes.Clientset
 	var nodeUID types.UID
+	var renewed time.Time
 	ticker := time.NewTicker(time.Second)
 	defer ticker.Stop()
 	for {
@@ -44,7 +48,36 @@ func (n *node) syncMirrorPods(ctx context.Context) {
 		if err := n.syncOnce(ctx, client, nodeUID); err != nil {
 			klog.V(2).InfoS("mirror pod sync", "err", err)
 		}
+		if time.Since(renewed) >= 10*time.Second {
+			if err := n.renewLease(ctx, client, nodeUID); err != nil {
+				klog.V(2).InfoS("node lease", "err", err)
+			} else {
+				renewed = time.Now()
+			}
+		}
 	}
+}
+
+func (n *node) renewLease(ctx context.Context, client *kubernetes.Clientset, nodeUID types.UID) error {
+	leases := client.CoordinationV1().Leases(v1.NamespaceNodeLease)
+	now := metav1.NewMicroTime(time.Now())
+	lease, err := leases.Get(ctx, n.name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		duration := int32(40)
+		_, err = leases.Create(ctx, &coordinationv1.Lease{
+			ObjectMeta: metav1.ObjectMeta{Name: n.name, OwnerReferences: []metav1.OwnerReference{{
+				APIVersion: "v1", Kind: "Node", Name: n.name, UID: nodeUID,
+			}}},
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: &n.name, LeaseDurationSeconds: &duration, RenewTime: &now},
+		}, metav1.CreateOptions{})
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	lease.Spec.RenewTime = &now
+	_, err = leases.Update(ctx, lease, metav1.UpdateOptions{})
+	return err
 }
 
 func (n *node) ensureNode(ctx context.Context, client *kubernetes.Clientset) (types.UID, error) {
@@ -68,14 +101,30 @@ func (n *node) ensureNode(ctx context.Context, client *kubernetes.Clientset) (ty
 	}
 	now := metav1.Now()
 	created.Status = v1.NodeStatus{
-		Addresses: []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: n.ip}, {Type: v1.NodeHostName, Address: n.name}},
+		Addresses:       []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: n.ip}, {Type: v1.NodeHostName, Address: n.name}},
+		DaemonEndpoints: v1.NodeDaemonEndpoints{KubeletEndpoint: v1.DaemonEndpoint{Port: int32(n.port)}},
 		Conditions: []v1.NodeCondition{{
 			Type: v1.NodeReady, Status: v1.ConditionTrue, Reason: "KubeletReady",
 			Message: "kubelet stand-in is posting ready status", LastHeartbeatTime: now, LastTransitionTime: now,
 		}},
 	}
-	if _, err := client.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+	updated, err := client.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{})
+	if err != nil {
 		return "", err
+	}
+	// The not-ready taint admission put on the new Node goes once it is Ready: the node
+	// lifecycle controller's job, which the tier does not run.
+	var taints []v1.Taint
+	for _, taint := range updated.Spec.Taints {
+		if taint.Key != v1.TaintNodeNotReady {
+			taints = append(taints, taint)
+		}
+	}
+	if len(taints) != len(updated.Spec.Taints) {
+		updated.Spec.Taints = taints
+		if _, err := client.CoreV1().Nodes().Update(ctx, updated, metav1.UpdateOptions{}); err != nil {
+			return "", err
+		}
 	}
 	return created.UID, nil
 }

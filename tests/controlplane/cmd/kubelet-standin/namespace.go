@@ -11,6 +11,8 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // inNamespaceCommand is the hidden step that runs inside the new mount namespace: a Go process
@@ -133,8 +135,19 @@ func inNamespace(argv []string) error {
 	sort.SliceStable(binds, func(i, j int) bool {
 		return strings.Count(binds[i].Target, "/") < strings.Count(binds[j].Target, "/")
 	})
-	for _, b := range binds {
-		if err := mountBind(b); err != nil {
+	// Every source is opened before anything is mounted: a volume mounted at /tmp would
+	// otherwise hide the sources of the others when the host tree itself lives under /tmp.
+	sources := make([]string, len(binds))
+	for i, b := range binds {
+		fd, err := unix.Open(b.Source, unix.O_PATH|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("hostPath %s: %v", b.Source, err)
+		}
+		defer unix.Close(fd)
+		sources[i] = fmt.Sprintf("/proc/self/fd/%d", fd)
+	}
+	for i, b := range binds {
+		if err := mountBind(b, sources[i]); err != nil {
 			return err
 		}
 	}
@@ -150,8 +163,9 @@ func inNamespace(argv []string) error {
 	return syscall.Exec(path, fs.Args(), os.Environ())
 }
 
-func mountBind(b bind) error {
-	info, err := os.Stat(b.Source)
+// mountBind mounts source (b.Source, opened as a /proc/self/fd path) on b.Target.
+func mountBind(b bind, source string) error {
+	info, err := os.Stat(source)
 	if err != nil {
 		return fmt.Errorf("hostPath %s: %v", b.Source, err)
 	}
@@ -168,7 +182,7 @@ func mountBind(b bind) error {
 	if err != nil {
 		return fmt.Errorf("mount point %s: %v", b.Target, err)
 	}
-	if err := syscall.Mount(b.Source, b.Target, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+	if err := syscall.Mount(source, b.Target, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
 		return fmt.Errorf("bind %s on %s: %v", b.Source, b.Target, err)
 	}
 	if b.ReadOnly {

@@ -35,6 +35,7 @@ type node struct {
 	pathEnv    string
 	logDir     string
 	kubeconfig string
+	port       int
 	record     *recorder
 
 	mu       sync.Mutex
@@ -53,6 +54,8 @@ func runNode(argv []string) error {
 	fs.StringVar(&n.kubeconfig, "kubeconfig", "", "credentials for the mirror pods and the Node (a real path)")
 	fs.StringVar(&n.pathEnv, "path", "", "folder with the containers' programs, put first on their PATH")
 	fs.StringVar(&n.logDir, "log-dir", "", "where each container's output goes (<pod>_<container>.log)")
+	fs.IntVar(&n.port, "kubelet-port", 10250, "port of the kubelet API (exec) on --node-ip; 0: none")
+	clientCA := fs.String("client-ca-file", "/etc/kubernetes/pki/ca.crt", "CA of the kubelet API's clients, a host path")
 	recordPath := fs.String("record", "", "JSON lines: every start, exit, readiness change and stop")
 	if err := fs.Parse(argv); err != nil {
 		return err
@@ -76,6 +79,11 @@ func runNode(argv []string) error {
 	go kubeletconfig.NewSourceFile(filepath.Join(n.hostRoot, staticPodPath), types.NodeName(n.name), period, updates)
 	if n.kubeconfig != "" {
 		go n.syncMirrorPods(ctx)
+		if n.port != 0 {
+			if err := n.serveKubeletAPI(ctx, n.port, filepath.Join(n.hostRoot, *clientCA)); err != nil {
+				return err
+			}
+		}
 	}
 	n.record.write(event{Event: "kubelet-started", Detail: staticPodPath})
 	for {
@@ -202,22 +210,16 @@ func (r *recorder) write(e event) {
 }
 
 // containerCommand is what kubelet would run: command + args with $(VAR) expanded from env, and
-// every hostPath volume bound at its mountPath.
+// every volume bound at its mountPath.
 func (n *node) containerCommand(pod *v1.Pod, c *v1.Container) (*exec.Cmd, error) {
-	env := map[string]string{}
-	var envList []string
-	path := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	if n.pathEnv != "" {
-		path = n.pathEnv + ":" + path
+	envList, err := n.containerEnv(pod, c)
+	if err != nil {
+		return nil, err
 	}
-	envList = append(envList, "PATH="+path, "HOME=/root", "HOSTNAME="+n.name)
-	for _, e := range c.Env {
-		if e.ValueFrom != nil {
-			return nil, fmt.Errorf("env %s: valueFrom is not supported by the stand-in", e.Name)
-		}
-		value := expand(e.Value, env)
-		env[e.Name] = value
-		envList = append(envList, e.Name+"="+value)
+	env := map[string]string{}
+	for _, kv := range envList[3:] { // $(VAR) names the container's own env only
+		name, value, _ := strings.Cut(kv, "=")
+		env[name] = value
 	}
 	var argv []string
 	for _, s := range append(append([]string{}, c.Command...), c.Args...) {
@@ -238,6 +240,50 @@ func (n *node) containerCommand(pod *v1.Pod, c *v1.Container) (*exec.Cmd, error)
 	return cmd, nil
 }
 
+// containerEnv is the container's environment as kubelet builds it: PATH, HOME, HOSTNAME, then
+// env in order with $(VAR) expanded; valueFrom only as a fieldRef to the pod's own fields.
+func (n *node) containerEnv(pod *v1.Pod, c *v1.Container) ([]string, error) {
+	env := map[string]string{}
+	path := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	if n.pathEnv != "" {
+		path = n.pathEnv + ":" + path
+	}
+	envList := []string{"PATH=" + path, "HOME=/root", "HOSTNAME=" + n.name}
+	for _, e := range c.Env {
+		value := expand(e.Value, env)
+		if e.ValueFrom != nil {
+			if e.ValueFrom.FieldRef == nil {
+				return nil, fmt.Errorf("env %s: only valueFrom.fieldRef is supported by the stand-in", e.Name)
+			}
+			var err error
+			if value, err = n.podField(pod, e.ValueFrom.FieldRef.FieldPath); err != nil {
+				return nil, fmt.Errorf("env %s: %v", e.Name, err)
+			}
+		}
+		env[e.Name] = value
+		envList = append(envList, e.Name+"="+value)
+	}
+	return envList, nil
+}
+
+func (n *node) podField(pod *v1.Pod, path string) (string, error) {
+	switch path {
+	case "metadata.name":
+		return pod.Name, nil
+	case "metadata.namespace":
+		return pod.Namespace, nil
+	case "metadata.uid":
+		return string(pod.UID), nil
+	case "spec.nodeName":
+		return pod.Spec.NodeName, nil
+	case "spec.serviceAccountName":
+		return pod.Spec.ServiceAccountName, nil
+	case "status.hostIP", "status.podIP":
+		return n.ip, nil
+	}
+	return "", fmt.Errorf("fieldRef %s is not supported by the stand-in", path)
+}
+
 func (n *node) binds(pod *v1.Pod, c *v1.Container) ([]bind, error) {
 	volumes := map[string]v1.Volume{}
 	for _, v := range pod.Spec.Volumes {
@@ -249,12 +295,24 @@ func (n *node) binds(pod *v1.Pod, c *v1.Container) ([]bind, error) {
 		if !ok {
 			return nil, fmt.Errorf("volumeMount %s: no volume of that name", m.Name)
 		}
-		if volume.HostPath == nil {
-			return nil, fmt.Errorf("volume %s: only hostPath volumes are supported by the stand-in", m.Name)
-		}
-		source := filepath.Join(n.hostRoot, volume.HostPath.Path)
-		if err := prepareHostPath(source, volume.HostPath.Type); err != nil {
-			return nil, fmt.Errorf("volume %s: %v", m.Name, err)
+		var source string
+		switch {
+		case volume.HostPath != nil:
+			source = filepath.Join(n.hostRoot, volume.HostPath.Path)
+			if err := prepareHostPath(source, volume.HostPath.Type); err != nil {
+				return nil, fmt.Errorf("volume %s: %v", m.Name, err)
+			}
+		case volume.EmptyDir != nil:
+			// Where kubelet keeps it, so it lives as long as the pod (by UID) does.
+			source = filepath.Join(n.hostRoot, "var/lib/kubelet/pods", string(pod.UID),
+				"volumes/kubernetes.io~empty-dir", volume.Name)
+			if err := os.MkdirAll(source, 0o755); err != nil {
+				return nil, fmt.Errorf("volume %s: %v", m.Name, err)
+			}
+		case volume.Projected != nil:
+			continue // the ServiceAccount token: the stand-in mints none, nothing is mounted
+		default:
+			return nil, fmt.Errorf("volume %s: only hostPath, emptyDir and projected volumes are supported by the stand-in", m.Name)
 		}
 		if m.SubPath != "" {
 			source = filepath.Join(source, m.SubPath)

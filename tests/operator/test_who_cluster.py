@@ -1,0 +1,182 @@
+"""``who --cluster``: the question each node's pod is asked, the merge, and every way a node can
+fail to answer. The pods are played by the real ``kube-audit who`` run on one host tree per node
+(the command line each pod would run, unchanged); pods/exec itself is proven on the real
+apiserver and kubelet API in tests/controlplane/test_ha.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from kube_audit.core.audit_query import Query
+from kube_audit.errors import ClusterError, PartialAnswer
+from kube_audit.kube import ExecResult
+from kube_audit.who_cluster import plan_targets, run_who_cluster
+from tests.auditlog import event
+
+KUBE_AUDIT = str(Path(sys.executable).parent / "kube-audit")
+START = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def _pod(
+    name: str, node: str, phase: str = "Running", created: str = "2026-11-01T00:00:00Z"
+) -> Any:
+    return {
+        "metadata": {"name": name, "creationTimestamp": created},
+        "spec": {"nodeName": node},
+        "status": {"phase": phase},
+    }
+
+
+class Pods:
+    """The three calls ``run_who_cluster`` makes, answered from host trees on disk."""
+
+    def __init__(self, trees: dict[str, Path], pods: list[Any], nodes: list[str]) -> None:
+        self.trees, self.pods, self.nodes = trees, pods, nodes
+        self.asked: list[tuple[str, list[str]]] = []
+        self.broken: dict[str, ExecResult] = {}
+
+    def control_plane_nodes(self) -> list[str]:
+        return self.nodes
+
+    def operator_pods(self, namespace: str) -> list[Any]:
+        assert namespace == "kube-audit"
+        return self.pods
+
+    def exec_in_pod(
+        self, namespace: str, pod: str, container: str, argv: list[str], timeout: float
+    ) -> ExecResult:
+        assert container == "operator" and timeout == 30
+        self.asked.append((pod, argv))
+        if pod in self.broken:
+            return self.broken[pod]
+        node = next(p["spec"]["nodeName"] for p in self.pods if p["metadata"]["name"] == pod)
+        env = {**os.environ, "KUBE_AUDIT_HOST_ROOT": str(self.trees[node])}
+        done = subprocess.run(
+            [KUBE_AUDIT, *argv[1:]], capture_output=True, env=env, timeout=60, check=False
+        )
+        return ExecResult(done.stdout, done.stderr.decode(), done.returncode)
+
+
+def _log(tree: Path, events: list[dict[str, Any]]) -> None:
+    folder = tree / "var/log/kubernetes/audit"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "audit.log").write_bytes(b"".join(json.dumps(e).encode() + b"\n" for e in events))
+
+
+def _create(user: str, name: str, minute: int, audit_id: str) -> dict[str, Any]:
+    return event(
+        user=user, groups=[], verb="create", group="", resource="configmaps", namespace="team",
+        name=name, stage="ResponseComplete", received=START + timedelta(minutes=minute),
+        code=201, audit_id=audit_id,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def pods(tmp_path: Path) -> Pods:
+    trees = {n: tmp_path / n for n in ("cp-1", "cp-2", "cp-3")}
+    _log(trees["cp-1"], [_create("alice", "a", 1, "id-1"), _create("bob", "b", 4, "id-4")])
+    _log(trees["cp-2"], [_create("alice", "c", 3, "id-3"), _create("alice", "x", 9, "id-9")])
+    _log(trees["cp-3"], [_create("alice", "d", 2, "id-2")])
+    return Pods(
+        trees,
+        [_pod("ka-1", "cp-1"), _pod("ka-2", "cp-2"), _pod("ka-3", "cp-3")],
+        ["cp-1", "cp-2", "cp-3"],
+    )
+
+
+def _ask(pods: Pods, query: Query, output: str = "json") -> tuple[int | str, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        code: int | str = run_who_cluster(
+            cast(Any, pods), "kube-audit", query, output=output, out=out, err=err, timeout=30
+        )
+    except PartialAnswer as error:
+        code = str(error)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_every_node_answers_merged_in_time_order_with_its_node(pods: Pods) -> None:
+    until = (START + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    code, out, err = _ask(pods, Query(users=frozenset({"alice"}), until=until))
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["annotations"]["kube-audit.io/node"], e["objectRef"]["name"]) for e in events] == [
+        ("cp-1", "a"),
+        ("cp-3", "d"),
+        ("cp-2", "c"),
+    ]
+    assert sorted(pod for pod, _ in pods.asked) == ["ka-1", "ka-2", "ka-3"]
+    assert {tuple(argv) for _, argv in pods.asked} == {
+        ("kube-audit", "who", "--output=json", "--user=alice", f"--until={until}")
+    }
+
+
+def test_every_filter_reaches_the_pods_as_their_who_takes_it(pods: Pods) -> None:
+    query = Query(
+        users=frozenset({"alice", "R&D-bot"}),
+        groups=frozenset({"developer"}),
+        verbs=frozenset({"create", "delete"}),
+        resources=frozenset({"configmaps", "pods/log"}),
+        namespaces=frozenset({"team"}),
+        names=frozenset({"a", "c"}),
+        statuses=frozenset({"2xx"}),
+        since="2026-11-01T00:00:00.000000Z",
+        until="2026-11-02T00:00:00.000000Z",
+    )
+    code, out, err = _ask(pods, query)
+    assert code == 0 and err == "", err
+    assert out == "", "alice's creates carry no group developer"
+    code, out, err = _ask(pods, Query(names=frozenset({"a", "c"}), statuses=frozenset({"2xx"})))
+    assert [json.loads(line)["objectRef"]["name"] for line in out.splitlines()] == ["a", "c"]
+
+
+def test_table_has_a_node_column(pods: Pods) -> None:
+    code, out, _ = _ask(pods, Query(verbs=frozenset({"create"})), output="table")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["NODE", "TIME", "(UTC)"]
+    assert [line.split()[0] for line in lines[1:]] == ["cp-1", "cp-3", "cp-2", "cp-1", "cp-2"]
+
+
+def test_a_node_that_cannot_answer_is_named_and_the_answer_is_partial(
+    pods: Pods, tmp_path: Path
+) -> None:
+    pods.nodes.append("cp-4")  # a control-plane node without a kube-audit pod
+    pods.pods.append(_pod("ka-5", "cp-5", phase="Pending"))
+    pods.broken["ka-2"] = ExecResult(b"", "", None, "exec in Pod kube-audit/ka-2: HTTP 403")
+    (tmp_path / "cp-3/var/log/kubernetes/audit/audit.log").unlink()
+    code, out, err = _ask(pods, Query(users=frozenset({"alice"})), output="table")
+    assert code == "partial answer: 1 of 5 control-plane node(s) answered"
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["cp-1"]
+    assert "cp-2: not answered: exec in Pod kube-audit/ka-2: HTTP 403" in err
+    assert "kube-audit: cp-3: " in err and "holds no audit log files" in err, "its own words"
+    assert "cp-3: not answered: kube-audit who in pod ka-3 exited 1" in err
+    assert "cp-4: not asked: no kube-audit pod runs there" in err
+    assert "cp-5: not asked: its kube-audit pod ka-5 is Pending" in err
+
+
+def test_no_nodes_and_no_pods_is_a_cluster_error(pods: Pods) -> None:
+    pods.nodes, pods.pods = [], []
+    with pytest.raises(ClusterError, match="no kube-audit Pods in namespace kube-audit"):
+        _ask(pods, Query())
+
+
+def test_the_newest_running_pod_of_a_node_is_asked() -> None:
+    targets = plan_targets(
+        ["cp-1"],
+        [
+            _pod("old", "cp-1", created="2026-11-01T00:00:00Z"),
+            _pod("new", "cp-1", created="2026-11-02T00:00:00Z"),
+            _pod("starting", "cp-1", phase="Pending", created="2026-11-03T00:00:00Z"),
+        ],
+    )
+    assert [(t.node, t.pod) for t in targets] == [("cp-1", "new")]
