@@ -40,6 +40,8 @@ class InvalidInput(KubeAuditError):
 
     def __init__(self, problems: Iterable[Problem]) -> None:
         self.problems = tuple(sorted(set(problems)))
+        # The object without its refused fields, when later checks can still run on it.
+        self.partial: object | None = None
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

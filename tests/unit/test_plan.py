@@ -122,3 +122,34 @@ def test_an_unknown_kind_suggests_the_closest(api_version: str, kind: str, hint:
 def test_parse_documents_names_sources() -> None:
     docs = parse_documents("---\na: 1\n---\n---\nb: 2\n", "f.yaml")
     assert [s for s, _ in docs] == ["f.yaml#1", "f.yaml#3"]
+
+
+def test_every_error_of_an_object_is_reported_at_once() -> None:
+    """A type error in one field does not hide what the later checks find in the others."""
+    user = audit_user("bob", username="system:bob", disabled="maybe", extra=1)
+    policy = audit_policy(
+        "p",
+        priority="x",
+        rules=[
+            {
+                "level": "Loud",
+                "verbs": [""],
+                "nonResourceURLs": ["/a*b"],
+                "resources": [{"group": "", "resourceNames": ["x"]}],
+            }
+        ],
+    )
+    desired = plan_desired(collect_inputs([("f#0", user), ("f#1", policy)]), Settings())
+    found = {(p.obj, p.field) for p in desired.problems}
+    assert found == {
+        ("AuditUser/bob", "spec.disabled"),
+        ("AuditUser/bob", "spec.extra"),
+        ("AuditUser/bob", "spec.username"),
+        ("AuditPolicy/p", "spec.priority"),
+        ("AuditPolicy/p", "spec.rules[0].level"),
+        ("AuditPolicy/p", "spec.rules[0].verbs[0]"),
+        ("AuditPolicy/p", "spec.rules[0].nonResourceURLs"),
+        ("AuditPolicy/p", "spec.rules[0].nonResourceURLs[0]"),
+        ("AuditPolicy/p", "spec.rules[0].resources[0].resourceNames"),
+    }
+    assert desired.files == {} and desired.users.accepted == ()

@@ -7,7 +7,7 @@ import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -243,17 +243,43 @@ def _meta(obj: Mapping[str, Any], ref_kind: str) -> tuple[Meta, list[Problem]]:
     )
 
 
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def validate_rest(
+    model: type[_Model], data: Any, error: ValidationError, fill: Mapping[str, Any] | None = None
+) -> _Model | None:
+    """The object without the fields pydantic refused (``fill`` stands in for required ones),
+    so the checks that need a whole object still run on the rest and every error of an object
+    is shown at once. None when even that does not validate."""
+    if not isinstance(data, Mapping):
+        return None
+    failed = {str(item["loc"][0]) for item in error.errors() if item["loc"]}
+    rest = {k: v for k, v in data.items() if k not in failed}
+    rest.update({k: v for k, v in (fill or {}).items() if k in failed})
+    try:
+        return model.model_validate(rest, by_alias=True)
+    except ValidationError:
+        return None
+
+
 def parse_audit_user(obj: Mapping[str, Any]) -> AuditUser:
-    """Validate an AuditUser object (a dict as the API returns it)."""
+    """Validate an AuditUser object (a dict as the API returns it).
+
+    When the spec has errors, ``InvalidInput.partial`` carries the user without the refused
+    fields, for the identity checks that need the operator's settings (``resolve_users``).
+    """
     meta, problems = _meta(obj, AUDIT_USER)
     if problems:
         raise InvalidInput(problems)
+    data = obj.get("spec") or {}
     try:
-        spec = AuditUserSpec.model_validate(obj.get("spec") or {}, by_alias=True)
+        spec = AuditUserSpec.model_validate(data, by_alias=True)
     except ValidationError as error:
-        raise InvalidInput(
-            problems_from_validation(f"{AUDIT_USER}/{meta.name}", "spec", error)
-        ) from None
+        invalid = InvalidInput(problems_from_validation(f"{AUDIT_USER}/{meta.name}", "spec", error))
+        rest = validate_rest(AuditUserSpec, data, error)
+        invalid.partial = AuditUser(meta, rest) if rest is not None else None
+        raise invalid from None
     return AuditUser(meta, spec)
 
 

@@ -22,7 +22,7 @@ from kube_audit.core.models import (
 from kube_audit.core.policy import parse_audit_policy, render_audit_policy
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import render_token_file
-from kube_audit.core.users import UserResolution, resolve_users
+from kube_audit.core.users import UserResolution, identity_problems, resolve_users
 from kube_audit.errors import InvalidInput, Problem
 
 TOKEN_FILE = "tokens.csv"
@@ -37,6 +37,9 @@ class Inputs:
     policies: tuple[AuditPolicy, ...] = ()
     secrets: tuple[SecretData, ...] = ()
     problems: tuple[Problem, ...] = ()
+    # Users whose spec has errors, without the refused fields: never rendered, but checked
+    # with the settings too, so every error of an object is reported at once.
+    invalid_users: tuple[AuditUser, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
     policies: dict[str, AuditPolicy] = {}
     secrets: dict[tuple[str, str], SecretData] = {}
     problems: list[Problem] = []
+    invalid_users: list[AuditUser] = []
     defined_in: dict[str, str] = {}
 
     def once(ref: str, source: str) -> None:
@@ -127,6 +131,8 @@ def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
                 problems.append(Problem(source, "kind", _unknown_kind(api_version, kind)))
         except InvalidInput as error:
             problems.extend(error.problems)
+            if isinstance(error.partial, AuditUser):
+                invalid_users.append(error.partial)
 
     for source, obj in documents:
         add(source, obj)
@@ -135,6 +141,7 @@ def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
         policies=tuple(policies[k] for k in sorted(policies)),
         secrets=tuple(secrets[k] for k in sorted(secrets)),
         problems=tuple(sorted(problems)),
+        invalid_users=tuple(invalid_users),
     )
 
 
@@ -192,7 +199,15 @@ def plan_desired(inputs: Inputs, settings: Settings) -> DesiredState:
         config_hash=config_hash(files, settings) if files else "",
         users=resolution,
         policies_accepted=tuple(p.meta.name for p in inputs.policies),
-        problems=tuple(sorted({*inputs.problems, *resolution.problems})),
+        problems=tuple(
+            sorted(
+                {
+                    *inputs.problems,
+                    *resolution.problems,
+                    *(p for u in inputs.invalid_users for p in identity_problems(u, settings)),
+                }
+            )
+        ),
         settings=settings,
     )
 

@@ -17,6 +17,7 @@ from kube_audit.core.models import (
     PolicyRule,
     _meta,
     problems_from_validation,
+    validate_rest,
 )
 from kube_audit.errors import InvalidInput, Problem
 
@@ -91,10 +92,20 @@ def parse_audit_policy(obj: Mapping[str, Any]) -> AuditPolicy:
     if problems:
         raise InvalidInput(problems)
     ref = f"{AUDIT_POLICY}/{meta.name}"
+    data = obj.get("spec") or {}
     try:
-        spec = AuditPolicySpec.model_validate(obj.get("spec") or {}, by_alias=True)
+        spec = AuditPolicySpec.model_validate(data, by_alias=True)
     except ValidationError as error:
-        raise InvalidInput(problems_from_validation(ref, "spec", error)) from None
+        problems = problems_from_validation(ref, "spec", error)
+        rules = data.get("rules") if isinstance(data, Mapping) else None
+        for i, raw in enumerate(rules if isinstance(rules, list) else []):
+            try:
+                rule: PolicyRule | None = PolicyRule.model_validate(raw, by_alias=True)
+            except ValidationError as rule_error:
+                rule = validate_rest(PolicyRule, raw, rule_error, fill={"level": "None"})
+            if rule is not None:
+                problems.extend(validate_rule(ref, f"spec.rules[{i}]", rule))
+        raise InvalidInput(problems) from None
     problems = validate_policy_spec(ref, spec)
     if problems:
         raise InvalidInput(problems)

@@ -46,7 +46,8 @@ def secret_location(user: AuditUser, settings: Settings) -> tuple[str, str, str]
     return settings.token_namespace, f"audituser-{user.meta.name}", "token"
 
 
-def _identity_problems(user: AuditUser, settings: Settings) -> list[Problem]:
+def identity_problems(user: AuditUser, settings: Settings) -> list[Problem]:
+    """What kube-apiserver or our guard would refuse in the user name, uid and groups."""
     problems = []
     username_field = "spec.username" if user.spec.username is not None else "metadata.name"
     why = name_problem(user.username)
@@ -158,7 +159,7 @@ def resolve_users(
     owner_of_name: dict[str, AuditUser] = {}
     owner_of_token: dict[str, AuditUser] = {}
     for user in sorted(users, key=_age_key):
-        own = _identity_problems(user, settings)
+        own = identity_problems(user, settings)
         if own:
             problems.extend(own)
             continue
