@@ -1,21 +1,30 @@
 """On a real kubeadm node (tests/controlplane): how long from ``kubectl apply`` of one new
-AuditUser to a working token, and how long kube-apiserver is down per restart. Reported, not
-asserted; skipped with the reason where the control-plane tier cannot run (no Go, not root).
+AuditUser to a working token, how long kube-apiserver is down per restart, and what the starter
+policy costs in audit log bytes: per 1,000 writes, Secret reads and other reads of a person,
+and per minute of the cluster's own idle work. Reported, not asserted; skipped with the reason
+where the control-plane tier cannot run (no Go, not root).
 """
 
 from __future__ import annotations
 
+import json
+import ssl
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.controlplane.cluster import (  # noqa: E402
+    ROOT,
+    ControlPlane,
+    Node,
     OperatorProcess,
     boot_single_node,
     control_plane,
@@ -23,9 +32,11 @@ from tests.controlplane.cluster import (  # noqa: E402
     wait_for,
     why_unavailable,
 )
-from tests.controlplane.test_job import USERS, token_of, whoami  # noqa: E402
+from tests.controlplane.test_job import USERS, is_ready, token_of, whoami  # noqa: E402
 
 ROUNDS = 3
+REQUESTS = 1000
+IDLE_SECONDS = 60
 
 
 class Downtime(threading.Thread):
@@ -97,7 +108,69 @@ def main() -> int:
                 + ", ".join(f"{g:.1f}" for g in gaps)
                 + "); kubelet stops the old one first and it takes up to its 30 s grace"
             )
+        log_volume(cp, node)
     return 0
+
+
+def log_volume(cp: ControlPlane, node: Node) -> None:
+    """The starter policy live, then 1,000 requests of each kind by a person (a ServiceAccount
+    outside kube-system, as a CI job or Argo CD would be) and a quiet minute, each measured as
+    bytes added to audit.log (the log backend writes before it answers)."""
+    cp.kubectl("apply", "-f", str(ROOT / "examples/auditpolicy-starter.yaml"))
+    wait_for(
+        "the starter policy live",
+        lambda: is_ready(cp, "auditpolicies", "developers"),
+        timeout=300,
+        interval=1,
+    )
+    cp.kubectl("create", "serviceaccount", "person", "-n", "default")
+    cp.kubectl(
+        "create", "rolebinding", "person", "--clusterrole=edit", "--serviceaccount=default:person"
+    )
+    cp.kubectl("create", "secret", "generic", "app", "--from-literal=k=v", "-n", "default")
+    token = cp.kubectl("create", "token", "person", "-n", "default").stdout.strip()
+    context = ssl.create_default_context(cafile=str(node.ca))
+    log = node.audit_log_dir / "audit.log"
+
+    def call(method: str, path: str, body: dict[str, object] | None = None) -> None:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(node.url + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {token}")
+        kind = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        request.add_header("Content-Type", kind)
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            response.read()
+
+    def grown(run: Callable[[], None]) -> int:
+        before = log.stat().st_size
+        run()
+        return log.stat().st_size - before
+
+    base = "/api/v1/namespaces/default/configmaps"
+
+    def writes() -> None:
+        for i in range(REQUESTS // 4):  # create, patch, patch, delete: 4 writes each
+            call("POST", base, {"metadata": {"name": f"vol-{i}"}, "data": {"i": "0"}})
+            call("PATCH", f"{base}/vol-{i}", {"data": {"i": "1"}})
+            call("PATCH", f"{base}/vol-{i}", {"data": {"i": "2"}})
+            call("DELETE", f"{base}/vol-{i}")
+
+    figures = {
+        "writes (ConfigMap create/patch/delete)": grown(writes),
+        "Secret reads": grown(
+            lambda: [call("GET", "/api/v1/namespaces/default/secrets/app") for _ in range(REQUESTS)]
+        ),
+        "other reads (list Pods)": grown(
+            lambda: [call("GET", "/api/v1/namespaces/default/pods") for _ in range(REQUESTS)]
+        ),
+    }
+    for what, size in figures.items():
+        print(f"audit log, starter policy: {REQUESTS:,} {what}: {size / 1024:.0f} KiB")
+    idle = grown(lambda: time.sleep(IDLE_SECONDS))
+    print(
+        f"audit log, starter policy: the cluster's own work (kubelet, controllers, kube-audit), "
+        f"{IDLE_SECONDS} s idle: {idle / 1024:.1f} KiB"
+    )
 
 
 if __name__ == "__main__":
