@@ -126,7 +126,13 @@ def test_parse_documents_names_sources() -> None:
 
 def test_every_error_of_an_object_is_reported_at_once() -> None:
     """A type error in one field does not hide what the later checks find in the others."""
-    user = audit_user("bob", username="system:bob", disabled="maybe", extra=1)
+    user = audit_user(
+        "bob",
+        username="system:bob",
+        disabled="maybe",
+        extra=1,
+        groups=["", "system:masters", "a,b"],
+    )
     policy = audit_policy(
         "p",
         priority="x",
@@ -134,7 +140,7 @@ def test_every_error_of_an_object_is_reported_at_once() -> None:
             {
                 "level": "Loud",
                 "verbs": [""],
-                "nonResourceURLs": ["/a*b"],
+                "nonResourceURLs": ["", "/a*b"],
                 "resources": [{"group": "", "resourceNames": ["x"]}],
             }
         ],
@@ -145,11 +151,18 @@ def test_every_error_of_an_object_is_reported_at_once() -> None:
         ("AuditUser/bob", "spec.disabled"),
         ("AuditUser/bob", "spec.extra"),
         ("AuditUser/bob", "spec.username"),
+        ("AuditUser/bob", "spec.groups[0]"),  # empty: refused by the model
+        ("AuditUser/bob", "spec.groups[1]"),  # named by the later check, at its input index
+        ("AuditUser/bob", "spec.groups[2]"),
         ("AuditPolicy/p", "spec.priority"),
         ("AuditPolicy/p", "spec.rules[0].level"),
         ("AuditPolicy/p", "spec.rules[0].verbs[0]"),
         ("AuditPolicy/p", "spec.rules[0].nonResourceURLs"),
         ("AuditPolicy/p", "spec.rules[0].nonResourceURLs[0]"),
+        ("AuditPolicy/p", "spec.rules[0].nonResourceURLs[1]"),
         ("AuditPolicy/p", "spec.rules[0].resources[0].resourceNames"),
     }
+    messages = {p.field: p.message for p in desired.problems if p.obj == "AuditUser/bob"}
+    assert "system:masters" in messages["spec.groups[1]"]
+    assert '","' in messages["spec.groups[2]"]
     assert desired.files == {} and desired.users.accepted == ()

@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -246,28 +246,69 @@ def _meta(obj: Mapping[str, Any], ref_kind: str) -> tuple[Meta, list[Problem]]:
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """Which items of each list field survived in a partly valid object, so that a problem the
+    later checks find on it names the item's index in the input (``spec.groups[3]``)."""
+
+    items: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def original(self, problem: Problem, prefix: str) -> Problem:
+        for name, kept in self.items.items():
+            head = f"{prefix}.{name}["
+            if problem.field.startswith(head):
+                index, _, tail = problem.field[len(head) :].partition("]")
+                if index.isdigit() and int(index) < len(kept):
+                    return replace(problem, field=f"{head}{kept[int(index)]}]{tail}")
+        return problem
+
+
 def validate_rest(
     model: type[_Model], data: Any, error: ValidationError, fill: Mapping[str, Any] | None = None
-) -> _Model | None:
-    """The object without the fields pydantic refused (``fill`` stands in for required ones),
-    so the checks that need a whole object still run on the rest and every error of an object
-    is shown at once. None when even that does not validate."""
+) -> tuple[_Model, Kept] | None:
+    """The object without the fields and list items pydantic refused (``fill`` stands in for
+    required fields), so the checks that need a whole object still run on the rest and every
+    error of an object is shown at once. None when even that does not validate."""
     if not isinstance(data, Mapping):
         return None
-    failed = {str(item["loc"][0]) for item in error.errors() if item["loc"]}
-    rest = {k: v for k, v in data.items() if k not in failed}
-    rest.update({k: v for k, v in (fill or {}).items() if k in failed})
+    fields: set[str] = set()
+    items: dict[str, set[int]] = {}
+    for item in error.errors():
+        loc = item["loc"]
+        if not loc:
+            continue
+        name = str(loc[0])
+        if len(loc) > 1 and isinstance(loc[1], int) and isinstance(data.get(name), list):
+            items.setdefault(name, set()).add(loc[1])
+        else:
+            fields.add(name)
+    rest = {k: v for k, v in data.items() if k not in fields}
+    kept: dict[str, tuple[int, ...]] = {}
+    for name, refused in items.items():
+        if name not in fields:
+            kept[name] = tuple(i for i in range(len(data[name])) if i not in refused)
+            rest[name] = [data[name][i] for i in kept[name]]
+    rest.update({k: v for k, v in (fill or {}).items() if k in fields})
     try:
-        return model.model_validate(rest, by_alias=True)
+        return model.model_validate(rest, by_alias=True), Kept(kept)
     except ValidationError:
         return None
+
+
+@dataclass(frozen=True)
+class PartialUser:
+    """An AuditUser whose spec has errors, without the refused fields and items: never
+    rendered, but its identity is checked too (``plan_desired``)."""
+
+    user: AuditUser
+    kept: Kept
 
 
 def parse_audit_user(obj: Mapping[str, Any]) -> AuditUser:
     """Validate an AuditUser object (a dict as the API returns it).
 
-    When the spec has errors, ``InvalidInput.partial`` carries the user without the refused
-    fields, for the identity checks that need the operator's settings (``resolve_users``).
+    When the spec has errors, ``InvalidInput.partial`` is a ``PartialUser`` for the identity
+    checks that need the operator's settings.
     """
     meta, problems = _meta(obj, AUDIT_USER)
     if problems:
@@ -278,7 +319,8 @@ def parse_audit_user(obj: Mapping[str, Any]) -> AuditUser:
     except ValidationError as error:
         invalid = InvalidInput(problems_from_validation(f"{AUDIT_USER}/{meta.name}", "spec", error))
         rest = validate_rest(AuditUserSpec, data, error)
-        invalid.partial = AuditUser(meta, rest) if rest is not None else None
+        if rest is not None:
+            invalid.partial = PartialUser(AuditUser(meta, rest[0]), rest[1])
         raise invalid from None
     return AuditUser(meta, spec)
 

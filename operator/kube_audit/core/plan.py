@@ -15,6 +15,7 @@ from kube_audit.core.manifest import Manifest, ManifestConfig, patch_manifest
 from kube_audit.core.models import (
     AuditPolicy,
     AuditUser,
+    PartialUser,
     SecretData,
     parse_audit_user,
     parse_secret,
@@ -39,7 +40,7 @@ class Inputs:
     problems: tuple[Problem, ...] = ()
     # Users whose spec has errors, without the refused fields: never rendered, but checked
     # with the settings too, so every error of an object is reported at once.
-    invalid_users: tuple[AuditUser, ...] = ()
+    invalid_users: tuple[PartialUser, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
     policies: dict[str, AuditPolicy] = {}
     secrets: dict[tuple[str, str], SecretData] = {}
     problems: list[Problem] = []
-    invalid_users: list[AuditUser] = []
+    invalid_users: list[PartialUser] = []
     defined_in: dict[str, str] = {}
 
     def once(ref: str, source: str) -> None:
@@ -131,7 +132,7 @@ def collect_inputs(documents: Iterable[tuple[str, Any]]) -> Inputs:
                 problems.append(Problem(source, "kind", _unknown_kind(api_version, kind)))
         except InvalidInput as error:
             problems.extend(error.problems)
-            if isinstance(error.partial, AuditUser):
+            if isinstance(error.partial, PartialUser):
                 invalid_users.append(error.partial)
 
     for source, obj in documents:
@@ -204,7 +205,11 @@ def plan_desired(inputs: Inputs, settings: Settings) -> DesiredState:
                 {
                     *inputs.problems,
                     *resolution.problems,
-                    *(p for u in inputs.invalid_users for p in identity_problems(u, settings)),
+                    *(
+                        u.kept.original(p, "spec")
+                        for u in inputs.invalid_users
+                        for p in identity_problems(u.user, settings)
+                    ),
                 }
             )
         ),

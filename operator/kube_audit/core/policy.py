@@ -14,6 +14,7 @@ from kube_audit.core.models import (
     STAGE_ORDER,
     AuditPolicy,
     AuditPolicySpec,
+    Kept,
     PolicyRule,
     _meta,
     problems_from_validation,
@@ -99,12 +100,17 @@ def parse_audit_policy(obj: Mapping[str, Any]) -> AuditPolicy:
         problems = problems_from_validation(ref, "spec", error)
         rules = data.get("rules") if isinstance(data, Mapping) else None
         for i, raw in enumerate(rules if isinstance(rules, list) else []):
+            path = f"spec.rules[{i}]"
             try:
-                rule: PolicyRule | None = PolicyRule.model_validate(raw, by_alias=True)
+                rest: tuple[PolicyRule, Kept] | None = (
+                    PolicyRule.model_validate(raw, by_alias=True),
+                    Kept(),
+                )
             except ValidationError as rule_error:
-                rule = validate_rest(PolicyRule, raw, rule_error, fill={"level": "None"})
-            if rule is not None:
-                problems.extend(validate_rule(ref, f"spec.rules[{i}]", rule))
+                rest = validate_rest(PolicyRule, raw, rule_error, fill={"level": "None"})
+            if rest is not None:
+                rule, kept = rest
+                problems.extend(kept.original(p, path) for p in validate_rule(ref, path, rule))
         raise InvalidInput(problems) from None
     problems = validate_policy_spec(ref, spec)
     if problems:
