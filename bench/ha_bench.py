@@ -9,6 +9,7 @@ a handful). Reported, not asserted; skipped with the reason where the tier canno
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import sys
 import tempfile
@@ -38,6 +39,9 @@ from kube_audit.core.tokens import parse_token_file  # noqa: E402
 MAX_REQUESTS = 20_000
 MAX_SECONDS = 900.0
 BURST = 1000
+# What docs/install.md#load-balancers asks users to set: longer than HAProxy's fall x inter (2 s
+# here), so a stopping apiserver fails /readyz and leaves the pool while it still serves.
+SHUTDOWN_DELAY = os.environ.get("BENCH_SHUTDOWN_DELAY", "5s")
 
 
 def token_users(node: Node) -> set[str]:
@@ -111,7 +115,7 @@ def main() -> int:
         print(f"three nodes: skipped: {problem[0]}")
         return 1 if problem[1] else 0
     with tempfile.TemporaryDirectory() as tmp, control_plane(Path(tmp)) as cp:
-        nodes, lb = boot_ha(cp)
+        nodes, lb = boot_ha(cp, apiserver_args={"shutdown-delay-duration": SHUTDOWN_DELAY})
         kubeconfig = install_operator(cp)
         kubeconfig.write_text(kubeconfig.read_text().replace(nodes[0].url, lb.url))
         processes = [OperatorProcess(cp, node, kubeconfig) for node in nodes]
@@ -166,7 +170,8 @@ def main() -> int:
         load.join()
         print(
             f"three nodes: client requests failed through HAProxy during the rollout: "
-            f"{len(load.failures)} of {load.sent} (goal 0)"
+            f"{len(load.failures)} of {load.sent} (goal 0; kube-apiserver "
+            f"--shutdown-delay-duration={SHUTDOWN_DELAY}, BENCH_SHUTDOWN_DELAY)"
         )
         for failure in load.failures[:5]:
             print(f"  {failure}")
@@ -194,27 +199,39 @@ def main() -> int:
 
         second = nodes[1]
         alice = token_of(cp, "bench")
+        mark = len(second.records())
         rewrite = time.monotonic()
         second.kubeadm(
             "init", "phase", "control-plane", "apiserver", "--config", str(second.kubeadm_config)
         )
-        wait_for(
-            "the rewrite to drop the token on node-2",
-            lambda: isinstance(whoami(cp, alice, server=second.url), str),
-            300,
-            0.5,
-        )
-        gone = time.monotonic()
-        wait_for(
-            "the token back on node-2",
-            lambda: isinstance(whoami(cp, alice, server=second.url), dict),
-            600,
-            0.5,
-        )
-        print(
-            f"three nodes: identities missing on node-2 after a kubeadm rewrite: "
-            f"{time.monotonic() - gone:.0f} s (gone {gone - rewrite:.0f} s after the rewrite)"
-        )
+        refused: list[float] = []
+
+        def settled() -> bool:
+            """Polls node-2 with the token; settled once our flags are back in the manifest and
+            the apiserver restarted since the rewrite answers with the token again."""
+            answer = whoami(cp, alice, server=second.url)
+            if isinstance(answer, str):
+                refused.append(time.monotonic())
+                return False
+            return b"--token-auth-file" in second.manifest.read_bytes() and bool(
+                second.apiserver_events("ready", since=mark)
+            )
+
+        wait_for("node-2 back on the token file after the kubeadm rewrite", settled, 900, 0.5)
+        restarts = len(second.apiserver_events("start", since=mark))
+        if refused:
+            print(
+                f"three nodes: identities missing on node-2 after a kubeadm rewrite: "
+                f"{refused[-1] - refused[0]:.0f} s (refused from {refused[0] - rewrite:.0f} s "
+                f"after the rewrite; {restarts} apiserver start(s))"
+            )
+        else:
+            print(
+                f"three nodes: identities missing on node-2 after a kubeadm rewrite: 0 s (the "
+                f"token worked whenever node-2 answered, polled every 0.5 s; {restarts} "
+                f"apiserver start(s), settled {time.monotonic() - rewrite:.0f} s after the "
+                f"rewrite)"
+            )
     return 0
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -601,7 +601,13 @@ SHARED_PKI = (
 )  # fmt: skip
 
 
-def _external_etcd_config(node: Node, endpoint: str, *, controller_manager: bool) -> dict[str, Any]:
+def _external_etcd_config(
+    node: Node,
+    endpoint: str,
+    *,
+    controller_manager: bool,
+    apiserver_args: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     pki = "/etc/kubernetes/pki"
     extra: dict[str, Any] = {
         "controlPlaneEndpoint": f"{LB_ADDRESS}:6443",
@@ -613,7 +619,12 @@ def _external_etcd_config(node: Node, endpoint: str, *, controller_manager: bool
                 "keyFile": f"{pki}/apiserver-etcd-client.key",
             }
         },
-        "apiServer": {"extraArgs": [{"name": "bind-address", "value": node.address}]},
+        "apiServer": {
+            "extraArgs": [
+                {"name": "bind-address", "value": node.address},
+                *({"name": k, "value": v} for k, v in (apiserver_args or {}).items()),
+            ]
+        },
     }
     config = cluster_configuration("kube-audit-ha", extra)
     if controller_manager:
@@ -711,10 +722,13 @@ backend apiservers
     return LoadBalancer(LB_ADDRESS, config, process)
 
 
-def boot_ha(cp: ControlPlane, count: int = 3) -> tuple[list[Node], LoadBalancer]:
+def boot_ha(
+    cp: ControlPlane, count: int = 3, apiserver_args: Mapping[str, str] | None = None
+) -> tuple[list[Node], LoadBalancer]:
     """``count`` control-plane nodes made by real kubeadm with one shared CA (as `kubeadm join
     --control-plane` copies it), external etcd, HAProxy in front; kube-controller-manager on the
-    first node only."""
+    first node only. ``apiserver_args``: extra kube-apiserver flags, given to kubeadm as a user
+    would (the bench sets --shutdown-delay-duration)."""
     nodes = [cp.add_node(i) for i in range(1, count + 1)]
     first = nodes[0]
     local = cluster_configuration("kube-audit-ha", {"controlPlaneEndpoint": f"{LB_ADDRESS}:6443"})
@@ -728,7 +742,9 @@ def boot_ha(cp: ControlPlane, count: int = 3) -> tuple[list[Node], LoadBalancer]
     endpoint = start_etcd(cp, first)
     for node in nodes:
         node.write_kubeadm_config(
-            _external_etcd_config(node, endpoint, controller_manager=node is first)
+            _external_etcd_config(
+                node, endpoint, controller_manager=node is first, apiserver_args=apiserver_args
+            )
         )
         phases = [
             "certs all",
