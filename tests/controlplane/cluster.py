@@ -224,6 +224,11 @@ class Node:
                 "--path",
                 # The operator container's programs: kube-audit (for exec) with the others.
                 f"{BIN}{os.pathsep}{Path(sys.executable).parent}",
+                # Their "image": the checkout (venv and sources) and the Python it runs on.
+                "--image-path",
+                str(ROOT),
+                "--image-path",
+                sys.base_prefix,
                 "--record",
                 str(self.work / "record.jsonl"),
                 "--log-dir",

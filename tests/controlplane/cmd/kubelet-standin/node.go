@@ -33,6 +33,7 @@ type node struct {
 	name       string
 	ip         string
 	pathEnv    string
+	imagePaths []string
 	logDir     string
 	kubeconfig string
 	port       int
@@ -53,6 +54,11 @@ func runNode(argv []string) error {
 	kubeletConfig := fs.String("kubelet-config", "/var/lib/kubelet/config.yaml", "kubelet config, a host path")
 	fs.StringVar(&n.kubeconfig, "kubeconfig", "", "credentials for the mirror pods and the Node (a real path)")
 	fs.StringVar(&n.pathEnv, "path", "", "folder with the containers' programs, put first on their PATH")
+	fs.Func("image-path", "a host folder every container sees where it is, read-only, as files of its "+
+		"image (the programs of --path and what they load; repeatable)", func(v string) error {
+		n.imagePaths = append(n.imagePaths, v)
+		return nil
+	})
 	fs.StringVar(&n.logDir, "log-dir", "", "where each container's output goes (<pod>_<container>.log)")
 	fs.IntVar(&n.port, "kubelet-port", 10250, "port of the kubelet API (exec) on --node-ip; 0: none")
 	clientCA := fs.String("client-ca-file", "/etc/kubernetes/pki/ca.crt", "CA of the kubelet API's clients, a host path")
@@ -318,6 +324,11 @@ func (n *node) binds(pod *v1.Pod, c *v1.Container) ([]bind, error) {
 			source = filepath.Join(source, m.SubPath)
 		}
 		binds = append(binds, bind{Source: source, Target: m.MountPath, ReadOnly: m.ReadOnly})
+	}
+	// The image's files stay visible even under a volume mounted over one of their parents
+	// (an emptyDir on /tmp hides a checkout under /tmp otherwise).
+	for _, path := range n.imagePaths {
+		binds = append(binds, bind{Source: path, Target: path, ReadOnly: true})
 	}
 	return binds, nil
 }
