@@ -26,7 +26,7 @@ from kube_audit.core.audit_query import (
     table_row,
 )
 from kube_audit.errors import ClusterError, PartialAnswer
-from kube_audit.kube import ExecResult, KubeApi
+from kube_audit.kube import KubeApi
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,6 @@ def plan_targets(nodes: Sequence[str], pods: Sequence[Mapping[str, Any]]) -> lis
     return targets
 
 
-def _ask(api: KubeApi, namespace: str, pod: str, argv: list[str], timeout: float) -> ExecResult:
-    return api.exec_in_pod(namespace, pod, OPERATOR_CONTAINER, argv, timeout)
-
-
 def run_who_cluster(
     api: KubeApi,
     namespace: str,
@@ -90,7 +86,12 @@ def run_who_cluster(
     warnings = [f"{t.node}: not asked: {t.why_not}" for t in targets if t.pod is None]
     answers: dict[str, list[bytes]] = {}
     with ThreadPoolExecutor(max_workers=max(1, len(askable))) as pool:
-        futures = {t: pool.submit(_ask, api, namespace, str(t.pod), argv, timeout) for t in askable}
+        futures = {
+            t: pool.submit(
+                api.exec_in_pod, namespace, str(t.pod), OPERATOR_CONTAINER, argv, timeout
+            )
+            for t in askable
+        }
         for target, future in futures.items():
             result = future.result()
             for line in result.stderr.splitlines():
@@ -113,7 +114,7 @@ def run_who_cluster(
         wide = output == "wide"
         rows = [[node, *table_row(event, wide)] for node, event in merged]
         out.write(render_table(rows, NODE_WIDE_HEADER if wide else NODE_HEADER))
-    elif output != "json" and answers:
+    elif answers:
         err.write(f"no matching requests on {len(answers)} node(s)\n")
     for warning in warnings:
         err.write(f"kube-audit: warning: {warning}\n")

@@ -36,9 +36,9 @@ def input_files(paths: Sequence[str], problems: list[Problem]) -> list[Path]:
 
 
 def read_inputs(paths: Sequence[str]) -> Inputs:
+    """Every object of every file; all problems together, so one run shows every mistake."""
     from kube_audit.core.plan import collect_inputs, parse_documents  # noqa: PLC0415 - pydantic
 
-    """Every object of every file; all problems together, so one run shows every mistake."""
     documents = []
     problems: list[Problem] = []
     for path in input_files(paths, problems):
@@ -77,11 +77,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def valid_desired(args: argparse.Namespace, settings: Settings) -> DesiredState:
-    from kube_audit.core.plan import plan_desired  # noqa: PLC0415 - pydantic
-
     """The desired state of ``-f`` inputs; refused when any object is invalid, or when there is
     nothing to manage at all (an empty or wrong folder would otherwise remove every token and
     the audit flags: the deliberate case is ``node uninstall``)."""
+    from kube_audit.core.plan import plan_desired  # noqa: PLC0415 - pydantic
+
     inputs = read_inputs(args.file)
     if not inputs.users and not inputs.policies and not inputs.problems:
         where = ", ".join(args.file)
