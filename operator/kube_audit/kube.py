@@ -220,6 +220,22 @@ class KubeApi:
         self._watches: set[Any] = set()
         self._watches_lock = threading.Lock()
 
+    def bearer_token(self) -> str | None:
+        """The bearer token the client would send now, without its scheme, for kopf.
+
+        Read through the configuration's refresh hook, so a rotated ServiceAccount token is
+        the one returned. Loaders store the scheme differently (the in-cluster one keeps
+        ``"bearer " + token`` in lower case, kubeconfig ``"Bearer " + token`` or a separate
+        prefix): it is stripped whatever its case, or kopf would send ``Bearer bearer ...``.
+        """
+        conf = self.client.configuration
+        value = conf.get_api_key_with_prefix("BearerToken", alias="authorization")
+        if not value:
+            return None
+        scheme, _, rest = str(value).strip().partition(" ")
+        token = rest.strip() if scheme.lower() == "bearer" and rest.strip() else str(value).strip()
+        return token or None
+
     def _send(
         self,
         what: str,

@@ -27,10 +27,7 @@ log = logging.getLogger("kube_audit.operator")
 def connection_info(api: KubeApi) -> kopf.ConnectionInfo:
     """kopf uses the same credentials as our gateway: one configuration for both."""
     conf = api.client.configuration
-    token = None
-    auth = (conf.api_key or {}).get("authorization") or (conf.api_key or {}).get("BearerToken")
-    if auth:
-        token = str(auth).removeprefix("Bearer ").strip()
+    token = api.bearer_token()
     return kopf.ConnectionInfo(
         server=str(conf.host),
         ca_path=conf.ssl_ca_cert,
