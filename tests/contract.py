@@ -59,7 +59,15 @@ NAMESPACE = "default"
 def _token_secrets(api: KubeApi, core: Any, suffix: str) -> None:
     """Create once (409 means another pod won), list ours by label, read a missing one."""
     ns, ours, other = NAMESPACE, f"token-{suffix}", f"other-{suffix}"
-    owner = {"apiVersion": "v1", "kind": "Namespace", "name": ns, "uid": str(uuid.uuid4())}
+    # A real owner: the garbage collector deletes a dependent whose owner's uid it cannot
+    # find, and did so mid-test on the real control plane (a made-up uid, one run in three).
+    owned_by = core.create_namespaced_config_map(ns, {"metadata": {"name": f"owner-{suffix}"}})
+    owner = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "name": owned_by.metadata.name,
+        "uid": owned_by.metadata.uid,
+    }
     created = api.create_token_secret(ns, ours, "x" * 43, owner)
     assert created is not None and created["metadata"]["namespace"] == ns
     assert api.create_token_secret(ns, ours, "y" * 43, owner) is None, "409 is None"
@@ -71,6 +79,7 @@ def _token_secrets(api: KubeApi, core: Any, suffix: str) -> None:
     finally:
         core.delete_namespaced_secret(ours, ns)
         core.delete_namespaced_secret(other, ns)
+        core.delete_namespaced_config_map(owned_by.metadata.name, ns)
     try:
         api.patch_status("auditusers", f"missing-{suffix}", {"nodes": {}})
     except NotFound:

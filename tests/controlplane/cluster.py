@@ -35,6 +35,8 @@ from kube_audit.constants import OPERATOR_POD_SELECTOR
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = Path(__file__).resolve().parent
 BIN = ROOT / "build" / "controlplane" / "bin"
+# The kube-audit of the Python running the tests (its venv may be outside the checkout).
+KUBE_AUDIT = Path(sys.executable).parent / "kube-audit"
 PROGRAMS = ("kube-apiserver", "etcd", "kubeadm", "kube-controller-manager", "kubelet-standin")
 CLONE_NEWNET = 0x40000000
 TOKEN_NAMESPACE = "kube-audit"
@@ -66,10 +68,25 @@ def why_unavailable() -> tuple[str, bool] | None:
                 False,
             )
         return f"{', '.join(missing)} not built in {BIN}: run `make controlplane`", True
+    if not KUBE_AUDIT.is_file():
+        return (
+            f"needs kube-audit installed in the Python running the tests ({KUBE_AUDIT} is "
+            "missing: `pip install -e .` there, or run `make test`)",
+            False,
+        )
     for tool, package in (("ip", "iproute2"), ("kubectl", "kubectl")):
         if shutil.which(tool) is None:
             return f"needs `{tool}` on PATH ({package})", False
     return None
+
+
+def image_paths() -> list[str]:
+    """The host folders the stand-in's containers see as their image, none inside another."""
+    paths: list[str] = []
+    for path in sorted({str(ROOT), sys.prefix, sys.base_prefix}, key=len):
+        if not any(Path(path).is_relative_to(kept) for kept in paths):
+            paths.append(path)
+    return paths
 
 
 class NetworkNamespace:
@@ -223,12 +240,10 @@ class Node:
                 str(self.super_admin_kubeconfig),
                 "--path",
                 # The operator container's programs: kube-audit (for exec) with the others.
-                f"{BIN}{os.pathsep}{Path(sys.executable).parent}",
-                # Their "image": the checkout (venv and sources) and the Python it runs on.
-                "--image-path",
-                str(ROOT),
-                "--image-path",
-                sys.base_prefix,
+                f"{BIN}{os.pathsep}{KUBE_AUDIT.parent}",
+                # Their "image": the checkout (sources), the venv that runs the tests (which
+                # need not be the checkout's .venv), and the Python it is built on.
+                *(arg for path in image_paths() for arg in ("--image-path", path)),
                 "--record",
                 str(self.work / "record.jsonl"),
                 "--log-dir",
@@ -490,7 +505,7 @@ class OperatorProcess:
         }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [str(Path(sys.executable).parent / "kube-audit"), "operator"],
+                [str(KUBE_AUDIT), "operator"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

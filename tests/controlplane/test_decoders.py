@@ -14,8 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from kube_audit.core.manifest import apiserver_container, parse_manifest, render_manifest
 from kube_audit.core.policy import parse_audit_policy, render_audit_policy

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from tests.controlplane.cluster import (
+    KUBE_AUDIT as KUBE_AUDIT_PATH,
     ROOT,
     ControlPlane,
     KubectlError,
@@ -31,7 +31,7 @@ from tests.controlplane.cluster import (
 )
 from tests.unit.test_crd import CASES
 
-KUBE_AUDIT = str(Path(sys.executable).parent / "kube-audit")
+KUBE_AUDIT = str(KUBE_AUDIT_PATH)
 USERS = "kube-audit.io/v1alpha1"
 CI_TOKEN = "ci-deployer-0123456789abcdef0123456789abcdef"
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from kube_audit.core import yamlio
 from kube_audit.core.manifest import parse_manifest, render_manifest
