@@ -14,7 +14,7 @@ CP_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
 	-X k8s.io/component-base/version.gitTreeState=clean
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test unit lint bench demo e2e crds clean controlplane haproxy
+.PHONY: help setup test unit lint bench demo e2e crds clean controlplane haproxy image node-tools
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -27,9 +27,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project with its test extras
 
-test: setup lint ## lint, build the real control plane where Go is, run every test (kind ones skip without Docker)
-	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory controlplane haproxy; \
-	 else echo "make test: no Go on PATH: the control-plane tests (tests/controlplane) will skip"; fi
+test: setup lint ## lint, build the real programs and the image where Go is, run every test
+	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory controlplane haproxy node-tools; \
+	   if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory image; \
+	   else echo "make test: not root: no image is built and the real node tests (tests/realnode) will skip"; fi; \
+	 else echo "make test: no Go on PATH: the control-plane and real node tests will skip"; fi
 	$(BIN)/python -m pytest
 
 haproxy: ## install HAProxy (Debian package) for the three-node tests, if missing and root
@@ -37,7 +39,17 @@ haproxy: ## install HAProxy (Debian package) for the three-node tests, if missin
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } \
 	  || echo "make: HAProxy could not be installed: the three-node tests will skip"
 
-controlplane: ## build kube-apiserver, etcd, kubeadm, kube-controller-manager, kubelet-standin (Go 1.24+)
+node-tools: ## install containerd, runc, iptables, mmdebstrap, umoci, skopeo (Debian packages) if missing and root
+	@missing=""; for t in containerd runc iptables mmdebstrap umoci skopeo; do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	 [ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && echo "make: installing$$missing (Debian packages)" && apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc iptables mmdebstrap umoci skopeo >/dev/null; } \
+	  || echo "make: could not install$$missing: the real node tests will skip"
+
+image: ## the operator's image as build/image/kube-audit-operator-VERSION.tar, no Docker needed (root)
+	PYTHON=$(PYTHON) bash image/build.sh
+
+controlplane: ## build kube-apiserver, etcd, kubeadm, kube-controller-manager, kube-scheduler, kubelet, pause, kubelet-standin (Go 1.24+)
 	@$(GO) version | grep -Eq 'go1\.(2[4-9]|[3-9][0-9])' || { echo "controlplane: Go 1.24+ is needed, found: $$($(GO) version)"; exit 1; }
 	@mkdir -p $(CP_BIN)
 	cd $(CP_SRC) && GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=readonly \

@@ -1,0 +1,541 @@
+"""A real kubeadm node: real ``kubeadm init``, the real kubelet and containerd running kubeadm's
+static pods and the DaemonSet's pods from images built on this machine (no registry).
+
+Each node's containerd and kubelet share one private mount namespace (kept alive by a holder
+process), in which:
+
+- /etc/kubernetes, /var/lib/{kubelet,etcd,kube-audit} and /var/log are the node's own folders
+  (kubelet hard-codes /var/lib/kubelet/device-plugins and /var/log/containers);
+- /run is a tmpfs (containerd 1.6 hard-codes its shim sockets under /run/containerd/s);
+- the sysctls kubelet sets on start (vm.overcommit_memory, kernel.panic, ...) are plain files, so
+  the host kernel keeps its values.
+
+The network is the tier's private network namespace (tests/controlplane/cluster.py): the node's
+address on its ``lo``, and what kube-proxy would add for the ``kubernetes`` Service (a DNAT of
+10.96.0.1:443 to the apiserver), since hostNetwork pods reach the API through that address.
+kubelet runs under a supervisor that restarts it as kubeadm's systemd unit does. Teardown
+kills every container, containerd, kubelet and the holder, removes the cgroups containerd made,
+and ``HostState`` checks that sysctls, mounts, cgroups and processes are as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.controlplane.cluster import (
+    BIN,
+    ROOT,
+    ControlPlane,
+    Node,
+    kubernetes_version,
+    stop_process,
+    wait_for,
+    why_unavailable as control_plane_problem,
+)
+
+IMAGE_DIR = ROOT / "build" / "image"
+COMPONENT_IMAGES = ROOT / "build" / "realnode" / "images"
+SERVICE_IP = "10.96.0.1"
+SERVICE_CIDR = "10.96.0.0/12"
+CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
+# kubelet writes these on the host kernel when it starts (they are not namespaced).
+SHADOWED_SYSCTLS = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+)
+NODE_TOOLS = ("containerd", "runc", "ctr", "umoci", "skopeo", "iptables", "nsenter", "unshare")
+REAL_PROGRAMS = ("kubelet", "kube-scheduler", "pause")
+
+
+def operator_archive() -> Path:
+    """The archive ``make image`` writes for the project's version."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return IMAGE_DIR / f"kube-audit-operator-{version}.tar"
+
+
+def why_unavailable() -> tuple[str, bool] | None:
+    """(reason, is_a_failure) when the real node tier cannot run here; None when it can."""
+    problem = control_plane_problem()
+    if problem is not None:
+        return problem
+    missing = [t for t in NODE_TOOLS if shutil.which(t) is None]
+    if missing:
+        return (
+            f"the real node tier needs {', '.join(missing)} "
+            "(Debian: containerd runc umoci skopeo iptables; `make test` installs them as root)",
+            False,
+        )
+    unbuilt = [p for p in REAL_PROGRAMS if not (BIN / p).is_file()]
+    if unbuilt:
+        return f"{', '.join(unbuilt)} not built in {BIN}: run `make controlplane`", True
+    if not operator_archive().is_file():
+        return f"the operator image {operator_archive()} is not built: run `make image`", True
+    return None
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def binary_image(ref: str, binary: Path, entrypoint: list[str] | None = None) -> Path:
+    """A one-layer image holding ``binary`` in /usr/local/bin (kubeadm's manifests call the
+    programs by name), as a docker-archive tagged ``ref``. Cached by the binary's digest."""
+    COMPONENT_IMAGES.mkdir(parents=True, exist_ok=True)
+    name = ref.replace("/", "_").replace(":", "_")
+    out = COMPONENT_IMAGES / f"{name}-{_digest(binary)}.tar"
+    if out.is_file():
+        return out
+    work = COMPONENT_IMAGES / f"{name}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    rootfs = work / "rootfs"
+    (rootfs / "usr/local/bin").mkdir(parents=True)
+    (rootfs / "tmp").mkdir(mode=0o1777)
+    (rootfs / "tmp").chmod(0o1777)
+    (rootfs / "etc").mkdir()
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/:/sbin/nologin\n")
+    (rootfs / "etc/group").write_text("root:x:0:\n")
+    shutil.copy2(binary, rootfs / "usr/local/bin" / binary.name)
+    layer = work / "layer.tar"
+    subprocess.run(
+        ["tar", "-cf", str(layer), "-C", str(rootfs), "--sort=name", "--numeric-owner",
+         "--owner=0", "--group=0", "--mtime=@0", "."],
+        check=True,
+    )  # fmt: skip
+    layout = f"{work / 'oci'}:image"
+    config = ["--config.env", "PATH=/usr/local/bin:/usr/bin:/bin"]
+    for arg in entrypoint or []:
+        config += ["--config.entrypoint", arg]
+    for command in (
+        ["umoci", "init", "--layout", str(work / "oci")],
+        ["umoci", "new", "--image", layout],
+        ["umoci", "raw", "add-layer", "--no-history", "--image", layout, str(layer)],
+        ["umoci", "config", "--no-history", "--image", layout, "--os", "linux",
+         "--architecture", "amd64", "--created", "1970-01-01T00:00:00Z", *config],
+        ["skopeo", "copy", "--quiet", f"oci:{layout}", f"docker-archive:{out}.tmp:{ref}"],
+    ):  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+    Path(f"{out}.tmp").rename(out)
+    shutil.rmtree(work)
+    return out
+
+
+# --- host state -------------------------------------------------------------------------------
+
+
+def _cgroup_dirs() -> set[str]:
+    found: set[str] = set()
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        top = hierarchy / "k8s.io"
+        if top.is_dir():
+            found.update(str(p) for p in [top, *top.rglob("*")] if p.is_dir())
+    return found
+
+
+def _mounts() -> set[tuple[str, str, str]]:
+    rows = set()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        fields, rest = before.split(), after.split()
+        rows.add((fields[4], rest[0], rest[1]))
+    return rows
+
+
+def _processes_of(base: Path) -> list[str]:
+    """Processes whose command line names the tier's folder (containerd, shims, kubelet)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if str(base) in cmdline:
+                found.append(f"{proc.name}: {cmdline[:160]}")
+    return found
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What the tier must leave as it found it on the machine."""
+
+    sysctls: dict[str, str]
+    mounts: frozenset[tuple[str, str, str]]
+    cgroups: frozenset[str]
+
+    @classmethod
+    def read(cls) -> HostState:
+        return cls(
+            sysctls={k: Path("/proc/sys", k).read_text() for k in SHADOWED_SYSCTLS},
+            mounts=frozenset(_mounts()),
+            cgroups=frozenset(_cgroup_dirs()),
+        )
+
+    def differences(self, after: HostState, base: Path) -> list[str]:
+        out = [
+            f"sysctl {k}: {v.strip()} -> {after.sysctls[k].strip()}"
+            for k, v in self.sysctls.items()
+            if after.sysctls[k] != v
+        ]
+        out += [f"mount left behind: {m}" for m in sorted(after.mounts - self.mounts)]
+        out += [f"mount gone: {m}" for m in sorted(self.mounts - after.mounts)]
+        out += [f"cgroup left behind: {c}" for c in sorted(after.cgroups - self.cgroups)]
+        out += [f"process left running: {p}" for p in _processes_of(base)]
+        return out
+
+
+# --- the node ---------------------------------------------------------------------------------
+
+
+def _containerd_config(work: Path, pause: str) -> str:
+    return f"""version = 2
+root = "{work}/containerd/root"
+state = "{work}/containerd/state"
+[grpc]
+  address = "{CONTAINERD_SOCKET}"
+[ttrpc]
+  address = "{work}/containerd/ttrpc.sock"
+[debug]
+  level = "warn"
+[metrics]
+  address = ""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  # AppArmor is off on these machines; root lacks CAP_SYS_RESOURCE, so the negative
+  # oom_score_adj kubelet asks for the sandboxes of critical pods cannot be set.
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "{shutil.which("runc")}"
+        Root = "{work}/containerd/runc"
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{work}/cni"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = ""
+"""
+
+
+# A network configuration, so that containerd reports the pod network ready and the node
+# becomes Ready. Every pod of this tier uses the host's network; this is never invoked.
+CNI_CONFIG = {
+    "cniVersion": "1.0.0",
+    "name": "tier",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "tier0",
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]]},
+        }
+    ],
+}
+
+# The mount namespace the node's containerd and kubelet share ($1: the node's folder).
+NAMESPACE_SETUP = r"""
+set -euo pipefail
+node=$1
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /run/containerd
+mount --bind "$node/host/etc/kubernetes" /etc/kubernetes
+mount --bind "$node/host/var/log" /var/log
+mount -t tmpfs -o mode=755 tmpfs /var/lib
+for d in kubelet etcd kube-audit; do
+  mkdir -p "/var/lib/$d" && mount --bind "$node/host/var/lib/$d" "/var/lib/$d"
+done
+for k in SYSCTLS; do
+  f="$node/work/sysctl/${k//\//_}"
+  cat "/proc/sys/$k" > "$f" && mount --bind "$f" "/proc/sys/$k"
+done
+echo ready > "$node/work/namespace.ready"
+exec sleep infinity
+"""
+
+
+@dataclass
+class RealNode(Node):
+    """A control-plane node run by the real kubelet through containerd."""
+
+    holder: subprocess.Popen[bytes] | None = None
+    containerd: subprocess.Popen[bytes] | None = None
+    kubelet: subprocess.Popen[bytes] | None = None
+    kubelet_starts: int = 0
+    init_seconds: float = 0.0
+    _supervising: threading.Event = field(default_factory=threading.Event)
+    _supervisor: threading.Thread | None = None
+
+    @property
+    def base(self) -> Path:
+        return self.work.parent
+
+    def in_namespace(self, *command: str) -> list[str]:
+        assert self.holder is not None
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "--", *command]
+
+    def kubeadm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            self.in_namespace(str(BIN / "kubeadm"), *args),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"kubeadm {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
+            )
+        return result
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.in_namespace("ctr", "--address", CONTAINERD_SOCKET, "-n", "k8s.io", *args),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=check,
+        )
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def boot(self, images: list[Path], pause: str) -> None:
+        """The namespace, containerd with the images imported, and kubelet supervised."""
+        for path in ("etc/kubernetes", "var/log", "var/lib/kubelet", "var/lib/etcd",
+                     "var/lib/kube-audit"):  # fmt: skip
+            (self.tree / path).mkdir(parents=True, exist_ok=True)
+        for path in ("sysctl", "cni", "containerd", "logs"):
+            (self.work / path).mkdir(parents=True, exist_ok=True)
+        for mount_point in ("/etc/kubernetes", "/var/lib"):
+            Path(mount_point).mkdir(exist_ok=True)
+        (self.work / "cni" / "10-tier.conflist").write_text(json.dumps(CNI_CONFIG))
+        (self.work / "containerd.toml").write_text(_containerd_config(self.work, pause))
+        script = NAMESPACE_SETUP.replace("SYSCTLS", " ".join(SHADOWED_SYSCTLS))
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--",
+             "bash", "-c", script, "namespace", str(self.base)],
+            stdout=(self.work / "logs" / "namespace.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_for("the node's mount namespace", (self.work / "namespace.ready").is_file, 20, 0.1)
+        with (self.work / "logs" / "containerd.log").open("ab") as log:
+            self.containerd = subprocess.Popen(
+                self.in_namespace("containerd", "--config", str(self.work / "containerd.toml")),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for("containerd", lambda: self.ctr("version", check=False).returncode == 0, 30)
+        for image in images:
+            self.ctr("images", "import", "--no-unpack=false", str(image))
+        self._supervising.set()
+        self._supervisor = threading.Thread(target=self._supervise_kubelet, daemon=True)
+        self._supervisor.start()
+
+    def _kubelet_command(self) -> list[str]:
+        """kubeadm's systemd drop-in: its flags file is read again at every start."""
+        flags_env = self.tree / "var/lib/kubelet/kubeadm-flags.env"
+        kubeadm_args = ""
+        if flags_env.is_file():
+            for line in flags_env.read_text().splitlines():
+                if line.startswith("KUBELET_KUBEADM_ARGS="):
+                    kubeadm_args = line.split("=", 1)[1].strip().strip('"')
+        return self.in_namespace(
+            str(BIN / "kubelet"),
+            "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf",
+            "--kubeconfig=/etc/kubernetes/kubelet.conf",
+            "--config=/var/lib/kubelet/config.yaml",
+            *shlex.split(kubeadm_args),
+            f"--node-ip={self.address}",
+        )
+
+    def _supervise_kubelet(self) -> None:
+        """Restart=always: kubelet exits until kubeadm has written its config."""
+        while self._supervising.is_set():
+            if not (self.tree / "var/lib/kubelet/config.yaml").is_file():
+                time.sleep(0.5)
+                continue
+            with (self.work / "logs" / "kubelet.log").open("ab") as log:
+                self.kubelet = subprocess.Popen(
+                    self._kubelet_command(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self.kubelet_starts += 1
+            while self._supervising.is_set() and self.kubelet.poll() is None:
+                time.sleep(0.2)
+            if self._supervising.is_set():
+                time.sleep(2)
+
+    def restart_kubelet(self) -> None:
+        """As ``systemctl restart kubelet``."""
+        if self.kubelet is not None:
+            stop_process(self.kubelet, grace=30)
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """kubelet, then every container, containerd and the namespace; cgroups removed."""
+        self._supervising.clear()
+        if self.kubelet is not None:
+            stop_process(self.kubelet, grace=30)
+        if self._supervisor is not None:
+            self._supervisor.join(10)
+        if self.containerd is not None and self.containerd.poll() is None:
+            tasks = self.ctr("tasks", "ls", "-q", check=False).stdout.split()
+            for task in tasks:
+                self.ctr("tasks", "kill", "--all", "--signal", "SIGKILL", task, check=False)
+            for task in tasks:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    for _ in range(50):
+                        if self.ctr("tasks", "delete", "--force", task, check=False).returncode:
+                            time.sleep(0.1)
+                        else:
+                            break
+            for container in self.ctr("containers", "ls", "-q", check=False).stdout.split():
+                self.ctr("containers", "rm", container, check=False)
+            stop_process(self.containerd, grace=20)
+        for pid in _shim_pids(self.base):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.holder is not None:
+            stop_process(self.holder, grace=5)
+        self.holder = self.containerd = self.kubelet = None
+
+    def log(self, name: str) -> str:
+        path = self.work / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _shim_pids(base: Path) -> list[int]:
+    return [int(p.split(":")[0]) for p in _processes_of(base) if "containerd-shim" in p]
+
+
+def remove_cgroups(before: frozenset[str]) -> None:
+    """runc leaves the /k8s.io parents (and a killed pod's cgroup) in every v1 hierarchy."""
+    for path in sorted(_cgroup_dirs() - before, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+# --- the cluster ------------------------------------------------------------------------------
+
+
+def kubeadm_configuration(node: RealNode, cluster_name: str) -> list[dict[str, Any]]:
+    """kubeadm init's configuration: the images built here, kubelet for this machine (cgroup v1,
+    cgroupfs, no QoS cgroups), no kube-proxy or CoreDNS (no pod of the tier needs them)."""
+    return [
+        {
+            "apiVersion": "kubeadm.k8s.io/v1beta4",
+            "kind": "InitConfiguration",
+            "localAPIEndpoint": {"advertiseAddress": node.address, "bindPort": node.port},
+            "nodeRegistration": {
+                "name": node.name,
+                "criSocket": f"unix://{CONTAINERD_SOCKET}",
+                "ignorePreflightErrors": ["all"],
+            },
+            # preflight pulls images (from no registry) and checks the host, not the node.
+            "skipPhases": ["preflight", "addon/coredns", "addon/kube-proxy"],
+        },
+        {
+            "apiVersion": "kubeadm.k8s.io/v1beta4",
+            "kind": "ClusterConfiguration",
+            "kubernetesVersion": kubernetes_version(),
+            "clusterName": cluster_name,
+            "imageRepository": "local",
+        },
+        {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "cgroupDriver": "cgroupfs",
+            "failCgroupV1": False,
+            "cgroupsPerQOS": False,
+            "enforceNodeAllocatable": ["none"],  # [] is defaulted to ["pods"] by kubeadm
+            "failSwapOn": False,
+            "makeIPTablesUtilChains": False,
+            "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
+        },
+    ]
+
+
+def kube_proxy_for_the_api(address: str, port: int) -> None:
+    """What kube-proxy does for hostNetwork pods' in-cluster config: 10.96.0.1:443 reaches
+    the apiserver. In the tier's network namespace only."""
+    subprocess.run(["ip", "route", "replace", SERVICE_CIDR, "dev", "lo"], check=True)
+    subprocess.run(
+        ["iptables", "-t", "nat", "-A", "OUTPUT", "-d", f"{SERVICE_IP}/32", "-p", "tcp",
+         "--dport", "443", "-j", "DNAT", "--to-destination", f"{address}:{port}"],
+        check=True,
+    )  # fmt: skip
+
+
+def add_real_node(cp: ControlPlane, index: int) -> RealNode:
+    address = f"198.18.0.{index}"
+    cp.netns.add_address(address)
+    base = cp.base / f"node-{index}"
+    node = RealNode(name=f"node-{index}", address=address, tree=base / "host", work=base / "work")
+    node.work.mkdir(parents=True, exist_ok=True)
+    cp.nodes.append(node)
+    return node
+
+
+def kubeadm_init(cp: ControlPlane, index: int = 1) -> RealNode:
+    """One node made by ``kubeadm init`` and run by the real kubelet."""
+    node = add_real_node(cp, index)
+    node.kubeadm_config.write_text(yaml.safe_dump_all(kubeadm_configuration(node, "kube-audit")))
+    # kubeadm config images list needs no namespace: run it before the node boots.
+    listed = subprocess.run(
+        [str(BIN / "kubeadm"), "config", "images", "list", "--config", str(node.kubeadm_config)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    images, pause = _build_images(listed.stdout.split())
+    node.boot(images, pause)
+    kube_proxy_for_the_api(node.address, node.port)
+    started = time.monotonic()
+    node.kubeadm("init", "--config", str(node.kubeadm_config), "--v=1")
+    node.init_seconds = time.monotonic() - started
+    return node
+
+
+def _build_images(refs: list[str]) -> tuple[list[Path], str]:
+    images, pause = [], ""
+    for ref in refs:
+        program = ref.rsplit("/", 1)[1].split(":")[0]
+        if program in ("coredns", "kube-proxy"):  # their addon phases are skipped
+            continue
+        if program == "pause":
+            pause = ref
+            images.append(binary_image(ref, BIN / "pause", ["/usr/local/bin/pause"]))
+        else:
+            images.append(binary_image(ref, BIN / program))
+    assert pause, f"kubeadm listed no pause image: {refs}"
+    images.append(operator_archive())
+    return images, pause
