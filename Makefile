@@ -14,7 +14,7 @@ CP_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
 	-X k8s.io/component-base/version.gitTreeState=clean
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test unit lint bench demo e2e crds clean controlplane haproxy image node-tools
+.PHONY: help setup test unit lint bench demo crds clean controlplane haproxy image node-tools
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -80,9 +80,6 @@ demo: setup ## run the node agent on a bundled sample control-plane tree (no clu
 
 crds: setup ## regenerate crds/ from the pydantic models
 	$(BIN)/kube-audit crds --out crds
-
-e2e: setup ## end-to-end suite on a kind cluster (needs Docker and kind)
-	$(BIN)/python -m pytest -m e2e tests/e2e -rs
 
 clean: ## remove .venv and build output
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -64,6 +64,36 @@ class Downtime(threading.Thread):
             time.sleep(0.1)
 
 
+def time_apply_to_token(
+    cp: ControlPlane, node: Node, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Seconds from ``kubectl apply`` of a new AuditUser to its working token, per round, and
+    each stretch of /readyz without a 200 meanwhile (a restart's unavailability)."""
+    downtime = Downtime(node.readyz)
+    downtime.start()
+    to_token = []
+    for i in range(rounds):
+        name = f"bench-{i}"
+        start = time.monotonic()
+        cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": name}}])
+        wait_for(
+            f"{name}'s token to work",
+            lambda n=name: isinstance(whoami(cp, token_of(cp, n)), dict),
+            timeout=300,
+            interval=0.2,
+        )
+        to_token.append(time.monotonic() - start)
+        wait_for(f"{name} Ready", lambda n=name: is_ready(cp, "auditusers", n), 120, 0.5)
+    downtime.stop.set()
+    downtime.join()
+    return to_token, downtime.gaps
+
+
+def spread(values: list[float]) -> str:
+    each = ", ".join(f"{v:.1f}" for v in values)
+    return f"median {statistics.median(values):.1f} s over {len(values)} (each: {each})"
+
+
 def main() -> int:
     problem = why_unavailable()
     if problem is not None:
@@ -78,35 +108,12 @@ def main() -> int:
             lambda: "unchanged, the node runs config" in operator.log.read_text(),
             timeout=120,
         )
-        downtime = Downtime(node.readyz)
-        downtime.start()
-        to_token = []
-        for i in range(ROUNDS):
-            name = f"bench-{i}"
-            start = time.monotonic()
-            cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": name}}])
-            wait_for(
-                f"{name}'s token to work",
-                lambda n=name: isinstance(whoami(cp, token_of(cp, n)), dict),
-                timeout=300,
-                interval=0.2,
-            )
-            to_token.append(time.monotonic() - start)
-        downtime.stop.set()
-        downtime.join()
-        print(
-            f"control plane: kubectl apply of one AuditUser -> working token: median "
-            f"{statistics.median(to_token):.1f} s over {ROUNDS} (each: "
-            + ", ".join(f"{t:.1f}" for t in to_token)
-            + ")"
-        )
-        gaps = downtime.gaps
+        to_token, gaps = time_apply_to_token(cp, node, ROUNDS)
+        print(f"control plane: kubectl apply of one AuditUser -> working token: {spread(to_token)}")
         if gaps:
             print(
-                f"control plane: kube-apiserver down per restart: median "
-                f"{statistics.median(gaps):.1f} s over {len(gaps)} (each: "
-                + ", ".join(f"{g:.1f}" for g in gaps)
-                + "); kubelet stops the old one first and it takes up to its 30 s grace"
+                f"control plane: kube-apiserver down per restart: {spread(gaps)}; kubelet stops "
+                "the old one first and it takes up to its 30 s grace"
             )
         log_volume(cp, node)
     return 0

@@ -5,7 +5,8 @@ a no-op apply and a full apply under 100 ms each without the health wait. Then, 
 processes, ``who`` against jq and grep (who_bench.py), the real control plane
 (controlplane_bench.py: apply -> working token, apiserver downtime; ha_bench.py: failed requests
 through HAProxy during a rollout over three nodes, rollout time, identities missing after a
-kubeadm rewrite; BENCH_SKIP_CONTROLPLANE=1 skips both) and the operator with 10,000
+kubeadm rewrite; realnode_bench.py: the image and its pod on the real kubelet;
+BENCH_SKIP_CONTROLPLANE=1 skips the three) and the operator with 10,000
 AuditUsers (operator_bench.py; BENCH_SKIP_OPERATOR=1 skips it, it takes minutes).
 """
 
@@ -124,6 +125,7 @@ def main() -> int:
     if os.environ.get("BENCH_SKIP_CONTROLPLANE") != "1":
         failed += subprocess.call([sys.executable, str(REPO / "bench/controlplane_bench.py")]) != 0
         failed += subprocess.call([sys.executable, str(REPO / "bench/ha_bench.py")]) != 0
+        failed += subprocess.call([sys.executable, str(REPO / "bench/realnode_bench.py")]) != 0
     if os.environ.get("BENCH_SKIP_OPERATOR") != "1":
         failed += subprocess.call([sys.executable, str(REPO / "bench/operator_bench.py")]) != 0
     return 1 if failed else 0

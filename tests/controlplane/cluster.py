@@ -188,17 +188,20 @@ class Node:
     def kubeadm_config(self) -> Path:
         return self.work / "kubeadm.yaml"
 
-    def kubeadm(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def kubeadm_command(self, *args: str) -> list[str]:
         """Real kubeadm with /etc/kubernetes and /var/lib/kubelet being this node's tree."""
         binds = []
         for path in ("etc/kubernetes", "var/lib/kubelet"):
             (self.tree / path).mkdir(parents=True, exist_ok=True)
             binds += ["--bind", f"{self.tree / path}:/{path}"]
+        return [str(BIN / "kubelet-standin"), "exec", *binds, "--", str(BIN / "kubeadm"), *args]
+
+    def kubeadm(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [str(BIN / "kubelet-standin"), "exec", *binds, "--", str(BIN / "kubeadm"), *args],
+            self.kubeadm_command(*args),
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
         if result.returncode != 0:
@@ -433,9 +436,12 @@ def bind_cluster_admins(cp: ControlPlane, node: Node) -> None:
     wait_for("the kubeadm:cluster-admins binding", bound, timeout=60)
 
 
-def require_tier() -> None:
-    """Skip the test where the tier cannot run (no Go, not root); fail where it should."""
-    problem = why_unavailable()
+def require_tier(
+    unavailable: Callable[[], tuple[str, bool] | None] = why_unavailable,
+) -> None:
+    """Skip the test with one line where the tier cannot run (no Go, not root); fail where it
+    should (Go there but the programs not built)."""
+    problem = unavailable()
     if problem is not None:
         reason, is_failure = problem
         if is_failure:

@@ -3,118 +3,17 @@ containerd, with kube-audit installed as users install it (the image, the Daemon
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-import yaml
 
-from tests.controlplane.cluster import ROOT, ControlPlane, control_plane, wait_for
-from tests.realnode.node import (
-    HostState,
-    RealNode,
-    kubeadm_init,
-    operator_archive,
-    remove_cgroups,
-    why_unavailable,
-)
-
-NAMESPACE = "kube-audit"
-LOCAL_IMAGE = "local/kube-audit-operator"
-
-
-def require_real_tier() -> None:
-    """Skip with one line where the tier cannot run (no Go, not root, no containerd); fail
-    where it should (Go there but the programs or the image not built)."""
-    problem = why_unavailable()
-    if problem is not None:
-        reason, is_failure = problem
-        if is_failure:
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-
-
-@dataclass
-class Real:
-    cp: ControlPlane
-    node: RealNode
-    image: str
-
-    def operator_pod(self) -> dict[str, object]:
-        pods = self.cp.kubectl_json("get", "pods", "-n", NAMESPACE, "-l",
-                                    "app.kubernetes.io/name=kube-audit-operator")["items"]  # fmt: skip
-        assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
-        return dict(pods[0])
-
-
-def install_with_local_image(cp: ControlPlane) -> str:
-    """``kubectl apply -k`` of an overlay of deploy/ that only names the image built here."""
-    version = operator_archive().name.removeprefix("kube-audit-operator-").removesuffix(".tar")
-    overlay = cp.base / "overlay"
-    overlay.mkdir(exist_ok=True)
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(ROOT / "deploy", overlay)],
-                "images": [
-                    {
-                        "name": "ghcr.io/kube-audit/kube-audit-operator",
-                        "newName": LOCAL_IMAGE,
-                        "newTag": version,
-                    }
-                ],
-            }
-        )
-    )
-    cp.kubectl("apply", "-k", str(overlay))
-    cp.kubectl("wait", "--for=condition=established", "--timeout=60s",
-               "crd/auditusers.kube-audit.io", "crd/auditpolicies.kube-audit.io")  # fmt: skip
-    return f"{LOCAL_IMAGE}:{version}"
-
-
-def wait_operator_ready(cp: ControlPlane, timeout: float = 300) -> None:
-    """Every scheduled pod of the DaemonSet Ready (``rollout status`` passes before the
-    controller has made any); on timeout, what kubelet says of the pod."""
-
-    def ready() -> bool:
-        ds = cp.kubectl_json("get", "daemonset", "kube-audit", "-n", NAMESPACE)
-        status = ds.get("status") or {}
-        wanted = status.get("desiredNumberScheduled", 0)
-        return (
-            bool(wanted)
-            and status.get("numberReady") == wanted == status.get("updatedNumberScheduled")
-            and status.get("observedGeneration") == ds["metadata"]["generation"]
-        )
-
-    try:
-        wait_for("the DaemonSet's pods Ready", ready, timeout, 2)
-    except AssertionError as error:
-        described = cp.kubectl("describe", "pods", "-n", NAMESPACE, check=False).stdout
-        raise AssertionError(f"{error}\n{described[-3000:]}") from None
+from tests.controlplane.cluster import require_tier
+from tests.realnode.cluster import Real, real_node
+from tests.realnode.node import why_unavailable
 
 
 @pytest.fixture(scope="package")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Real]:
-    require_real_tier()
-    before = HostState.read()
-    base = tmp_path_factory.mktemp("realnode")
-    try:
-        with control_plane(base) as cp:
-            node = kubeadm_init(cp)
-            wait_for(f"{node.name} Ready", lambda: _node_ready(cp, node.name), 180, 2)
-            image = install_with_local_image(cp)
-            wait_operator_ready(cp)
-            yield Real(cp, node, image)
-    finally:
-        remove_cgroups(before.cgroups)
-        left = before.differences(HostState.read(), base)
-        assert not left, "the real node tier left the machine changed:\n" + "\n".join(left)
-
-
-def _node_ready(cp: ControlPlane, name: str) -> bool:
-    node = cp.kubectl_json("get", "node", name)
-    return any(c["type"] == "Ready" and c["status"] == "True"
-               for c in node["status"].get("conditions", []))  # fmt: skip
+    require_tier(why_unavailable)
+    with real_node(tmp_path_factory.mktemp("realnode")) as plane:
+        yield plane

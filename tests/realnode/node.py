@@ -300,19 +300,8 @@ class RealNode(Node):
         assert self.holder is not None
         return ["nsenter", "-t", str(self.holder.pid), "-m", "--", *command]
 
-    def kubeadm(self, *args: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            self.in_namespace(str(BIN / "kubeadm"), *args),
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise AssertionError(
-                f"kubeadm {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
-            )
-        return result
+    def kubeadm_command(self, *args: str) -> list[str]:
+        return self.in_namespace(str(BIN / "kubeadm"), *args)
 
     def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -471,6 +460,10 @@ def kubeadm_configuration(node: RealNode, cluster_name: str) -> list[dict[str, A
             "kubernetesVersion": kubernetes_version(),
             "clusterName": cluster_name,
             "imageRepository": "local",
+            # As docs/install.md asks behind a load balancer: the old apiserver keeps serving
+            # (not ready) for 5 s after kubelet stops it, so an API call made right after our
+            # manifest switch (a DaemonSet update mid-apply) is still answered.
+            "apiServer": {"extraArgs": [{"name": "shutdown-delay-duration", "value": "5s"}]},
         },
         {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -520,7 +513,7 @@ def kubeadm_init(cp: ControlPlane, index: int = 1) -> RealNode:
     node.boot(images, pause)
     kube_proxy_for_the_api(node.address, node.port)
     started = time.monotonic()
-    node.kubeadm("init", "--config", str(node.kubeadm_config), "--v=1")
+    node.kubeadm("init", "--config", str(node.kubeadm_config), "--v=1", timeout=600)
     node.init_seconds = time.monotonic() - started
     return node
 

@@ -4,13 +4,18 @@ mounts, in-cluster credentials, and kube-apiserver restarted by kubelet on our c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import subprocess
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from tests.controlplane.cluster import ROOT, wait_for
-from tests.controlplane.test_job import is_ready, token_of, whoami
-from tests.realnode.conftest import NAMESPACE, Real
+from tests.controlplane.cluster import KUBE_AUDIT, ROOT, wait_for
+from tests.controlplane.test_job import is_ready, status_of, token_of, who, whoami
+from tests.realnode.cluster import NAMESPACE, Real, wait_operator_ready
 
 
 def _container_spec(real: Real, pod: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +53,7 @@ def test_people_get_identities_through_the_pod(real: Real) -> None:
     kubelet restarts kube-apiserver, the pod proves the new instance by its mirror pod, and
     alice's token works."""
     cp, node = real.cp, real.node
-    kubeadm_manifest = node.manifest.read_bytes()
+    kubeadm_manifest = real.kubeadm_manifest
     started = time.monotonic()
     cp.kubectl("apply", "-f", str(ROOT / "examples" / "auditpolicy-starter.yaml"))
     cp.kubectl("apply", "-f", str(ROOT / "examples" / "auditusers.yaml"))
@@ -70,3 +75,254 @@ def test_people_get_identities_through_the_pod(real: Real) -> None:
 
 def _user(answer: dict[str, Any] | str) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
+
+
+def test_who_in_cluster_mode_through_the_real_kubelets_exec(real: Real) -> None:
+    """``kube-audit who --cluster`` from the admin's machine: pods/exec through kube-apiserver
+    to the real kubelet and containerd, into the DaemonSet's pod, which reads the node's log."""
+    cp, node = real.cp, real.node
+    cp.kubectl("create", "configmap", "who-real", "-n", "default")
+
+    def found() -> list[dict[str, Any]] | None:
+        result = subprocess.run(
+            [KUBE_AUDIT, "who", "--cluster", "--kubeconfig", str(node.admin_kubeconfig),
+             "--name", "who-real", "--verb", "create", "-o", "json"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        return events or None
+
+    events = wait_for("the admin's create found through exec", found, 60, 2)
+    assert events[0]["annotations"]["kube-audit.io/node"] == node.name
+    assert events[0]["user"]["username"] == "kubernetes-admin"
+
+
+def test_the_flow_of_a_user(real: Real, tmp_path: Path) -> None:
+    """What the kind suite did, on the real node: a person's write in the audit log under her
+    name, a disabled person refused, a broken object refused by the CRD, a missing Secret shown
+    on the object, and the apiserver up throughout."""
+    cp, node = real.cp, real.node
+    cp.apply([{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "developers-edit", "namespace": "default"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": "edit"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                             "name": "developer"}]}])  # fmt: skip
+    alice = cp.token_kubeconfig(tmp_path / "alice.kubeconfig", token_of(cp, "alice"))
+    wait_for(
+        "alice may create a Service",
+        lambda: cp.kubectl("-n", "default", "create", "service", "clusterip", "alice-svc",
+                           "--tcp=80:80", kubeconfig=alice, check=False).returncode == 0,
+        60, 1,
+    )  # fmt: skip
+    wait_for(
+        "alice's create in the node's audit log",
+        lambda: any(e["user"]["username"] == "alice" for e in who(node, "--resource", "svc",
+                                                                  "--verb", "create")),
+        60, 1,
+    )  # fmt: skip
+
+    cp.kubectl("patch", "auditusers", "alice", "--type=merge", "-p", '{"spec":{"disabled":true}}')
+    wait_for("alice disabled and Ready", lambda: is_ready(cp, "auditusers", "alice"), 300, 2)
+    assert "Unauthorized" in str(whoami(cp, token_of(cp, "alice")))
+
+    broken = {
+        "apiVersion": "kube-audit.io/v1alpha1",
+        "kind": "AuditPolicy",
+        "metadata": {"name": "broken"},
+        "spec": {"rules": [{"level": "Metadata", "nonResourceURLs": ["healthz"]}]},
+    }
+    refused = cp.kubectl("apply", "-f", "-", stdin=json.dumps(broken), check=False)
+    assert refused.returncode != 0 and "non-resource URL" in refused.stderr, refused.stderr
+    cp.apply(
+        [
+            {
+                "apiVersion": "kube-audit.io/v1alpha1",
+                "kind": "AuditUser",
+                "metadata": {"name": "ghost"},
+                "spec": {"tokenSecretRef": {"namespace": "kube-audit", "name": "missing"}},
+            }
+        ]
+    )
+
+    def shown() -> bool:
+        conditions = status_of(cp, "auditusers", "ghost")["conditions"]
+        return "missing" in (conditions.get("Stalled") or {}).get("message", "")
+
+    wait_for("the missing Secret shown on the object", shown, 120, 2)
+    assert cp.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+
+
+def _changed_manifest(real: Real, before: bytes) -> bool:
+    """True once the agent has switched the manifest (an apply is then waiting for kubelet)."""
+    return real.node.manifest.read_bytes() != before
+
+
+def _add_user(real: Real, name: str) -> None:
+    real.cp.apply([{"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser",
+                    "metadata": {"name": name}, "spec": {"groups": ["developer"]}}])  # fmt: skip
+
+
+def _works(real: Real, name: str, timeout: float = 300) -> None:
+    wait_for(f"{name} Ready", lambda: is_ready(real.cp, "auditusers", name), timeout, 2)
+    token = token_of(real.cp, name)
+    wait_for(f"{name}'s token accepted",
+             lambda: _user(whoami(real.cp, token)) is not None, 60, 1)  # fmt: skip
+
+
+def _settled(real: Real) -> None:
+    """Nothing pending on the node: no apply waiting, no temporary file left by a rename."""
+    node = real.node
+    state_file = node.tree / "var/lib/kube-audit/state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    assert not state.get("pending"), state
+    leftovers = [p.name for p in node.manifest.parent.iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
+    config = node.tree / "etc/kubernetes/kube-audit"
+    assert not [p for p in config.iterdir() if p.name.startswith(".")], list(config.iterdir())
+
+
+class ContainerFollower(threading.Thread):
+    """A container's log as kubelet writes it on the node, and when containerd's task ended:
+    both without the API, which is down while the pod waits for the apiserver it restarted."""
+
+    def __init__(self, real: Real, pod: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        meta = pod["metadata"]
+        self.folder = real.node.tree / "var/log/pods" / (
+            f"{NAMESPACE}_{meta['name']}_{meta['uid']}"
+        ) / "operator"  # fmt: skip
+        self.container = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+        self.node = real.node
+        self.text = ""
+        self.ended: float | None = None
+
+    def run(self) -> None:
+        while self.ended is None:
+            with contextlib.suppress(OSError):
+                text = "".join(f.read_text() for f in sorted(self.folder.glob("*.log")))
+                self.text = max(self.text, text, key=len)
+            tasks = self.node.ctr("tasks", "ls", check=False).stdout.splitlines()[1:]
+            if not any(t.split()[0] == self.container and "RUNNING" in t for t in tasks):
+                self.ended = time.monotonic()
+            time.sleep(0.5)
+
+
+def test_a_daemonset_update_mid_apply_is_graceful(real: Real) -> None:
+    """kubelet's SIGTERM arrives while the pod waits for the apiserver it restarted (a
+    DaemonSet update): the process ends by itself within terminationGracePeriodSeconds, the
+    node's next pod comes up Ready, and the change it was applying works."""
+    cp = real.cp
+    wait_operator_ready(cp)
+    old = real.operator_pod()
+    grace = old["spec"]["terminationGracePeriodSeconds"]
+    follower = ContainerFollower(real, old)
+    follower.start()
+    before = real.node.manifest.read_bytes()
+    _add_user(real, "erin")
+    wait_for("the agent switching the manifest", lambda: _changed_manifest(real, before), 120, 0.1)
+    # The old apiserver still answers for its shutdown delay (5 s): update the DaemonSet now.
+    signalled = time.monotonic()
+    cp.kubectl("-n", NAMESPACE, "patch", "daemonset", "kube-audit", "--type=merge", "-p",
+               json.dumps({"spec": {"template": {"metadata": {"annotations": {
+                   "kube-audit.io/test-roll": "1"}}}}}))  # fmt: skip
+    follower.join(grace + 30)
+    assert follower.ended is not None, f"the old pod still runs {grace + 30}s after SIGTERM"
+    took = follower.ended - signalled
+    out = follower.text
+    assert "SIGTERM: stopping" in out, out[-2000:]
+    assert out.index("SIGTERM: stopping") > out.index("token Secret kube-audit/audituser-erin")
+    assert "Traceback" not in out, out[-3000:]
+    # kubelet kills only when the grace period is over: ending well before, it ended by itself.
+    assert took < grace - 30, f"{took:.0f}s: killed at the end of its grace period?"
+    wait_operator_ready(cp)
+    assert real.operator_pod()["metadata"]["name"] != old["metadata"]["name"]
+    _works(real, "erin")
+    _settled(real)
+    tail = "\n".join(out.splitlines()[-6:])
+    print(f"old pod's process ended {took:.1f}s after the update; its log ends:\n{tail}")
+
+
+def test_a_container_killed_mid_apply_leaves_nothing_half_written(real: Real) -> None:
+    """SIGKILL, as the kernel sends at the container's memory limit, right after the manifest
+    switch: kubelet restarts the container, which resumes the wait; the node settles with the
+    change live and nothing half-written."""
+    cp = real.cp
+    pod = real.operator_pod()
+    before = real.node.manifest.read_bytes()
+    _add_user(real, "frank")
+    wait_for("the agent switching the manifest", lambda: _changed_manifest(real, before), 120, 0.2)
+    container = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    real.node.ctr("tasks", "kill", "--signal", "SIGKILL", container)
+    wait_for("kubelet restarting the container",
+             lambda: real.operator_pod()["status"]["containerStatuses"][0]["restartCount"] >= 1,
+             120, 1)  # fmt: skip
+    _works(real, "frank")
+    wait_operator_ready(cp)
+    _settled(real)
+
+
+def test_the_memory_limit_kills_without_writing(real: Real) -> None:
+    """At a memory limit below what the operator needs, kubelet reports OOMKilled and nothing on
+    the node changes; the shipped resources back, the pod is Ready again."""
+    cp, node = real.cp, real.node
+    manifest = node.manifest.read_bytes()
+
+    def resources(value: dict[str, Any]) -> None:
+        container = {"name": "operator", "resources": value}
+        patch = {"spec": {"template": {"spec": {"containers": [container]}}}}
+        cp.kubectl("-n", NAMESPACE, "patch", "daemonset", "kube-audit", "-p", json.dumps(patch))
+
+    ds = cp.kubectl_json("-n", NAMESPACE, "get", "daemonset", "kube-audit")
+    shipped = ds["spec"]["template"]["spec"]["containers"][0]["resources"]
+    resources({"requests": {"memory": "24Mi"}, "limits": {"memory": "24Mi"}})
+
+    def oom_killed() -> bool:
+        statuses = [
+            s
+            for pod in cp.kubectl_json("get", "pods", "-n", NAMESPACE)["items"]
+            for s in pod["status"].get("containerStatuses", [])
+        ]
+        ended = [s.get("lastState", {}).get("terminated") or {} for s in statuses]
+        ended += [s.get("state", {}).get("terminated") or {} for s in statuses]
+        return any(e.get("reason") == "OOMKilled" for e in ended)
+
+    try:
+        wait_for("kubelet reporting OOMKilled", oom_killed, 300, 2)
+        assert node.manifest.read_bytes() == manifest
+    finally:
+        resources(shipped)
+    wait_operator_ready(cp)
+    assert node.manifest.read_bytes() == manifest
+    _settled(real)
+
+
+def test_uninstall_as_the_docs_say(real: Real) -> None:
+    """docs/uninstall.md, step by step, with the image users have: the DaemonSet deleted,
+    ``kubectl debug node/… --profile=sysadmin`` runs ``kube-audit node uninstall`` on the node
+    (a privileged pod the real kubelet runs) while its apiserver restarts under it, kubeadm's
+    manifest is back byte for byte, the audit log is kept, then ``kubectl delete -k``."""
+    cp, node = real.cp, real.node
+    cp.kubectl("-n", NAMESPACE, "delete", "ds", "kube-audit", "--wait=true", timeout=600)
+    created = cp.kubectl("debug", f"node/{node.name}", "--profile=sysadmin",
+                         f"--image={real.image}", "--", "kube-audit", "node", "uninstall",
+                         "--host-root", "/host").stdout  # fmt: skip
+    match = re.search(r"Creating debugging pod (\S+)", created)
+    assert match, created
+    pod = f"pod/{match.group(1)}"
+    wait_for("kubeadm's manifest back",
+             lambda: node.manifest.read_bytes() == real.kubeadm_manifest, 120, 1)  # fmt: skip
+    wait_for(
+        "the debugging pod Succeeded",
+        lambda: cp.kubectl("get", pod, "-o", "jsonpath={.status.phase}").stdout == "Succeeded",
+        300,
+        2,
+    )
+    out = cp.kubectl("logs", pod).stdout
+    assert "uninstalled: kube-apiserver manifest restored" in out, out
+    cp.kubectl("delete", pod)
+    assert list(node.audit_log_dir.glob("audit*.log")), "audit logs are kept"
+    node.wait_ready(180)
+    cp.kubectl("delete", "-k", str(real.overlay), "--ignore-not-found", "--wait=true", timeout=300)
+    assert cp.kubectl("get", "crd", "auditusers.kube-audit.io", check=False).returncode != 0

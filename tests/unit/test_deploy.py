@@ -144,6 +144,21 @@ def test_dockerfile_runs_the_daemonsets_entry_point() -> None:
     assert (REPO / ".dockerignore").is_file()
 
 
+def test_the_dockerfile_describes_the_image_make_image_builds() -> None:
+    """Two recipes for one image: people who build with Docker get what the tests ran."""
+    docker = (REPO / "Dockerfile").read_text()
+    script = (REPO / "image/build.sh").read_text()
+    assert "FROM debian:bookworm-slim" in docker and "SUITE=bookworm" in script
+    assert "VENV=/opt/venv" in script and "venv --without-pip /opt/venv" in docker
+    assert "--config.entrypoint kube-audit --config.cmd operator" in script
+    assert 'ENTRYPOINT ["kube-audit"]' in docker and 'CMD ["operator"]' in docker
+    for setting in ("PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1", "kubernetes/aio",
+                    "--invalidation-mode unchecked-hash"):  # fmt: skip
+        assert setting in docker and setting in script, setting
+    path = "PATH=$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert path in script and path.replace("$VENV", "/opt/venv") in docker
+
+
 LUA = (REPO / "deploy/argocd/health.lua").read_text()
 
 
