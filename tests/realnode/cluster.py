@@ -97,7 +97,7 @@ def real_node(base: Path) -> Iterator[Real]:
             yield Real(cp, node, image, cp.base / "overlay", kubeadm_manifest)
     finally:
         remove_cgroups(before.cgroups)
-        left = before.differences(HostState.read(), base)
+        left = before.differences(HostState.read())
         assert not left, "the real node tier left the machine changed:\n" + "\n".join(left)
 
 

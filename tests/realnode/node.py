@@ -162,17 +162,31 @@ def _mounts() -> set[tuple[str, str, str]]:
     return rows
 
 
-def _processes_of(base: Path) -> list[str]:
-    """Processes whose command line names the tier's folder (containerd, shims, kubelet)."""
-    found = []
+def _processes() -> dict[int, str]:
+    """Every live user process but this one: pid -> command line. Not zombies (gone but for
+    their parent's wait), not kernel threads (children of kthreadd, pid 2, started by the
+    kernel as it likes)."""
+    found = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+        if not proc.name.isdigit() or int(proc.name) in (os.getpid(), 2):
             continue
         with contextlib.suppress(OSError):
+            state, parent = (proc / "stat").read_text().rpartition(")")[2].split()[:2]
+            if state == "Z" or parent == "2":
+                continue
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if str(base) in cmdline:
-                found.append(f"{proc.name}: {cmdline[:160]}")
+            found[int(proc.name)] = cmdline.strip()
     return found
+
+
+def _in_mount_namespace(namespace: str) -> list[int]:
+    """The processes in a mount namespace (the node's: containerd, its shims, kubelet)."""
+    pids = []
+    for pid in _processes():
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/mnt") == namespace:
+                pids.append(pid)
+    return pids
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,7 @@ class HostState:
     sysctls: dict[str, str]
     mounts: frozenset[tuple[str, str, str]]
     cgroups: frozenset[str]
+    processes: frozenset[int]
 
     @classmethod
     def read(cls) -> HostState:
@@ -189,9 +204,10 @@ class HostState:
             sysctls={k: Path("/proc/sys", k).read_text() for k in SHADOWED_SYSCTLS},
             mounts=frozenset(_mounts()),
             cgroups=frozenset(_cgroup_dirs()),
+            processes=frozenset(_processes()),
         )
 
-    def differences(self, after: HostState, base: Path) -> list[str]:
+    def differences(self, after: HostState) -> list[str]:
         out = [
             f"sysctl {k}: {v.strip()} -> {after.sysctls[k].strip()}"
             for k, v in self.sysctls.items()
@@ -200,7 +216,12 @@ class HostState:
         out += [f"mount left behind: {m}" for m in sorted(after.mounts - self.mounts)]
         out += [f"mount gone: {m}" for m in sorted(self.mounts - after.mounts)]
         out += [f"cgroup left behind: {c}" for c in sorted(after.cgroups - self.cgroups)]
-        out += [f"process left running: {p}" for p in _processes_of(base)]
+        running = _processes()
+        out += [
+            f"process left running: {pid} {running.get(pid, '')[:160]}"
+            for pid in sorted(after.processes - self.processes)
+            if pid in running
+        ]
         return out
 
 
@@ -287,8 +308,6 @@ class RealNode(Node):
     holder: subprocess.Popen[bytes] | None = None
     containerd: subprocess.Popen[bytes] | None = None
     kubelet: subprocess.Popen[bytes] | None = None
-    kubelet_starts: int = 0
-    init_seconds: float = 0.0
     _supervising: threading.Event = field(default_factory=threading.Event)
     _supervisor: threading.Thread | None = None
 
@@ -326,13 +345,12 @@ class RealNode(Node):
         (self.work / "cni" / "10-tier.conflist").write_text(json.dumps(CNI_CONFIG))
         (self.work / "containerd.toml").write_text(_containerd_config(self.work, pause))
         script = NAMESPACE_SETUP.replace("SYSCTLS", " ".join(SHADOWED_SYSCTLS))
-        self.holder = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--",
-             "bash", "-c", script, "namespace", str(self.base)],
-            stdout=(self.work / "logs" / "namespace.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        with (self.work / "logs" / "namespace.log").open("ab") as log:
+            self.holder = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "--",
+                 "bash", "-c", script, "namespace", str(self.base)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
         wait_for("the node's mount namespace", (self.work / "namespace.ready").is_file, 20, 0.1)
         with (self.work / "logs" / "containerd.log").open("ab") as log:
             self.containerd = subprocess.Popen(
@@ -343,7 +361,7 @@ class RealNode(Node):
             )
         wait_for("containerd", lambda: self.ctr("version", check=False).returncode == 0, 30)
         for image in images:
-            self.ctr("images", "import", "--no-unpack=false", str(image))
+            self.ctr("images", "import", str(image))
         self._supervising.set()
         self._supervisor = threading.Thread(target=self._supervise_kubelet, daemon=True)
         self._supervisor.start()
@@ -378,16 +396,10 @@ class RealNode(Node):
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-            self.kubelet_starts += 1
             while self._supervising.is_set() and self.kubelet.poll() is None:
                 time.sleep(0.2)
             if self._supervising.is_set():
                 time.sleep(2)
-
-    def restart_kubelet(self) -> None:
-        """As ``systemctl restart kubelet``."""
-        if self.kubelet is not None:
-            stop_process(self.kubelet, grace=30)
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -412,20 +424,21 @@ class RealNode(Node):
             for container in self.ctr("containers", "ls", "-q", check=False).stdout.split():
                 self.ctr("containers", "rm", container, check=False)
             stop_process(self.containerd, grace=20)
-        for pid in _shim_pids(self.base):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # What the kills above missed (a shim whose task was gone) lives in the node's mount
+        # namespace: nothing of the host does.
         if self.holder is not None:
+            with contextlib.suppress(OSError):
+                namespace = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
+                for pid in _in_mount_namespace(namespace):
+                    if pid != self.holder.pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
             stop_process(self.holder, grace=5)
         self.holder = self.containerd = self.kubelet = None
 
     def log(self, name: str) -> str:
         path = self.work / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _shim_pids(base: Path) -> list[int]:
-    return [int(p.split(":")[0]) for p in _processes_of(base) if "containerd-shim" in p]
 
 
 def remove_cgroups(before: frozenset[str]) -> None:
@@ -512,9 +525,7 @@ def kubeadm_init(cp: ControlPlane, index: int = 1) -> RealNode:
     images, pause = _build_images(listed.stdout.split())
     node.boot(images, pause)
     kube_proxy_for_the_api(node.address, node.port)
-    started = time.monotonic()
     node.kubeadm("init", "--config", str(node.kubeadm_config), "--v=1", timeout=600)
-    node.init_seconds = time.monotonic() - started
     return node
 
 
