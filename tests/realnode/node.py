@@ -436,10 +436,6 @@ class RealNode(Node):
             stop_process(self.holder, grace=5)
         self.holder = self.containerd = self.kubelet = None
 
-    def log(self, name: str) -> str:
-        path = self.work / "logs" / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
 
 def remove_cgroups(before: frozenset[str]) -> None:
     """runc leaves the /k8s.io parents (and a killed pod's cgroup) in every v1 hierarchy."""
