@@ -34,6 +34,8 @@ WHO_NODE_ANNOTATION = f"{GROUP}/node"
 ROLLOUT_LEASE = "kube-audit-rollout"
 # Config hashes that failed on some node (newest last, comma-separated), on the rollout Lease.
 FAILED_ANNOTATION = f"{GROUP}/failed-configs"
+# How many failed config hashes a node's state and the rollout Lease remember.
+KEEP_FAILED = 20
 # One pod turns node entries into conditions: the holder of this Lease.
 STATUS_LEASE = "kube-audit-status"
 # Each node's record (what it runs, its last outcome) is a Lease of this name prefix: one

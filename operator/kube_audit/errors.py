@@ -69,12 +69,15 @@ class LockBusy(HostError):
 
 
 class RolledBack(KubeAuditError):
-    """The new apiserver never became ready; the previous good state was restored."""
+    """The new apiserver never became ready; the previous good state was restored.
+    ``crashed``: it never answered (it does not start with that config), so the other nodes
+    should not try it; otherwise the failure may be transient."""
 
     exit_code = 5
 
-    def __init__(self, message: str, failed_hash: str) -> None:
+    def __init__(self, message: str, failed_hash: str, *, crashed: bool = False) -> None:
         self.failed_hash = failed_hash
+        self.crashed = crashed
         super().__init__(message)
 
 

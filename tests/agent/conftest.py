@@ -2,7 +2,8 @@
 
 The fake answers the health URL the way a real node would: when the manifest on disk changes,
 the old instance goes away for a few probes (kubelet restarting it), then the new instance
-answers 200 if ``healthy(manifest)`` says its configuration works, 500 otherwise.
+answers 200 if ``healthy(manifest)`` says its configuration works, 500 otherwise; an instance
+that ``crashes(manifest)`` never answers at all (kube-apiserver exits at start-up).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class FakeNode:
 
     layout: HostLayout
     healthy: Callable[[dict[str, Any]], bool] = lambda manifest: True
+    crashes: Callable[[dict[str, Any]], bool] = lambda manifest: False
     restart_probes: int = 2
     kubelet_alive: bool = True
     delay: float = 0.0
@@ -105,7 +107,10 @@ class FakeNode:
             if self.down_left > 0:
                 self.down_left -= 1
                 return None
-            return 200 if self.healthy(parse_manifest(self.running)) else 500
+            running = parse_manifest(self.running)
+            if self.crashes(running):
+                return None
+            return 200 if self.healthy(running) else 500
 
 
 @pytest.fixture

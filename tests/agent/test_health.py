@@ -38,9 +38,9 @@ def test_unhealthy_new_apiserver_is_rolled_back(
     token = flag_value(parse_manifest(layout.manifest.read_text()), "--token-auth-file") or ""
     assert layout.host(token).read_bytes() == good.files["tokens.csv"]
     state = read_state(layout)
-    assert state["failed"] == [bad.config_hash] and state["lastGood"] == good.config_hash
+    assert list(state["failures"]) == [bad.config_hash] and state["lastGood"] == good.config_hash
     skipped = apply_node(layout, bad, health(url), retry_failed=False)
-    assert skipped.outcome == "skipped-failed"
+    assert skipped.outcome == "held"
     assert config_hash_of(parse_manifest(layout.manifest.read_text())) == good.config_hash
 
 
@@ -143,11 +143,11 @@ def test_killed_during_the_rollbacks_own_wait_leaves_the_failure_recorded(
     with pytest.raises(Interrupted):
         apply_node(layout, bad, check)
     state = read_state(layout)
-    assert state["failed"] == [bad.config_hash], "recorded before the rollback's wait"
+    assert list(state["failures"]) == [bad.config_hash], "recorded before the rollback's wait"
     assert state["pending"] == good.config_hash
     assert needs_change(layout, good), "an unverified restore is not reported live"
     skipped = apply_node(layout, bad, health(url), retry_failed=False)
-    assert skipped.outcome == "skipped-failed"
+    assert skipped.outcome == "held"
     assert (
         read_state(layout)["pending"] is None and read_state(layout)["lastGood"] == good.config_hash
     )

@@ -36,13 +36,19 @@ class RecordingHealth(HealthCheck):
     journal: list[tuple[str, float, float]] = field(default_factory=list)
     seconds: float = 0.2
     ready: Callable[[], bool] = lambda: True
+    # Not ready: answering 500 (True, may be transient) or never answering (False, a crash).
+    transient: bool = False
 
     def wait_ready(self, require_restart: bool = True, expect: object = None) -> HealthOutcome:
         start = time.monotonic()
         time.sleep(self.seconds)
         self.journal.append((self.node, start, time.monotonic()))
         ok = self.ready()
-        return HealthOutcome(ok, "ready" if ok else "HTTP 500 from the new apiserver")
+        if ok:
+            return HealthOutcome(True, "ready")
+        if self.transient:
+            return HealthOutcome(False, "not ready within 180s; last error: HTTP 500")
+        return HealthOutcome(False, "the new instance never answered", crashed=True)
 
 
 @dataclass

@@ -8,8 +8,10 @@ from typing import Any
 
 import kopf
 
+from kube_audit.controller.clock import SystemClock
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.handlers import to_kopf_error
+from kube_audit.controller.intake import Intake
 from kube_audit.controller.lease import LeaseLock
 from kube_audit.controller.metrics import Metrics
 from kube_audit.controller.reconciler import NodeRuntime
@@ -235,3 +237,11 @@ async def test_the_failed_config_is_recorded_first_with_retries(harness: Harness
     await rollout._settle_lease()
     assert "c" * 64 in (rollout.lease.annotation("kube-audit.io/failed-configs") or "")
     assert not rollout.lease.holds()
+
+
+async def test_a_retry_held_until_later_plans_again_before_the_resync() -> None:
+    config = OperatorConfig(node_name="cp-1", resync=3600, debounce=0.0)
+    intake = Intake(config, None, SystemClock())  # type: ignore[arg-type]
+    intake.plan_again_in(0.05)
+    assert await asyncio.wait_for(intake.next_work(asyncio.Event()), 10) is True
+    assert intake._retry_due is None, "one wake per retry"

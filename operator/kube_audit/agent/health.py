@@ -28,8 +28,12 @@ from kube_audit.errors import KubeAuditError
 
 @dataclass(frozen=True)
 class HealthOutcome:
+    """``crashed``: the new instance never answered at all (it does not start with this config),
+    as opposed to answering but not getting ready, which may be transient."""
+
     ready: bool
     reason: str
+    crashed: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,23 +94,23 @@ class HealthCheck:
             context = ssl.create_default_context()
         return context
 
-    def probe(self) -> tuple[bool, str, bool]:
-        """One GET: (HTTP 200?, what went wrong, was the port closed or the connection cut?)."""
+    def probe(self) -> tuple[int | None, str, bool]:
+        """One GET: (HTTP status or None, what went wrong, was the port closed or the connection
+        cut?)."""
         try:
             with urllib.request.urlopen(
                 self.url, timeout=self.probe_timeout, context=self._context()
             ) as response:
-                status = response.status
+                status = int(response.status)
         except urllib.error.HTTPError as error:
-            return False, f"HTTP {error.code} from {self.url}", False
+            return error.code, f"HTTP {error.code} from {self.url}", False
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
             gone = isinstance(
                 reason, (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
             )
-            return False, f"{self.url} unreachable: {reason}", gone
-        ok = status == 200
-        return ok, ("" if ok else f"HTTP {status} from {self.url}"), False
+            return None, f"{self.url} unreachable: {reason}", gone
+        return status, ("" if status == 200 else f"HTTP {status} from {self.url}"), False
 
     def wait_ready(
         self, require_restart: bool = True, expect: Expectation | None = None
@@ -115,12 +119,16 @@ class HealthCheck:
         API can tell, proven to be the one we wrote), or the timeout."""
         deadline = self.clock() + self.timeout
         restarted = not require_restart
+        answered = False
         streak = 0
         last_error = "no answer yet"
         while True:
-            ok, why, gone = self.probe()
+            status, why, gone = self.probe()
+            ok = status == 200
             if gone:
                 restarted = True
+            elif restarted and status is not None:
+                answered = True
             if ok and restarted:
                 streak += 1
                 if streak >= self.successes_needed:
@@ -138,6 +146,13 @@ class HealthCheck:
                         f"kube-apiserver did not restart within {self.timeout:.0f}s (the old "
                         "instance kept answering; is kubelet running and watching the static "
                         "pod folder?)",
+                    )
+                if not answered:
+                    return HealthOutcome(
+                        False,
+                        f"the new instance never answered within {self.timeout:.0f}s (it does "
+                        f"not start with this config?); last error: {last_error}",
+                        crashed=True,
                     )
                 return HealthOutcome(
                     False, f"not ready within {self.timeout:.0f}s; last error: {last_error}"

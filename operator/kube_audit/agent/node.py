@@ -12,14 +12,15 @@ import json
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from kube_audit import hostfs
-from kube_audit.agent.health import Expectation, HealthCheck
+from kube_audit.agent.health import Expectation, HealthCheck, HealthOutcome
 from kube_audit.agent.layout import MANIFEST_NAME, HostLayout
+from kube_audit.constants import KEEP_FAILED
 from kube_audit.core.diff import render_plan
 from kube_audit.core.manifest import (
     Manifest,
@@ -31,14 +32,20 @@ from kube_audit.core.manifest import (
     render_manifest,
     unpatch_manifest,
 )
-from kube_audit.core.plan import POLICY_FILE, TOKEN_FILE, DesiredState, plan_manifest
+from kube_audit.core.plan import (
+    POLICY_FILE,
+    TOKEN_FILE,
+    DesiredState,
+    plan_manifest,
+    removes_identities_only,
+)
+from kube_audit.core.retry import Failure, Hold, plan_hold
 from kube_audit.errors import HostError, ManifestError, RolledBack
 
 KEEP_BACKUPS = 10
-KEEP_FAILED = 20
 FILE_FLAGS = {"--token-auth-file": TOKEN_FILE, "--audit-policy-file": POLICY_FILE}
 
-Outcome = Literal["unchanged", "applied", "rolled-back", "skipped-failed", "uninstalled"]
+Outcome = Literal["unchanged", "applied", "rolled-back", "held", "uninstalled"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,63 @@ def read_state(layout: HostLayout) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return state if isinstance(state, dict) else {}
+
+
+def failures_of(state: dict[str, Any]) -> dict[str, Failure]:
+    """Failed config hash -> its failures, oldest first. A plain ``failed`` list (written by
+    0.1.0) counts as crashes: held until the inputs change, as that version did."""
+    found: dict[str, Failure] = {
+        h: Failure(1, 0.0, True, "recorded by an earlier version")
+        for h in state.get("failed", [])
+        if isinstance(h, str)
+    }
+    records = state.get("failures")
+    for config_hash, record in (records if isinstance(records, dict) else {}).items():
+        try:
+            found[config_hash] = Failure(
+                int(record["count"]),
+                float(record["at"]),
+                bool(record["crashed"]),
+                str(record.get("reason", "")),
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+def _with_failures(state: dict[str, Any], failures: dict[str, Failure]) -> dict[str, Any]:
+    kept = list(failures.items())[-KEEP_FAILED:]
+    rest = {k: v for k, v in state.items() if k != "failed"}
+    return {**rest, "failures": {h: asdict(f) for h, f in kept}}
+
+
+def _record_failure(
+    state: dict[str, Any], config_hash: str, *, crashed: bool, reason: str, at: float
+) -> dict[str, Any]:
+    failures = failures_of(state)
+    earlier = failures.pop(config_hash, None)
+    count = (earlier.count if earlier else 0) + 1
+    failures[config_hash] = Failure(count, at, crashed, reason)
+    return _with_failures(state, failures)
+
+
+def _hold(
+    layout: HostLayout, state: dict[str, Any], current: _Current, desired: DesiredState, now: float
+) -> Hold | None:
+    target = desired.config_hash
+    running = config_hash_of(current.manifest) or ""
+    return plan_hold(
+        target,
+        failures_of(state).get(target),
+        admin_rollback=bool(target) and state.get("adminRollback") == target,
+        revocation=removes_identities_only(current.manifest, current.files, running, desired),
+        now=now,
+    )
+
+
+def hold_of(layout: HostLayout, desired: DesiredState, now: float) -> Hold | None:
+    """Why the operator must not apply ``desired`` on this node now (None: it may); reads only."""
+    return _hold(layout, read_state(layout), _read_current(layout), desired, now)
 
 
 def _write_state(layout: HostLayout, state: dict[str, Any]) -> None:
@@ -210,14 +274,21 @@ def apply_node(
     now: Callable[[], str] = _now,
     wall: Callable[[], float] = time.time,
 ) -> NodeResult:
-    """Bring the node to ``desired``; roll back if the new apiserver never gets ready."""
+    """Bring the node to ``desired``; roll back if the new apiserver never gets ready.
+
+    ``retry_failed`` False (the operator): content held by an earlier failure or by an admin's
+    rollback is not tried (see ``core.retry``); True (an admin by hand): it is."""
     with hostfs.host_lock(layout.lock_file):
         _cleanup_temporaries(layout)
-        resumed = _resume_pending(layout, health, now=now)
+        resumed = _resume_pending(layout, health, now=now, wall=wall)
         current = _read_current(layout)
         state = read_state(layout)
         new = plan_manifest(current.manifest, desired)
         target_hash = desired.config_hash
+        held_by_admin = state.get("adminRollback")
+        if held_by_admin is not None and (held_by_admin != target_hash or retry_failed):
+            state = {k: v for k, v in state.items() if k != "adminRollback"}
+            _write_state(layout, state)  # the objects changed since, or an admin applies it
         subdir = _subdir_of(layout, new)
         files_ok = subdir is None or hostfs.read_folder(layout.host(subdir)) == dict(desired.files)
         if new == current.manifest and files_ok:
@@ -225,13 +296,8 @@ def apply_node(
                 return resumed
             short = target_hash[:16] or "unpatched (nothing to manage)"
             return NodeResult("unchanged", target_hash, f"unchanged: the node runs config {short}")
-        if not retry_failed and target_hash in state.get("failed", []):
-            return NodeResult(
-                "skipped-failed",
-                target_hash,
-                f"content {target_hash[:16]} already failed on this node and was rolled back; "
-                "change the inputs or run `kube-audit node apply` by hand to try again",
-            )
+        if not retry_failed and (hold := _hold(layout, state, current, desired, wall())):
+            return NodeResult("held", target_hash, hold.message)
         _backup(layout, current)
         _write_config(layout, subdir, dict(desired.files))
         if desired.files.get(POLICY_FILE) is not None:
@@ -242,7 +308,13 @@ def apply_node(
         changed = new != current.manifest
         if not changed:
             return _finish(
-                layout, state, target_hash=target_hash, health=None, restarted=False, now=now
+                layout,
+                state,
+                target_hash=target_hash,
+                health=None,
+                restarted=False,
+                now=now,
+                wall=wall,
             )
         written = render_manifest(new)
         state = _record(
@@ -259,6 +331,7 @@ def apply_node(
             health=health,
             restarted=True,
             now=now,
+            wall=wall,
             written=written,
         )
 
@@ -271,6 +344,7 @@ def _finish(
     health: HealthCheck | None,
     restarted: bool,
     now: Callable[[], str],
+    wall: Callable[[], float],
     written: str | None = None,
 ) -> NodeResult:
     how = ""
@@ -285,8 +359,9 @@ def _finish(
                 state,
                 failed_hash=target_hash,
                 health=health,
-                reason=outcome.reason,
+                outcome=outcome,
                 now=now,
+                wall=wall,
                 written=written,
             )
         how = outcome.reason
@@ -294,9 +369,17 @@ def _finish(
         posixpath.basename(s) for s in [_subdir_of(layout, _read_current(layout).manifest)] if s
     }
     _collect_garbage(layout, keep)
+    failures = failures_of(state)
+    failures.pop(target_hash, None)
     _write_state(
         layout,
-        _record(state, pending=None, pendingSince=None, lastGood=target_hash, lastApplied=now()),
+        _record(
+            _with_failures(state, failures),
+            pending=None,
+            pendingSince=None,
+            lastGood=target_hash,
+            lastApplied=now(),
+        ),
     )
     short = target_hash[:16] or "unpatched (nothing to manage)"
     if health is not None:
@@ -309,7 +392,11 @@ def _finish(
 
 
 def _resume_pending(
-    layout: HostLayout, health: HealthCheck | None, *, now: Callable[[], str]
+    layout: HostLayout,
+    health: HealthCheck | None,
+    *,
+    now: Callable[[], str],
+    wall: Callable[[], float] = time.time,
 ) -> NodeResult | None:
     """Finish a wait a killed agent left behind: verify the instance, or roll back.
 
@@ -325,7 +412,9 @@ def _resume_pending(
     if running != pending:
         _write_state(layout, _record(state, pending=None, pendingSince=None))
         return None
-    return _finish(layout, state, target_hash=pending, health=health, restarted=False, now=now)
+    return _finish(
+        layout, state, target_hash=pending, health=health, restarted=False, now=now, wall=wall
+    )
 
 
 def resume_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult | None:
@@ -345,8 +434,9 @@ def _roll_back_failed(
     *,
     failed_hash: str,
     health: HealthCheck,
-    reason: str,
+    outcome: HealthOutcome,
     now: Callable[[], str],
+    wall: Callable[[], float],
     written: str | None = None,
 ) -> NodeResult:
     """Restore the newest backup, but only over the manifest we wrote.
@@ -355,8 +445,11 @@ def _roll_back_failed(
     killed during the rollback's own wait neither re-applies the failed config nor reports the
     restored one unverified.
     """
-    failed = [h for h in state.get("failed", []) if h != failed_hash][-KEEP_FAILED + 1 :]
-    state = _record(state, failed=[*failed, failed_hash], lastRollback=now())
+    reason, crashed = outcome.reason, outcome.crashed
+    state = _record(
+        _record_failure(state, failed_hash, crashed=crashed, reason=reason, at=wall()),
+        lastRollback=now(),
+    )
     current = _read_current(layout)
     ours = (
         current.text == written
@@ -375,10 +468,12 @@ def _roll_back_failed(
     if not backups:
         _write_state(layout, _record(state, pending=None, pendingSince=None))
         raise RolledBack(
-            f"new kube-apiserver not ready ({reason}) and no backup to restore", failed_hash
+            f"new kube-apiserver not ready ({reason}) and no backup to restore",
+            failed_hash,
+            crashed=crashed,
         )
     restored_hash = _backup_hash(backups[-1])
-    state = _record(state, pending=restored_hash, pendingSince=time.time())
+    state = _record(state, pending=restored_hash, pendingSince=wall())
     _write_state(layout, state)
     restored = _restore(layout, backups[-1], layout.manifest.stat().st_mode & 0o777)
     back = health.wait_ready(
@@ -397,6 +492,7 @@ def _roll_back_failed(
         f"new kube-apiserver for config {failed_hash[:16]} never became ready ({reason}); "
         f"restored backup {backups[-1].name}; {tail}",
         failed_hash,
+        crashed=crashed,
     )
 
 
@@ -421,7 +517,7 @@ def rollback_node(
         _resume_pending(layout, health, now=_now)
         current = _read_current(layout)
         state = read_state(layout)
-        skip = {*state.get("failed", []), *state.get("rolledBackFrom", [])}
+        skip = {*failures_of(state), *state.get("rolledBackFrom", [])}
         running = config_hash_of(current.manifest) or ""
         wanted_now = {MANIFEST_NAME: current.text.encode(), **current.files}
         for backup in reversed(hostfs.list_dirs(layout.backups)):
@@ -443,7 +539,13 @@ def rollback_node(
             since = time.time()
             rolled_from = [*state.get("rolledBackFrom", []), running][-KEEP_FAILED:]
             restored = _backup_hash(backup)
-            state = _record(state, pending=restored, pendingSince=since, rolledBackFrom=rolled_from)
+            state = _record(
+                state,
+                pending=restored,
+                pendingSince=since,
+                rolledBackFrom=rolled_from,
+                adminRollback=running or None,
+            )
             _write_state(layout, state)
             _restore(layout, backup, current.mode)
             if health is not None:
@@ -523,13 +625,22 @@ class NodeAgent:
 
     layout: HostLayout
     health: HealthCheck | None
+    # Wall-clock seconds: when a failure happened and when its retry is due.
+    wall: Callable[[], float] = time.time
 
     def needs_change(self, desired: DesiredState) -> bool:
         return needs_change(self.layout, desired)
 
-    def has_failed(self, config_hash: str) -> bool:
-        """This config failed on this node and was rolled back (it is not tried again)."""
-        return config_hash in read_state(self.layout).get("failed", [])
+    def hold(self, desired: DesiredState) -> Hold | None:
+        """Why this node does not apply ``desired`` now (an earlier failure of that content,
+        not yet due for a retry, or an admin's rollback); None if it may."""
+        return hold_of(self.layout, desired, self.wall())
+
+    def removes_identities_only(self, desired: DesiredState) -> bool:
+        """Going to ``desired`` only takes identities away: no failure elsewhere holds it."""
+        current = _read_current(self.layout)
+        running = config_hash_of(current.manifest) or ""
+        return removes_identities_only(current.manifest, current.files, running, desired)
 
     def pending(self) -> str | None:
         """The config hash an interrupted apply left unverified, if any."""
@@ -537,7 +648,7 @@ class NodeAgent:
         return str(value) if value else None
 
     def apply(self, desired: DesiredState) -> NodeResult:
-        return apply_node(self.layout, desired, self.health, retry_failed=False)
+        return apply_node(self.layout, desired, self.health, retry_failed=False, wall=self.wall)
 
     def resume(self) -> NodeResult | None:
         return resume_node(self.layout, self.health)

@@ -4,6 +4,8 @@ another node behind a shared address is not proof."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kube_audit.agent.health import Expectation, HealthCheck, InstanceCheck, mirror_pod_verdict
 from kube_audit.agent.node import NodeAgent, health_check
 from kube_audit.controller.config import OperatorConfig
@@ -11,8 +13,9 @@ from kube_audit.errors import ClusterError
 from kube_audit.kube import KubeApi
 
 
-def node_agent(config: OperatorConfig, api: KubeApi) -> NodeAgent:
-    """This node's agent with the health check the settings ask for."""
+def node_agent(config: OperatorConfig, api: KubeApi, wall: Callable[[], float]) -> NodeAgent:
+    """This node's agent with the health check the settings ask for; ``wall``: the operator's
+    clock, for when failures happened and retries are due."""
     layout = config.layout()
     check: HealthCheck | None
     if config.health_factory is not None:
@@ -23,7 +26,7 @@ def node_agent(config: OperatorConfig, api: KubeApi) -> NodeAgent:
         )
         if check is not None:
             check.instance = _mirror_pod_proof(api, config.node_name)
-    return NodeAgent(layout, check)
+    return NodeAgent(layout, check, wall)
 
 
 def _mirror_pod_proof(api: KubeApi, node: str) -> InstanceCheck:

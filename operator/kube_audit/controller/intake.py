@@ -34,6 +34,8 @@ class Intake:
         self.clock = clock
         self.store = ObjectStore()
         self._plan_wanted = asyncio.Event()
+        # Monotonic time of a retry the node holds back until then (sooner than the resync).
+        self._retry_due: float | None = None
         self._status_wanted = asyncio.Event()
         self._first_change = 0.0
         self._last_change = 0.0
@@ -108,8 +110,11 @@ class Intake:
         waiters = [
             asyncio.ensure_future(e.wait()) for e in (self._plan_wanted, self._status_wanted, stop)
         ]
+        timeout = self.config.resync
+        if self._retry_due is not None:
+            timeout = max(0.0, min(timeout, self._retry_due - self.clock.monotonic()))
         done, pending = await asyncio.wait(
-            waiters, timeout=self.config.resync, return_when=asyncio.FIRST_COMPLETED
+            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
         for task in pending:
             task.cancel()
@@ -119,9 +124,15 @@ class Intake:
         if stop.is_set():
             return None
         plan = self._plan_wanted.is_set()
+        if plan:
+            self._retry_due = None
         self._plan_wanted.clear()
         self._status_wanted.clear()
         return plan
+
+    def plan_again_in(self, seconds: float) -> None:
+        """A failed config on this node is due for a retry then: plan again, resync or not."""
+        self._retry_due = self.clock.monotonic() + max(0.0, seconds)
 
     def retry_later(self) -> None:
         """The reconcile failed: plan again after the back-off."""

@@ -31,6 +31,12 @@ class Metrics:
             "unusable kubelet config): see the objects' status and Events",
             registry=r,
         )
+        self.held = Gauge(
+            "kube_audit_node_held",
+            "1 while this node does not apply the wanted config: it failed here (retried with "
+            "back-off unless the apiserver crashed with it) or an admin rolled it back",
+            registry=r,
+        )
         self.status_patches = Counter(
             "kube_audit_status_patches", "Status patches written by this pod", registry=r
         )

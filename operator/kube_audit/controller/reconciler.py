@@ -119,9 +119,12 @@ class NodeRuntime:
                 if plan:
                     report = await self.reconcile(stop)
                     self.settled.set()
-                    if report.permanent:
+                    if report.retry_at is not None:
+                        wait = report.retry_at - self.clock.now().timestamp()
+                        self.intake.plan_again_in(wait)
+                    if report.permanent or report.retry_at is not None:
                         self.metrics.failures.inc()
-                        continue  # shown on the objects; wait for a change or the resync
+                        continue  # shown on the objects; wait for a change, the retry, the resync
                 else:
                     _raise_if_any(await self.status.update_conditions(stop))
                 self.metrics.last_success.set_to_current_time()

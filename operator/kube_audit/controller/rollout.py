@@ -2,9 +2,11 @@
 
 A node that needs a change takes the rollout Lease, plans again (waiting can take minutes),
 lets its agent write and wait for the new apiserver (health), and gives the Lease back, with
-the config hash recorded on it if the apiserver refused the config: the other nodes never try
-that config. The Lease is renewed during the apply and kept when the apply is interrupted,
-so no second apiserver restarts while this one is down.
+the config hash recorded on it if the new apiserver crashed with the config: the other nodes
+never try that config (a change that only removes identities excepted). A failure that may be
+transient is not recorded there: this node retries it with back-off (``core.retry``). The
+Lease is renewed during the apply and kept when the apply is interrupted, so no second
+apiserver restarts while this one is down.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from kube_audit.agent.node import NodeAgent, NodeResult
-from kube_audit.constants import FAILED_ANNOTATION, ROLLOUT_LEASE
+from kube_audit.constants import FAILED_ANNOTATION, KEEP_FAILED, ROLLOUT_LEASE
 from kube_audit.controller.clock import Clock
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.health import node_agent
@@ -36,7 +38,6 @@ from kube_audit.errors import (
 from kube_audit.kube import KubeApi
 
 log = logging.getLogger("kube_audit.operator")
-KEEP_FAILED = 20
 MARK_ATTEMPTS = 5
 
 
@@ -63,6 +64,8 @@ class NodeReport:
     # This reconcile changed the node (applied, or rolled back): the node record's times move
     # only then.
     changed_node: bool = False
+    # Wall-clock seconds when a config held back by a failure is tried again.
+    retry_at: float | None = None
 
 
 def failed_configs(value: str | None) -> list[str]:
@@ -96,9 +99,10 @@ class Rollout:
         self._checked_stale = False
         self._unmarked: str | None = None
         self._logged_live: str | None = None
+        self._logged_hold: str | None = None
 
     def _agent(self) -> NodeAgent:
-        return node_agent(self.config, self.api)
+        return node_agent(self.config, self.api, lambda: self.clock.now().timestamp())
 
     async def resume_local(self) -> None:
         """Before anything needs the API: a pod killed during the health wait left it open.
@@ -113,7 +117,8 @@ class Rollout:
             result = await asyncio.to_thread(agent.resume)
         except RolledBack as error:
             self.metrics.rollbacks.inc()
-            self._unmarked = error.failed_hash
+            if error.crashed:
+                self._unmarked = error.failed_hash
             log.error("%s: resumed the wait and rolled back: %s", name, error)
         except KubeAuditError as error:
             log.warning("could not resume the previous health wait: %s", error)
@@ -134,13 +139,14 @@ class Rollout:
         try:
             agent = await asyncio.to_thread(self._agent)
             change = await asyncio.to_thread(agent.needs_change, desired)
-            failed_here = change and await asyncio.to_thread(agent.has_failed, desired.config_hash)
+            hold = await asyncio.to_thread(agent.hold, desired) if change else None
         except (ManifestError, NodeConfigError) as error:
             self.metrics.blocked.set(1)
             log.error("%s: blocked: %s", self.config.node_name, error)
             return report(BLOCKED, str(error), permanent=True)
         self.metrics.blocked.set(0)
-        if not change or failed_here:
+        self.metrics.held.set(1 if hold is not None else 0)
+        if not change or hold is not None:
             await self._settle_lease()
         if not change:
             if self._logged_live != desired.config_hash:
@@ -151,8 +157,13 @@ class Rollout:
                     desired.config_hash[:16] or "(none)",
                 )
             return report(APPLIED, "live")
-        if failed_here:
-            return report(ROLLED_BACK, "this configuration failed on this node and was rolled back")
+        if hold is not None:
+            if self._logged_hold != hold.message:
+                self._logged_hold = hold.message
+                log.warning("%s: held: %s", self.config.node_name, hold.message)
+            outcome = BLOCKED if hold.by_admin else ROLLED_BACK
+            held = report(outcome, hold.message, permanent=hold.retry_at is None)
+            return replace(held, retry_at=hold.retry_at)
         stopped = report(BLOCKED, "operator stopping")
         del desired, planned
         return await self._rollout(agent, stop) or stopped
@@ -208,9 +219,15 @@ class Rollout:
             )
 
         marks = failed_configs(await asyncio.to_thread(self.lease.annotation, FAILED_ANNOTATION))
-        if desired.config_hash in marks:
+        if desired.config_hash in marks and not await asyncio.to_thread(
+            agent.removes_identities_only, desired
+        ):
             await self._release()
-            return report(BLOCKED, "rollout stopped: this configuration failed on another node")
+            return report(
+                BLOCKED,
+                "rollout stopped: the new kube-apiserver crashed with this configuration on "
+                "another node",
+            )
         renewing = asyncio.create_task(self.lease.keep_renewed(stop))
         try:
             result = await asyncio.to_thread(agent.apply, desired)
@@ -228,7 +245,7 @@ class Rollout:
             self.metrics.rollbacks.inc()
             self.metrics.restarts.inc(2)
             log.error("rolled back on %s: %s", holder, error)
-            if await self._mark_failed(error.failed_hash):
+            if not error.crashed or await self._mark_failed(error.failed_hash):
                 await self._release()
             return replace(report(ROLLED_BACK, str(error)), changed_node=True)
         except (ManifestError, NodeConfigError) as error:
@@ -259,21 +276,13 @@ class Rollout:
             )
             await self.clock.sleep(self.config.min_ready, stop)
         await self._release()
-        if result.outcome == "skipped-failed":
+        if result.outcome == "held":
             return report(ROLLED_BACK, result.message)
         self.metrics.applies.inc()
         if result.restarted:
             self.metrics.restarts.inc()
         log.info("%s: %s", holder, result.message)
         return replace(report(APPLIED, result.message), changed_node=True)
-
-    async def _others_wait(self) -> bool:
-        """Whether another control-plane node could restart next (not on a single node)."""
-        try:
-            nodes = await asyncio.to_thread(self.api.control_plane_nodes)
-        except ClusterError:
-            return True
-        return any(n != self.config.node_name for n in nodes)
 
     async def _release(self) -> None:
         """Let the next node go; if the API is down now, the next reconcile releases it."""

@@ -6,7 +6,7 @@ import difflib
 import hashlib
 import posixpath
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kube_audit.constants import API_VERSION, AUDIT_POLICY, AUDIT_USER
@@ -220,3 +220,24 @@ def plan_desired(inputs: Inputs, settings: Settings) -> DesiredState:
 def plan_manifest(current: Manifest, desired: DesiredState) -> Manifest:
     """The manifest the node should run: patched for the desired files, or unpatched if none."""
     return patch_manifest(current, desired.manifest_config())
+
+
+def removes_identities_only(
+    current: Manifest, current_files: Mapping[str, bytes], running_hash: str, desired: DesiredState
+) -> bool:
+    """Whether going from what the node runs to ``desired`` only takes token lines away (a
+    person deleted or disabled): the same policy and settings, and no line added or changed.
+    Such a change cannot be what made an apiserver fail, so no failure mark holds it back."""
+    running_tokens = current_files.get(TOKEN_FILE)
+    if not running_hash or running_tokens is None:
+        return False
+    if desired.files.get(POLICY_FILE) != current_files.get(POLICY_FILE):
+        return False
+    wanted = desired.files.get(TOKEN_FILE, b"")
+    if wanted == running_tokens:
+        return False
+    same_files = {**desired.files, TOKEN_FILE: running_tokens}
+    as_running = replace(desired, files=same_files, config_hash=running_hash)
+    if plan_manifest(current, as_running) != current:
+        return False
+    return set(wanted.splitlines()) <= set(running_tokens.splitlines())

@@ -1,0 +1,163 @@
+"""What holds a config back on a node after it failed there, and what never does.
+
+A failure mark holds that exact content only; a failure that may be transient is retried with
+back-off; the new apiserver crashing holds the content until the inputs change; a change that
+only removes identities is never held for long; an admin's rollback stands until the objects
+change.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kube_audit.agent.layout import HostLayout
+from kube_audit.agent.node import apply_node, hold_of, read_state, rollback_node
+from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
+from kube_audit.core.plan import DesiredState
+from kube_audit.errors import RolledBack
+from tests.agent.conftest import FakeNode, desired, health
+
+
+def _running(layout: HostLayout) -> str:
+    return config_hash_of(parse_manifest(layout.manifest.read_text())) or ""
+
+
+def _tokens(layout: HostLayout) -> bytes:
+    path = flag_value(parse_manifest(layout.manifest.read_text()), "--token-auth-file") or ""
+    return layout.host(path).read_bytes()
+
+
+def _later(seconds: float) -> float:
+    return time.time() + seconds
+
+
+def _fail_once(
+    layout: HostLayout,
+    node: FakeNode,
+    url: str,
+    target: DesiredState,
+    *,
+    crash: bool,
+    after: float = 0.0,
+) -> RolledBack:
+    """The new apiserver for ``target`` answers 500 (or never answers) during one wait."""
+    if crash:
+        node.crashes = lambda m: config_hash_of(m) == target.config_hash
+    else:
+        node.healthy = lambda m: config_hash_of(m) != target.config_hash
+    with pytest.raises(RolledBack) as info:
+        check = health(url, timeout=0.6)
+        apply_node(layout, target, check, retry_failed=False, wall=lambda: _later(after))
+    node.crashes = lambda m: False
+    node.healthy = lambda m: True
+    return info.value
+
+
+def test_a_deletion_is_applied_after_a_transient_failure_of_it(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """Before: one timeout while removing bob held that content forever ("skipped-failed"),
+    and bob's token stayed in the file."""
+    node, url = fake_node
+    both, alice_only = desired("alice", "bob"), desired("alice")
+    apply_node(layout, both, health(url))
+    error = _fail_once(layout, node, url, alice_only, crash=False)
+    assert not error.crashed and "HTTP 500" in str(error)
+    assert b"bob" in _tokens(layout), "rolled back: bob is still there"
+    soon = apply_node(layout, alice_only, health(url), retry_failed=False, wall=lambda: _later(30))
+    assert soon.outcome == "held" and "only removes identities" in soon.message
+    result = apply_node(
+        layout, alice_only, health(url), retry_failed=False, wall=lambda: _later(301)
+    )
+    assert result.outcome == "applied", result.message
+    assert b"bob" not in _tokens(layout)
+    assert read_state(layout)["failures"] == {}, "a success clears the content's failures"
+
+
+def test_a_deletion_is_retried_even_after_the_apiserver_crashed_with_it(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    node, url = fake_node
+    both, alice_only = desired("alice", "bob"), desired("alice")
+    apply_node(layout, both, health(url))
+    assert _fail_once(layout, node, url, alice_only, crash=True).crashed
+    hold = hold_of(layout, alice_only, _later(60))
+    assert hold is not None and hold.retry_at is not None, "a revocation is never held for good"
+    result = apply_node(
+        layout, alice_only, health(url), retry_failed=False, wall=lambda: _later(301)
+    )
+    assert result.outcome == "applied" and b"bob" not in _tokens(layout)
+
+
+def test_a_transient_failure_is_retried_with_back_off(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    node, url = fake_node
+    good, more = desired("alice"), desired("alice", "bob")
+    apply_node(layout, good, health(url))
+    _fail_once(layout, node, url, more, crash=False)
+    held = apply_node(layout, more, health(url), retry_failed=False, wall=lambda: _later(60))
+    assert held.outcome == "held" and "retried after" in held.message
+    assert _running(layout) == good.config_hash
+    _fail_once(layout, node, url, more, crash=False, after=121)  # the second doubles the wait
+    second = read_state(layout)["failures"][more.config_hash]
+    assert second["count"] == 2
+    assert hold_of(layout, more, second["at"] + 200) is not None, "4 minutes after the second"
+    assert hold_of(layout, more, second["at"] + 241) is None
+    result = apply_node(layout, more, health(url), retry_failed=False, wall=lambda: _later(400))
+    assert result.outcome == "applied" and _running(layout) == more.config_hash
+
+
+def test_a_crash_holds_that_content_only_until_the_inputs_change(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    node, url = fake_node
+    good, bad = desired("alice"), desired("alice", "bob")
+    apply_node(layout, good, health(url))
+    error = _fail_once(layout, node, url, bad, crash=True)
+    assert error.crashed and "never answered" in str(error)
+    far = _later(30 * 86400)
+    hold = hold_of(layout, bad, far)
+    assert hold is not None and hold.retry_at is None and "until the inputs change" in hold.message
+    other = desired("alice", "bob", "carol")
+    result = apply_node(layout, other, health(url), retry_failed=False, wall=lambda: far)
+    assert result.outcome == "applied", "the next different content is tried"
+    by_hand = apply_node(layout, bad, health(url), retry_failed=True)
+    assert by_hand.outcome == "applied", "an admin may still apply it by hand"
+
+
+def test_a_failure_mark_of_an_earlier_version_still_holds(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """0.1.0 wrote a plain list of failed hashes: read as crashes, as it meant them."""
+    _node, url = fake_node
+    good, bad = desired("alice"), desired("alice", "bob")
+    apply_node(layout, good, health(url))
+    state = read_state(layout)
+    layout.state_file.write_text(json.dumps({**state, "failed": [bad.config_hash]}))
+    result = apply_node(layout, bad, health(url), retry_failed=False, wall=lambda: _later(10**6))
+    assert result.outcome == "held" and "recorded by an earlier version" in result.message
+
+
+def test_an_admins_rollback_stands_until_the_objects_change(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """Before: the operator re-applied within seconds what `kube-audit node rollback` left."""
+    _node, url = fake_node
+    first, second = desired("alice"), desired("alice", "bob")
+    apply_node(layout, first, health(url))
+    apply_node(layout, second, health(url))
+    rollback_node(layout, health(url))
+    assert _running(layout) == first.config_hash
+    again = apply_node(layout, second, health(url), retry_failed=False)
+    assert again.outcome == "held" and "an admin rolled this node back" in again.message
+    assert _running(layout) == first.config_hash, "the rollback stands"
+    hold = hold_of(layout, second, _later(10**6))
+    assert hold is not None and hold.by_admin and hold.retry_at is None
+    third = desired("alice", "carol")
+    assert apply_node(layout, third, health(url), retry_failed=False).outcome == "applied"
+    back = apply_node(layout, second, health(url), retry_failed=False)
+    assert back.outcome == "applied", "the objects changed since: the content may come back"

@@ -1,0 +1,109 @@
+"""The rollout's side of a failure: a deletion is never stuck behind one, a failure that may be
+transient is not marked for the other nodes, and a held node says so (report and metric)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kube_audit.agent.layout import HostLayout
+from kube_audit.constants import FAILED_ANNOTATION
+from kube_audit.controller.config import OperatorConfig
+from kube_audit.controller.metrics import Metrics
+from kube_audit.controller.rollout import Planned, Rollout
+from kube_audit.core.manifest import flag_value, parse_manifest
+from kube_audit.core.plan import DesiredState
+from kube_audit.core.status import APPLIED, BLOCKED, ROLLED_BACK
+from tests.agent.conftest import desired, make_host
+from tests.clock import ManualClock
+from tests.operator.conftest import Harness, RecordingHealth
+
+
+class _StillClock(ManualClock):
+    """Time moves only when the test says: the Lease's renewal loop, which runs while the
+    agent applies in its thread, must not carry the clock past a retry."""
+
+    async def sleep(self, seconds: float, stop: asyncio.Event) -> None:
+        await asyncio.sleep(0.01)
+
+
+class _Node:
+    """One control-plane host tree and its rollout, planning whatever ``wanted`` holds."""
+
+    def __init__(self, harness: Harness, name: str, clock: ManualClock, first: DesiredState):
+        self.wanted = first
+        self.health = RecordingHealth(url="", node=name, seconds=0.0)
+        self.config = OperatorConfig(
+            node_name=name,
+            host_root=make_host(harness.tmp / name),
+            health_factory=lambda layout: self.health,
+            min_ready=0.0,
+            lease_poll=0.05,
+        )
+        self.metrics = Metrics()
+        self.rollout = Rollout(
+            self.config, harness.api, clock, self.metrics, plan=lambda: Planned(self.wanted, {})
+        )
+
+    async def converge(self, wanted: DesiredState | None = None) -> tuple[str, str, bool]:
+        self.wanted = wanted or self.wanted
+        report = await self.rollout.converge(asyncio.Event())
+        return report.outcome, report.message, report.permanent
+
+    def tokens(self) -> bytes:
+        layout = HostLayout.discover(self.config.host_root, self.config.settings)
+        path = flag_value(parse_manifest(layout.manifest.read_text()), "--token-auth-file")
+        return layout.host(path or "/nowhere").read_bytes()
+
+    def held(self) -> float:
+        return float(self.metrics.held._value.get())
+
+
+async def test_a_deletion_goes_through_after_a_transient_failure(harness: Harness) -> None:
+    clock = _StillClock()
+    node = _Node(harness, "cp-1", clock, desired("alice", "bob"))
+    assert (await node.converge())[0] == APPLIED
+    node.health.ready, node.health.transient = (lambda: False), True
+    outcome, message, _ = await node.converge(desired("alice"))
+    assert outcome == ROLLED_BACK and "not ready within" in message
+    marks = node.rollout.lease.annotation(FAILED_ANNOTATION) or ""
+    assert desired("alice").config_hash not in marks, "transient: the other nodes may try it"
+    node.health.ready = lambda: True
+    outcome, message, permanent = await node.converge()
+    assert outcome == ROLLED_BACK and "only removes identities" in message and not permanent
+    assert node.held() == 1 and b"bob" in node.tokens()
+    clock.advance(301)
+    outcome, message, _ = await node.converge()
+    assert outcome == APPLIED, message
+    assert node.held() == 0 and b"bob" not in node.tokens()
+
+
+async def test_a_crash_is_marked_and_held_until_the_inputs_change(harness: Harness) -> None:
+    clock = _StillClock()
+    node = _Node(harness, "cp-1", clock, desired("alice"))
+    await node.converge()
+    node.health.ready = lambda: False
+    bad = desired("alice", "bob")
+    outcome, message, _ = await node.converge(bad)
+    assert outcome == ROLLED_BACK and "never answered" in message
+    assert bad.config_hash in (node.rollout.lease.annotation(FAILED_ANNOTATION) or "")
+    clock.advance(30 * 86400)
+    outcome, message, permanent = await node.converge()
+    assert outcome == ROLLED_BACK and permanent and "until the inputs change" in message
+    node.health.ready = lambda: True
+    assert (await node.converge(desired("alice", "carol")))[0] == APPLIED
+
+
+async def test_a_crash_on_another_node_does_not_hold_a_deletion_here(harness: Harness) -> None:
+    clock = _StillClock()
+    here = _Node(harness, "cp-2", clock, desired("alice", "bob"))
+    assert (await here.converge())[0] == APPLIED
+    other = _Node(harness, "cp-1", clock, desired("alice"))
+    assert await asyncio.to_thread(other.rollout.lease.try_acquire)
+    for crashed in (desired("alice"), desired("alice", "bob", "carol")):
+        assert await other.rollout._mark_failed(crashed.config_hash)
+    await asyncio.to_thread(other.rollout.lease.release)
+    outcome, message, _ = await here.converge(desired("alice", "bob", "carol"))
+    assert outcome == BLOCKED and "crashed with this configuration on another node" in message
+    outcome, message, _ = await here.converge(desired("alice"))
+    assert outcome == APPLIED, message
+    assert b"bob" not in here.tokens()

@@ -1,0 +1,96 @@
+"""When a node may try a failed config again, and what counts as only removing identities."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kube_audit.core.manifest import Manifest, parse_manifest
+from kube_audit.core.plan import DesiredState, plan_manifest, removes_identities_only
+from kube_audit.core.retry import Failure, plan_hold, retry_delay
+from kube_audit.core.settings import Settings
+from tests.agent.conftest import desired
+from tests.conftest import kubeadm_manifest_text
+
+H = "a" * 64
+
+
+def _hold(failure: Failure | None, *, revocation: bool = False, now: float = 0.0) -> object:
+    return plan_hold(H, failure, admin_rollback=False, revocation=revocation, now=now)
+
+
+@pytest.mark.parametrize(
+    ("count", "revocation", "delay"),
+    [(1, False, 120), (2, False, 240), (5, False, 1920), (6, False, 3600), (30, False, 3600),
+     (1, True, 120), (2, True, 240), (3, True, 300), (9, True, 300)],
+)  # fmt: skip
+def test_the_delay_doubles_up_to_a_cap(count: int, revocation: bool, delay: float) -> None:
+    assert retry_delay(count, revocation=revocation) == delay
+
+
+def test_a_transient_failure_is_held_until_its_retry_is_due() -> None:
+    failure = Failure(2, 1000.0, crashed=False, reason="not ready within 180s")
+    hold = plan_hold(H, failure, admin_rollback=False, revocation=False, now=1100.0)
+    assert hold is not None and hold.retry_at == 1240.0
+    assert "retried after 1970-01-01T00:20:40Z" in hold.message
+    assert "2 failure(s)" in hold.message and "not ready within 180s" in hold.message
+    assert plan_hold(H, failure, admin_rollback=False, revocation=False, now=1240.0) is None
+
+
+def test_a_crash_holds_until_the_inputs_change_but_never_a_revocation() -> None:
+    crash = Failure(1, 1000.0, crashed=True, reason="never answered")
+    hold = plan_hold(H, crash, admin_rollback=False, revocation=False, now=10.0**9)
+    assert hold is not None and hold.retry_at is None
+    assert plan_hold(H, crash, admin_rollback=False, revocation=True, now=1120.0) is None
+
+
+def test_nothing_holds_a_config_that_never_failed() -> None:
+    assert plan_hold(H, None, admin_rollback=False, revocation=False, now=0.0) is None
+
+
+def test_an_admins_rollback_holds_even_a_revocation() -> None:
+    hold = plan_hold(H, None, admin_rollback=True, revocation=True, now=0.0)
+    assert hold is not None and hold.by_admin and hold.retry_at is None
+    assert "kube-audit node rollback" in hold.message
+
+
+def _running(state: DesiredState) -> tuple[Manifest, dict[str, bytes]]:
+    base = parse_manifest(kubeadm_manifest_text("v1.31"))
+    return plan_manifest(base, state), dict(state.files)
+
+
+def test_removing_people_only_removes_identities() -> None:
+    manifest, files = _running(desired("alice", "bob", "carol"))
+    running = desired("alice", "bob", "carol").config_hash
+    assert removes_identities_only(manifest, files, running, desired("alice"))
+    assert removes_identities_only(manifest, files, running, desired(policy=True))
+
+
+@pytest.mark.parametrize(
+    ("wanted", "why"),
+    [
+        (desired("alice", "bob", "dave"), "a person added"),
+        (desired("alice", "bob", "carol", marker="-new"), "tokens rotated"),
+        (desired("alice", "bob", policy=False), "the policy removed as well"),
+        (desired("alice", "bob", "carol"), "nothing changes"),
+    ],
+)
+def test_anything_else_is_not_only_a_revocation(wanted: DesiredState, why: str) -> None:
+    manifest, files = _running(desired("alice", "bob", "carol"))
+    running = desired("alice", "bob", "carol").config_hash
+    assert not removes_identities_only(manifest, files, running, wanted), why
+
+
+def test_changed_settings_are_not_only_a_revocation() -> None:
+    manifest, files = _running(desired("alice", "bob"))
+    running = desired("alice", "bob").config_hash
+    fewer = desired("alice")
+    longer_logs = replace(fewer, settings=Settings(log_maxage=90))
+    assert removes_identities_only(manifest, files, running, fewer)
+    assert not removes_identities_only(manifest, files, running, longer_logs)
+
+
+def test_an_unpatched_node_has_nothing_to_revoke() -> None:
+    base = parse_manifest(kubeadm_manifest_text("v1.31"))
+    assert not removes_identities_only(base, {}, "", desired("alice"))
