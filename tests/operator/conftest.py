@@ -20,9 +20,14 @@ from kube_audit.agent.layout import HostLayout
 from kube_audit.constants import CONTROL_PLANE_LABEL
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.main import run_operator
+from kube_audit.controller.metrics import Metrics
 from kube_audit.controller.reconciler import NodeRuntime
+from kube_audit.controller.rollout import Planned, Rollout
+from kube_audit.core.manifest import flag_value, parse_manifest
+from kube_audit.core.plan import DesiredState
 from kube_audit.kube import KubeApi
 from tests.agent.conftest import make_host
+from tests.clock import ManualClock
 from tests.operator.cluster import ClusterThread
 
 GROUP, VERSION = "kube-audit.io", "v1alpha1"
@@ -233,3 +238,35 @@ def harness(cluster: ClusterThread, tmp_path: Path) -> Iterator[Harness]:
         yield h
     finally:
         h.stop_all()
+
+
+class RolloutNode:
+    """One control-plane host tree and its rollout, planning whatever ``wanted`` holds."""
+
+    def __init__(self, harness: Harness, name: str, clock: ManualClock, first: DesiredState):
+        self.wanted = first
+        self.health = RecordingHealth(url="", node=name, seconds=0.0)
+        self.config = OperatorConfig(
+            node_name=name,
+            host_root=make_host(harness.tmp / name),
+            health_factory=lambda layout: self.health,
+            min_ready=0.0,
+            lease_poll=0.05,
+        )
+        self.metrics = Metrics()
+        self.rollout = Rollout(
+            self.config, harness.api, clock, self.metrics, plan=lambda: Planned(self.wanted, {})
+        )
+
+    async def converge(self, wanted: DesiredState | None = None) -> tuple[str, str, bool]:
+        self.wanted = wanted or self.wanted
+        report = await self.rollout.converge(asyncio.Event())
+        return report.outcome, report.message, report.permanent
+
+    def tokens(self) -> bytes:
+        layout = HostLayout.discover(self.config.host_root, self.config.settings)
+        path = flag_value(parse_manifest(layout.manifest.read_text()), "--token-auth-file")
+        return layout.host(path or "/nowhere").read_bytes()
+
+    def held(self) -> float:
+        return float(self.metrics.held._value.get())

@@ -5,62 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
-from kube_audit.agent.layout import HostLayout
 from kube_audit.constants import FAILED_ANNOTATION
-from kube_audit.controller.config import OperatorConfig
-from kube_audit.controller.metrics import Metrics
-from kube_audit.controller.rollout import Planned, Rollout
-from kube_audit.core.manifest import flag_value, parse_manifest
-from kube_audit.core.plan import DesiredState
 from kube_audit.core.status import APPLIED, BLOCKED, ROLLED_BACK
-from tests.agent.conftest import desired, make_host
+from tests.agent.conftest import desired
 from tests.clock import ManualClock
-from tests.operator.conftest import Harness, RecordingHealth
-
-
-class _StillClock(ManualClock):
-    """Time moves only when the test says: the Lease's renewal loop, which runs while the
-    agent applies in its thread, must not carry the clock past a retry."""
-
-    async def sleep(self, seconds: float, stop: asyncio.Event) -> None:
-        await asyncio.sleep(0.01)
-
-
-class _Node:
-    """One control-plane host tree and its rollout, planning whatever ``wanted`` holds."""
-
-    def __init__(self, harness: Harness, name: str, clock: ManualClock, first: DesiredState):
-        self.wanted = first
-        self.health = RecordingHealth(url="", node=name, seconds=0.0)
-        self.config = OperatorConfig(
-            node_name=name,
-            host_root=make_host(harness.tmp / name),
-            health_factory=lambda layout: self.health,
-            min_ready=0.0,
-            lease_poll=0.05,
-        )
-        self.metrics = Metrics()
-        self.rollout = Rollout(
-            self.config, harness.api, clock, self.metrics, plan=lambda: Planned(self.wanted, {})
-        )
-
-    async def converge(self, wanted: DesiredState | None = None) -> tuple[str, str, bool]:
-        self.wanted = wanted or self.wanted
-        report = await self.rollout.converge(asyncio.Event())
-        return report.outcome, report.message, report.permanent
-
-    def tokens(self) -> bytes:
-        layout = HostLayout.discover(self.config.host_root, self.config.settings)
-        path = flag_value(parse_manifest(layout.manifest.read_text()), "--token-auth-file")
-        return layout.host(path or "/nowhere").read_bytes()
-
-    def held(self) -> float:
-        return float(self.metrics.held._value.get())
+from tests.operator.conftest import Harness, RolloutNode
 
 
 async def test_a_deletion_goes_through_after_a_transient_failure(harness: Harness) -> None:
-    clock = _StillClock()
-    node = _Node(harness, "cp-1", clock, desired("alice", "bob"))
+    clock = ManualClock()
+    node = RolloutNode(harness, "cp-1", clock, desired("alice", "bob"))
     assert (await node.converge())[0] == APPLIED
     node.health.ready, node.health.transient = (lambda: False), True
     outcome, message, _ = await node.converge(desired("alice"))
@@ -78,8 +32,8 @@ async def test_a_deletion_goes_through_after_a_transient_failure(harness: Harnes
 
 
 async def test_a_crash_is_marked_and_held_until_the_inputs_change(harness: Harness) -> None:
-    clock = _StillClock()
-    node = _Node(harness, "cp-1", clock, desired("alice"))
+    clock = ManualClock()
+    node = RolloutNode(harness, "cp-1", clock, desired("alice"))
     await node.converge()
     node.health.ready = lambda: False
     bad = desired("alice", "bob")
@@ -94,10 +48,10 @@ async def test_a_crash_is_marked_and_held_until_the_inputs_change(harness: Harne
 
 
 async def test_a_crash_on_another_node_does_not_hold_a_deletion_here(harness: Harness) -> None:
-    clock = _StillClock()
-    here = _Node(harness, "cp-2", clock, desired("alice", "bob"))
+    clock = ManualClock()
+    here = RolloutNode(harness, "cp-2", clock, desired("alice", "bob"))
     assert (await here.converge())[0] == APPLIED
-    other = _Node(harness, "cp-1", clock, desired("alice"))
+    other = RolloutNode(harness, "cp-1", clock, desired("alice"))
     assert await asyncio.to_thread(other.rollout.lease.try_acquire)
     for crashed in (desired("alice"), desired("alice", "bob", "carol")):
         assert await other.rollout._mark_failed(crashed.config_hash)

@@ -9,6 +9,7 @@ held, and restart its apiserver while another node's is down.
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ class LeaseLock:
         self.name = name
         self.holder = holder
         self.duration = duration
+        # How often a held Lease is renewed during an apply.
+        self.renew_interval = duration / 3
         self._observed: _Observed | None = None
 
     def _expired(self, lease: dict[str, Any]) -> bool:
@@ -141,11 +144,12 @@ class LeaseLock:
             await self.clock.sleep(poll, stop)
         return False
 
-    async def keep_renewed(self, stop: asyncio.Event) -> None:
-        """Renew every third of the duration until cancelled (the apply it guards ended)."""
-        while not stop.is_set():
-            await self.clock.sleep(self.duration / 3, stop)
+    def renew_until(self, done: threading.Event) -> None:
+        """Renew every ``renew_interval`` until ``done``. A thread, not a task: after SIGTERM
+        the event loop winds down while the apply it guards goes on (up to two health waits),
+        and the Lease must not lapse while this node's apiserver may still be down."""
+        while not done.wait(self.renew_interval):
             try:
-                await asyncio.to_thread(self.renew)
+                self.renew()
             except ClusterError:
                 continue

@@ -12,8 +12,8 @@ apiserver restarts while this one is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -228,9 +228,8 @@ class Rollout:
                 "rollout stopped: the new kube-apiserver crashed with this configuration on "
                 "another node",
             )
-        renewing = asyncio.create_task(self.lease.keep_renewed(stop))
         try:
-            result = await asyncio.to_thread(agent.apply, desired)
+            result = await asyncio.to_thread(self._apply_renewing, agent, desired)
         except asyncio.CancelledError:
             # The apply goes on in its thread: this node is restarting. Releasing now would let
             # the next node restart too (two apiservers down). The next pod on this node
@@ -263,10 +262,6 @@ class Rollout:
         except Exception:
             await self._release()
             raise
-        finally:
-            renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
         self.applies.append(result)
         if result.restarted and self.config.min_ready > 0:
             # Ready is not yet in rotation: a load balancer marks the new apiserver healthy
@@ -283,6 +278,20 @@ class Rollout:
             self.metrics.restarts.inc()
         log.info("%s: %s", holder, result.message)
         return replace(report(APPLIED, result.message), changed_node=True)
+
+    def _apply_renewing(self, agent: NodeAgent, desired: DesiredState) -> NodeResult:
+        """The apply, in its thread, with the Lease renewed beside it until the apply returns,
+        whether or not the operator is stopping meanwhile."""
+        done = threading.Event()
+        renewer = threading.Thread(
+            target=self.lease.renew_until, args=(done,), name="rollout lease renewal", daemon=True
+        )
+        renewer.start()
+        try:
+            return agent.apply(desired)
+        finally:
+            done.set()
+            renewer.join()
 
     async def _release(self) -> None:
         """Let the next node go; if the API is down now, the next reconcile releases it."""
