@@ -3,7 +3,9 @@
 The fake answers the health URL the way a real node would: when the manifest on disk changes,
 the old instance goes away for a few probes (kubelet restarting it), then the new instance
 answers 200 if ``healthy(manifest)`` says its configuration works, 500 otherwise; an instance
-that ``crashes(manifest)`` never answers at all (kube-apiserver exits at start-up).
+that ``crashes(manifest)`` never answers at all (kube-apiserver exits at start-up). With
+``anonymous`` False it answers 401 to a request without ``token`` (``--anonymous-auth=false``),
+and 403 to another token if ``forbidden``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class FakeNode:
     layout: HostLayout
     healthy: Callable[[dict[str, Any]], bool] = lambda manifest: True
     crashes: Callable[[dict[str, Any]], bool] = lambda manifest: False
+    anonymous: bool = True
+    token: str = "operator-token"
+    forbidden: bool = False
+    authorizations: list[str] = field(default_factory=list)
     restart_probes: int = 2
     kubelet_alive: bool = True
     delay: float = 0.0
@@ -96,9 +102,10 @@ class FakeNode:
     def __post_init__(self) -> None:
         self.running = self.layout.manifest.read_text()
 
-    def answer(self) -> int | None:
+    def answer(self, authorization: str = "") -> int | None:
         """HTTP status, or None for a refused/dropped connection."""
         with self.lock:
+            self.authorizations.append(authorization)
             self.probes += 1
             on_disk = self.layout.manifest.read_text()
             if self.kubelet_alive and on_disk != self.running and self.down_left == 0:
@@ -110,6 +117,12 @@ class FakeNode:
             running = parse_manifest(self.running)
             if self.crashes(running):
                 return None
+            if authorization and authorization != f"Bearer {self.token}":
+                return 401
+            if not authorization and not self.anonymous:
+                return 401
+            if authorization and self.forbidden:
+                return 403
             return 200 if self.healthy(running) else 500
 
 
@@ -121,7 +134,7 @@ def fake_node(layout: HostLayout) -> Iterator[tuple[FakeNode, str]]:
         def do_GET(self) -> None:
             if node.delay:
                 time.sleep(node.delay)
-            status = node.answer()
+            status = node.answer(self.headers.get("Authorization", ""))
             if status is None:
                 self.close_connection = True
                 self.connection.close()

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from kube_audit.agent.health import Expectation, HealthCheck, HealthOutcome, mirror_pod_verdict
+from kube_audit.agent.health import (
+    Expectation,
+    HealthCheck,
+    HealthOutcome,
+    may_carry_token,
+    mirror_pod_verdict,
+)
 from kube_audit.agent.layout import HostLayout
 from kube_audit.agent.node import apply_node, needs_change, read_state, rollback_node
 from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
@@ -217,3 +223,57 @@ def _pod(config_hash: str, started: str, ready: bool = True) -> dict[str, Any]:
 def test_the_mirror_pod_proves_the_new_instance(pod: Any, verdict: bool | None) -> None:
     since = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC).timestamp()
     assert mirror_pod_verdict(pod, Expectation("new", since))[0] is verdict
+
+
+def test_a_hardened_apiserver_is_not_rolled_back_for_refusing_anonymous_probes(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """--anonymous-auth=false (CIS 1.2.1): /readyz without credentials is 401. Before, every
+    apply counted that as not ready and rolled back."""
+    node, url = fake_node
+    node.anonymous = False
+    result = apply_node(layout, desired("alice"), health(url))
+    assert result.outcome == "applied", result.message
+    assert "HTTP 401" in result.message and "not judged" in result.message
+
+
+def test_the_probe_sends_the_operators_token_and_reads_readiness_with_it(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    node, url = fake_node
+    node.anonymous = False
+    bad = desired("alice", "bob")
+    node.healthy = lambda m: config_hash_of(m) != bad.config_hash
+    check = health(url, timeout=1.0)
+    check.credentials = lambda: node.token
+    with pytest.raises(RolledBack, match="HTTP 500"):
+        apply_node(layout, bad, check)
+    assert set(node.authorizations) == {f"Bearer {node.token}"}, "sent on every probe"
+    result = apply_node(layout, desired("alice"), check)
+    assert result.outcome == "applied" and "HTTP 401" not in result.message
+
+
+def test_a_forbidden_probe_counts_as_up(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    node, url = fake_node
+    node.forbidden = True
+    check = health(url)
+    check.credentials = lambda: node.token
+    result = apply_node(layout, desired("alice"), check)
+    assert result.outcome == "applied" and "HTTP 403" in result.message
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("https://192.0.2.1:6443/readyz", True),
+        ("http://127.0.0.1:6443/readyz", True),
+        ("http://[::1]:6443/readyz", True),
+        ("http://localhost:6443/readyz", True),
+        ("http://192.0.2.1:6443/readyz", False),
+        ("http://lb.example:6443/readyz", False),
+    ],
+)
+def test_a_token_never_leaves_the_host_in_clear_text(url: str, sent: bool) -> None:
+    assert may_carry_token(url) is sent

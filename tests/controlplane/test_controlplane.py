@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kube_audit.agent.health import HealthCheck, HealthOutcome
 from tests.controlplane.cluster import ControlPlane, kubernetes_version, wait_for
 
 
@@ -62,3 +63,25 @@ def test_garbage_collector_deletes_dependents(cp: ControlPlane) -> None:
             != 0
         ),
     )
+
+
+def test_the_health_probe_reads_a_real_apiservers_answer_to_credentials(cp: ControlPlane) -> None:
+    """The agent's probe against the real kube-apiserver: a ServiceAccount token reads
+    /readyz (200); a token the apiserver refuses gets 401 from its authentication layer, as
+    every request without credentials does with --anonymous-auth=false. That means up, not
+    "not ready": the probe must not roll a change back for it."""
+    node = cp.first
+    cp.kubectl("create", "serviceaccount", "health-probe", "-n", "default")
+    token = cp.kubectl("create", "token", "health-probe", "-n", "default").stdout.strip()
+
+    def check(credential: str) -> HealthOutcome:
+        probe = HealthCheck(
+            url=f"{node.url}/readyz", ca_file=node.ca, timeout=30, credentials=lambda: credential
+        )
+        return probe.wait_ready(require_restart=False)
+
+    assert node.readyz("not-a-token-the-apiserver-knows") == 401, "the real answer"
+    refused = check("not-a-token-the-apiserver-knows")
+    assert refused.ready and "HTTP 401" in refused.reason, refused
+    accepted = check(token)
+    assert accepted.ready and "HTTP 401" not in accepted.reason, accepted

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import kopf
+import kubernetes.client
 
 from kube_audit.controller.clock import SystemClock
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.handlers import to_kopf_error
+from kube_audit.controller.health import node_agent
 from kube_audit.controller.intake import Intake
 from kube_audit.controller.lease import LeaseLock
 from kube_audit.controller.metrics import Metrics
@@ -20,6 +24,7 @@ from kube_audit.controller.status import StatusWriter
 from kube_audit.controller.store import ObjectStore
 from kube_audit.errors import ClusterError, InvalidInput, Problem
 from kube_audit.kube import KubeApi
+from tests.agent.conftest import make_host
 from tests.clock import ManualClock
 from tests.operator.conftest import Harness
 
@@ -245,3 +250,14 @@ async def test_a_retry_held_until_later_plans_again_before_the_resync() -> None:
     intake.plan_again_in(0.05)
     assert await asyncio.wait_for(intake.next_work(asyncio.Event()), 10) is True
     assert intake._retry_due is None, "one wake per retry"
+
+
+def test_the_health_probe_carries_the_operators_token(tmp_path: Path) -> None:
+    """So a hardened apiserver (anonymous auth off) lets it read /readyz."""
+    conf = kubernetes.client.Configuration(host="https://127.0.0.1:6443")
+    conf.api_key = {"authorization": "bearer sa-token"}  # as the in-cluster loader keeps it
+    api = KubeApi(kubernetes.client.ApiClient(conf))
+    config = OperatorConfig(node_name="cp-1", host_root=make_host(tmp_path / "host"))
+    agent = node_agent(config, api, time.time)
+    assert agent.health is not None and agent.health.credentials is not None
+    assert agent.health.credentials() == "sa-token"

@@ -7,6 +7,11 @@ And the proof, where the API can tell: the mirror pod kubelet keeps for the stat
 the config hash of the manifest we wrote and a container that started after we wrote it and is
 ready. Without the API (no credentials, no mirror pod) the probe alone decides, and the outcome
 says so.
+
+The probe sends the operator's credentials where it has them: a hardened apiserver
+(``--anonymous-auth=false``, CIS 1.2.1) answers an anonymous ``/readyz`` with 401. A 401 or 403
+still proves the new instance is up and serving; whether it is ready is then not ours to judge
+from ``/readyz``, so it never counts as "not ready" (that would roll back every change there).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import http.client
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +53,8 @@ class Expectation:
 # (True, how) proven; (False, why not yet); (None, why the API cannot tell: no mirror pod, no
 # permission). A transient API error is raised as a KubeAuditError and tried again.
 InstanceCheck = Callable[[Expectation], tuple[bool | None, str]]
+# HTTP statuses of an apiserver that is up but does not let us read /readyz.
+REFUSED = (401, 403)
 
 
 def mirror_pod_verdict(pod: Mapping[str, Any] | None, want: Expectation) -> tuple[bool | None, str]:
@@ -72,6 +80,12 @@ def mirror_pod_verdict(pod: Mapping[str, Any] | None, want: Expectation) -> tupl
     return True, f"mirror pod shows config {want.config_hash[:16]} started after the change"
 
 
+def may_carry_token(url: str) -> bool:
+    """A bearer token may go there: HTTPS, or plain HTTP that never leaves the host."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme == "https" or parts.hostname in ("127.0.0.1", "::1", "localhost")
+
+
 @dataclass
 class HealthCheck:
     url: str
@@ -83,6 +97,9 @@ class HealthCheck:
     clock: Callable[[], float] = field(default=time.monotonic)
     sleep: Callable[[float], None] = field(default=time.sleep)
     instance: InstanceCheck | None = None
+    # The bearer token to send (over HTTPS or loopback only), read at each probe: a
+    # ServiceAccount token rotates.
+    credentials: Callable[[], str | None] | None = None
 
     def _context(self) -> ssl.SSLContext | None:
         if not self.url.startswith("https:"):
@@ -97,9 +114,13 @@ class HealthCheck:
     def probe(self) -> tuple[int | None, str, bool]:
         """One GET: (HTTP status or None, what went wrong, was the port closed or the connection
         cut?)."""
+        request = urllib.request.Request(self.url)
+        token = self.credentials() if self.credentials is not None else None
+        if token and may_carry_token(self.url):
+            request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(
-                self.url, timeout=self.probe_timeout, context=self._context()
+                request, timeout=self.probe_timeout, context=self._context()
             ) as response:
                 status = int(response.status)
         except urllib.error.HTTPError as error:
@@ -122,9 +143,12 @@ class HealthCheck:
         answered = False
         streak = 0
         last_error = "no answer yet"
+        refused = ""
         while True:
             status, why, gone = self.probe()
-            ok = status == 200
+            ok = status == 200 or status in REFUSED
+            if status in REFUSED:
+                refused = f"/readyz answered HTTP {status} (up; readiness not judged from it)"
             if gone:
                 restarted = True
             elif restarted and status is not None:
@@ -134,7 +158,8 @@ class HealthCheck:
                 if streak >= self.successes_needed:
                     proven, how = self._prove(expect)
                     if proven is not False:
-                        return HealthOutcome(True, f"ready ({streak} in a row; {how})")
+                        seen = f"{refused}; " if refused else ""
+                        return HealthOutcome(True, f"ready ({streak} in a row; {seen}{how})")
                     last_error = how
             elif not ok:
                 streak = 0
