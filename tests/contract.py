@@ -37,6 +37,7 @@ def check_api_contract(api: KubeApi) -> None:
     _nodes_by_label(api, core, suffix)
     _token_secrets(api, core, suffix)
     _labelled_secret_watch(api, core, suffix)
+    _consenting_secret(api, core, suffix)
     _leases(api, suffix)
 
 
@@ -127,6 +128,32 @@ def _labelled_secret_watch(api: KubeApi, core: Any, suffix: str) -> None:
         api.stop_watches()
         thread.join(15)
     assert not thread.is_alive(), "the watch did not stop"
+
+
+def _consenting_secret(api: KubeApi, core: Any, suffix: str) -> None:
+    """A referenced Secret arrives only with the consent label for that user (label and field
+    selectors filter on the server): its data is never ours before it consents."""
+    namespace, name, other = NAMESPACE, f"ref-{suffix}", f"ref-other-{suffix}"
+    core.create_namespaced_secret(namespace, {"metadata": {"name": name}})
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": other, "labels": {TOKEN_FOR_LABEL: "carol"}}}
+    )
+    try:
+        assert api.read_consenting_secret(namespace, name, "carol") is None, "no label"
+        core.patch_namespaced_secret(
+            name, namespace, {"metadata": {"labels": {TOKEN_FOR_LABEL: "dave"}}}
+        )
+        assert api.read_consenting_secret(namespace, name, "carol") is None, "another's label"
+        core.patch_namespaced_secret(
+            name, namespace, {"metadata": {"labels": {TOKEN_FOR_LABEL: "carol"}}}
+        )
+        found = api.read_consenting_secret(namespace, name, "carol")
+        assert found is not None and found["metadata"]["name"] == name, "only that one"
+        assert found["metadata"]["namespace"] == namespace
+        assert api.read_consenting_secret(namespace, f"missing-{suffix}", "carol") is None
+    finally:
+        for secret in (name, other):
+            core.delete_namespaced_secret(secret, namespace)
 
 
 def _leases(api: KubeApi, suffix: str) -> None:

@@ -35,6 +35,7 @@ from kube_audit.constants import (
     NODE_LEASE_PREFIX,
     OPERATOR_POD_SELECTOR,
     ROTATED_FOR,
+    TOKEN_FOR_LABEL,
     TOKEN_LABEL,
     VERSION,
 )
@@ -360,6 +361,23 @@ class KubeApi:
             return parse_secret(raw), raw
         except InvalidInput as error:
             raise ClusterError(str(error)) from None
+
+    def read_consenting_secret(self, namespace: str, name: str, user: str) -> dict[str, Any] | None:
+        """Secret ``namespace/name`` only if it carries the consent label for ``user``. The
+        apiserver filters (label and field selectors), so the data of a Secret that did not
+        consent never reaches this process."""
+        if len(user) > 63:  # not a label value: no Secret can consent to such a name
+            return None
+        query = {
+            "labelSelector": f"{TOKEN_FOR_LABEL}={user}",
+            "fieldSelector": f"metadata.name={name}",
+        }
+        for item in self._items(
+            f"read Secret {namespace}/{name} if it consents", _secret_path(namespace), query
+        ):
+            item.setdefault("metadata", {}).setdefault("namespace", namespace)
+            return item
+        return None
 
     def list_token_secrets(self, namespace: str) -> list[dict[str, Any]]:
         """The Secrets the operator made (found by their label)."""

@@ -105,6 +105,7 @@ QUERY_PARAMS = frozenset(
         "limit",
         "continue",
         "labelSelector",
+        "fieldSelector",
         "resourceVersion",
         "watch",
         "allowWatchBookmarks",
@@ -112,6 +113,19 @@ QUERY_PARAMS = frozenset(
         "fieldManager",
     }
 )
+
+
+def parse_field_selector(text: str) -> list[tuple[str, str]]:
+    """``metadata.name=x`` and ``metadata.namespace=x`` (what every kind supports), as (key in
+    metadata, value); anything else is refused (ValueError) rather than ignored."""
+    terms = []
+    for raw in (t.strip() for t in text.split(",") if t.strip()):
+        key, eq, value = raw.partition("=")
+        field = key.strip().removeprefix("metadata.")
+        if not eq or value.startswith("=") or field not in ("name", "namespace"):
+            raise ValueError(f"field selector {raw!r} is not implemented")
+        terms.append((field, value.strip()))
+    return terms
 
 
 def parse_label_selector(text: str) -> list[tuple[str, str, str | None]]:
@@ -203,6 +217,7 @@ class Cluster(kmock.KubernetesEmulator):
                 )
             try:
                 parse_label_selector(str(request.params.get("labelSelector") or ""))
+                parse_field_selector(str(request.params.get("fieldSelector") or ""))
             except ValueError as error:
                 raise self._error(400, "BadRequest", str(error)) from None
             if self.down:
@@ -359,6 +374,9 @@ class Cluster(kmock.KubernetesEmulator):
         if request.name is not None and meta.get("name") != request.name:
             return False
         selector = parse_label_selector(str(request.params.get("labelSelector") or ""))
+        fields = parse_field_selector(str(request.params.get("fieldSelector") or ""))
+        if any(str(meta.get(key) or "") != value for key, value in fields):
+            return False
         return labels_match(selector, meta.get("labels") or {})
 
     def _current(self, request: rendering.Request) -> Iterator[dict[str, Any]]:

@@ -281,6 +281,32 @@ def test_rotation_and_external_secret_changes_propagate(harness: Harness) -> Non
     assert _records(node)["alice"][0] == _token(harness, "alice")
 
 
+def test_a_secret_elsewhere_is_not_read_before_it_consents(harness: Harness) -> None:
+    """Before: the operator GET the Secret a tokenSecretRef names and kept its data, then
+    found it carried no consent label. Now the apiserver filters by the label: nothing of a
+    Secret that did not consent reaches the operator, until the label is added."""
+    harness.add_control_plane("cp-1")
+    node = harness.start("cp-1")
+    harness.core.create_namespaced_secret(
+        "team",
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "db-password"},
+            "stringData": {"token": "not-for-kube-audit-0123456789abcdef0123"},
+        },
+    )
+    harness.apply_user("carol", tokenSecretRef={"namespace": "team", "name": "db-password"})
+    stalled = eventually(lambda: _stalled(harness, "auditusers", "carol"), what="refused")
+    assert "kube-audit.io/token-for=carol" in stalled["message"]
+    assert not node.runtime.store.has("secrets", ("team", "db-password")), "never held"
+    assert "carol" not in _records(node)
+    harness.core.patch_namespaced_secret(
+        "db-password", "team", {"metadata": {"labels": {"kube-audit.io/token-for": "carol"}}}
+    )
+    eventually(lambda: "carol" in _records(node), what="consented, then used")
+
+
 def test_failed_rollout_stops_until_inputs_change(harness: Harness) -> None:
     names = ("cp-1", "cp-2")
     for name in names:

@@ -241,3 +241,25 @@ def test_a_secret_elsewhere_labelled_for_the_user_is_used() -> None:
     secret = token_secret("sa-token", long_token("x"), namespace="team-a", token_for="mallory")
     result = _resolve([audit_user("mallory", tokenSecretRef=REF)], [secret])
     assert [r.username for r in result.records] == ["mallory"] and result.problems == ()
+
+
+def test_nobody_takes_another_persons_generated_token() -> None:
+    """Before: an older AuditUser naming kube-audit/audituser-bob in tokenSecretRef got bob's
+    token (the older object wins the conflict) and bob was refused."""
+    squatter = audit_user(
+        "mallory", tokenSecretRef={"namespace": "kube-audit", "name": "audituser-bob"}
+    )
+    squatter["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    bob = audit_user("bob")
+    bob["metadata"]["creationTimestamp"] = "2026-06-01T00:00:00Z"
+    result = _resolve([squatter, bob], [token_secret("audituser-bob", long_token("bob"))])
+    assert [r.username for r in result.records] == ["bob"]
+    [problem] = result.problems
+    assert problem.obj == "AuditUser/mallory" and problem.field == "spec.tokenSecretRef"
+    assert "AuditUser bob's generated token" in problem.message
+
+
+def test_a_reference_to_ones_own_generated_secret_is_fine() -> None:
+    own = audit_user("bob", tokenSecretRef={"namespace": "kube-audit", "name": "audituser-bob"})
+    result = _resolve([own], [token_secret("audituser-bob", long_token("bob"))])
+    assert [r.username for r in result.records] == ["bob"] and not result.problems

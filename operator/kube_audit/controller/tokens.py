@@ -84,9 +84,11 @@ class TokenSecrets:
             token = random_tokens.token_urlsafe(32)
             raw = await asyncio.to_thread(self.api.create_token_secret, ns, name, token, owner)
             log.info("token Secret %s/%s %s", ns, name, "created" if raw else "made by another pod")
-        if raw is None:
+        if raw is None and ns == self.settings.token_namespace:
             found = await asyncio.to_thread(self.api.read_secret, ns, name)
             raw = found[1] if found is not None else None
+        elif raw is None:  # another namespace: only a Secret that consented, never its data first
+            raw = await asyncio.to_thread(self.api.read_consenting_secret, ns, name, user.meta.name)
         if raw is not None:
             self.store.upsert(SECRETS, raw)
 

@@ -33,6 +33,10 @@ PRIVILEGED_WHY = {
 }
 
 
+# Generated token Secrets are named this plus the AuditUser's name, in the token namespace.
+GENERATED_PREFIX = "audituser-"
+
+
 def is_privileged_group(group: str) -> bool:
     """'system:' groups and the groups kubeadm binds to cluster-admin."""
     return group.startswith("system:") or group in PRIVILEGED_GROUPS
@@ -43,7 +47,14 @@ def secret_location(user: AuditUser, settings: Settings) -> tuple[str, str, str]
     ref = user.spec.token_secret_ref
     if ref is not None:
         return ref.namespace, ref.name, ref.key
-    return settings.token_namespace, f"audituser-{user.meta.name}", "token"
+    return settings.token_namespace, f"{GENERATED_PREFIX}{user.meta.name}", "token"
+
+
+def generated_for(namespace: str, name: str, settings: Settings) -> str | None:
+    """The AuditUser whose generated token Secret this is (by its reserved name), or None."""
+    if namespace == settings.token_namespace and name.startswith(GENERATED_PREFIX):
+        return name.removeprefix(GENERATED_PREFIX)
+    return None
 
 
 def identity_problems(user: AuditUser, settings: Settings) -> list[Problem]:
@@ -103,6 +114,14 @@ def _token(
 ) -> tuple[str | None, Problem | None]:
     namespace, name, key = secret_location(user, settings)
     path = "spec.tokenSecretRef" if user.spec.token_secret_ref is not None else "spec"
+    owner = generated_for(namespace, name, settings)
+    if owner is not None and owner != user.meta.name:
+        return None, Problem(
+            user.ref,
+            path,
+            f"Secret {namespace}/{name} is where the operator keeps AuditUser {owner}'s "
+            "generated token: only that AuditUser uses it (name a Secret of your own)",
+        )
     secret = secrets.get((namespace, name))
     if namespace != settings.token_namespace and (
         secret is None or secret.token_for != user.meta.name
