@@ -147,8 +147,10 @@ def test_the_flow_of_a_user(real: Real, tmp_path: Path) -> None:
     )
 
     def shown() -> bool:
+        """In progress, not failed: it goes live once the Secret is made."""
         conditions = status_of(cp, "auditusers", "ghost")["conditions"]
-        return "missing" in (conditions.get("Stalled") or {}).get("message", "")
+        message = (conditions.get("Reconciling") or {}).get("message", "")
+        return "kube-audit/missing does not exist yet" in message
 
     wait_for("the missing Secret shown on the object", shown, 120, 2)
     assert cp.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"

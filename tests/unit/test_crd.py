@@ -56,19 +56,26 @@ def test_schema_has_every_model_field(kind: str, model: Any) -> None:
 
 def test_printer_columns_and_names() -> None:
     user = render_crd("AuditUser")["spec"]
-    assert [c["name"] for c in user["versions"][0]["additionalPrinterColumns"]] == [
+    columns = user["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in columns] == [
         "Username",
         "Groups",
+        "Disabled",
         "Ready",
+        "Status",
         "Age",
+        "Message",
     ]
+    assert [c.get("priority", 0) for c in columns] == [0, 0, 0, 0, 0, 0, 1], "Message: -o wide"
     assert user["names"]["shortNames"] == ["au"] and user["scope"] == "Cluster"
     policy = render_crd("AuditPolicy")["spec"]
     assert [c["name"] for c in policy["versions"][0]["additionalPrinterColumns"]] == [
         "Priority",
         "Rules",
         "Ready",
+        "Status",
         "Age",
+        "Message",
     ]
     assert policy["versions"][0]["subresources"] == {"status": {}}
 

@@ -171,3 +171,10 @@ def test_kubeconfig() -> None:
         render_kubeconfig(cluster="c", server="s", ca_data=None, insecure=True, user="u", token="t")
     )
     assert insecure["clusters"][0]["cluster"]["insecure-skip-tls-verify"] is True
+
+
+def test_a_disabled_person_is_not_said_to_be_live() -> None:
+    obj = {**_obj(1, {"a": (1, APPLIED), "b": (1, APPLIED)}), "spec": {"disabled": True}}
+    ready = {c["type"]: c for c in compute_conditions(obj, ["a", "b"], NOW)["conditions"]}["Ready"]
+    assert ready["status"] == "True"
+    assert ready["message"] == "disabled: no token on any of the 2 control-plane node(s)"

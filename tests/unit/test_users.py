@@ -86,6 +86,17 @@ def test_missing_secret_names_user_and_secret() -> None:
     assert problem.pending, "the operator is about to create it: not a mistake of the user's"
 
 
+def test_a_referenced_secret_not_there_yet_is_in_progress() -> None:
+    """examples/auditusers.yaml's ci-deployer before its Secret is made (by a person, an
+    ExternalSecret or a SealedSecret in the same sync): Reconciling, never Stalled, which Flux
+    and Argo CD would treat as failed although it heals by itself."""
+    ref = {"namespace": "kube-audit", "name": "ci-deployer-token", "key": "token"}
+    result = _resolve([audit_user("ci-deployer", tokenSecretRef=ref)], [])
+    (problem,) = result.problems
+    assert problem.pending and problem.field == "spec.tokenSecretRef"
+    assert "Secret kube-audit/ci-deployer-token does not exist yet" in problem.message
+
+
 def test_missing_key_names_key() -> None:
     result = _resolve(
         [audit_user("bob", tokenSecretRef={"namespace": "vault", "name": "bob", "key": "pw"})],

@@ -143,6 +143,18 @@ _READY = {
     "type": "string",
     "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
 }
+# Why not Ready (Progressing, Invalid, RolledBack, Blocked...) at a glance; the words with -o wide.
+_REASON = {
+    "name": "Status",
+    "type": "string",
+    "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+}
+_MESSAGE = {
+    "name": "Message",
+    "type": "string",
+    "priority": 1,
+    "jsonPath": '.status.conditions[?(@.type=="Ready")].message',
+}
 _AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 
 
@@ -154,8 +166,11 @@ def render_crd(kind: str) -> dict[str, Any]:
         columns = [
             {"name": "Username", "type": "string", "jsonPath": ".status.username"},
             {"name": "Groups", "type": "string", "jsonPath": ".spec.groups"},
+            {"name": "Disabled", "type": "boolean", "jsonPath": ".spec.disabled"},
             _READY,
+            _REASON,
             _AGE,
+            _MESSAGE,
         ]
         what = "A person's identity: a static bearer token for kube-apiserver."
     else:
@@ -164,7 +179,9 @@ def render_crd(kind: str) -> dict[str, Any]:
             {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority"},
             {"name": "Rules", "type": "integer", "jsonPath": ".status.ruleCount"},
             _READY,
+            _REASON,
             _AGE,
+            _MESSAGE,
         ]
         what = "Rules of the kube-apiserver audit policy, joined by (priority, name)."
     return {

@@ -101,6 +101,8 @@ def compute_conditions(
         ]
     elif total and len(live) == total:
         message = f"live on all {total} control-plane node(s)"
+        if ((obj.get("spec") or {}).get("disabled")) is True:
+            message = f"disabled: no token on any of the {total} control-plane node(s)"
         conditions = [
             _condition("Ready", True, APPLIED, message, generation),
             _condition("Reconciling", False, APPLIED, "", generation),

@@ -136,10 +136,12 @@ def _token(
             "consents by adding it)",
         )
     if secret is None:
+        # Not yet: the operator makes it, or a secret manager, a SealedSecret or a person
+        # will (often in the same sync). In progress, not failed: it goes live when it comes.
         generated = user.spec.token_secret_ref is None
-        how = " yet (the operator creates it)" if generated else ""
+        how = "the operator creates it" if generated else f"it is used once created, key {key!r}"
         return None, Problem(
-            user.ref, path, f"Secret {namespace}/{name} does not exist{how}", pending=generated
+            user.ref, path, f"Secret {namespace}/{name} does not exist yet ({how})", pending=True
         )
     raw = secret.data.get(key)
     if raw is None:
