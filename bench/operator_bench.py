@@ -42,7 +42,7 @@ def main() -> int:
     host = tmp / "host"
     shutil.copytree(REPO / "examples/demo/host", host)
     kubeconfig = cluster.write_kubeconfig(tmp / "kubeconfig")
-    client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=cluster.url))
+    client = kubernetes.client.ApiClient(cluster.configuration())
     core = kubernetes.client.CoreV1Api(client)
     custom = kubernetes.client.CustomObjectsApi(client)
     core.create_node({"metadata": {"name": "bench-cp", "labels": {CONTROL_PLANE_LABEL: ""}}})

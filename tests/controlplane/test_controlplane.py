@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
+import urllib.error
+import urllib.request
+
 from kube_audit.agent.health import HealthCheck, HealthOutcome
 from tests.controlplane.cluster import ControlPlane, kubernetes_version, wait_for
 
@@ -85,3 +89,26 @@ def test_the_health_probe_reads_a_real_apiservers_answer_to_credentials(cp: Cont
     assert refused.ready and "HTTP 401" in refused.reason, refused
     accepted = check(token)
     assert accepted.ready and "HTTP 401" not in accepted.reason, accepted
+
+
+def test_the_apiserver_reads_the_bearer_scheme_as_the_emulator_does(cp: ControlPlane) -> None:
+    """What the emulator's credential check copies (tests/operator/cluster.py bearer_token):
+    the scheme in any case; ``Bearer bearer <token>`` (the in-cluster prefix doubled) is 401."""
+    node = cp.first
+    cp.kubectl("create", "serviceaccount", "scheme-check", "-n", "default")
+    token = cp.kubectl("create", "token", "scheme-check", "-n", "default").stdout.strip()
+
+    def status(header: str) -> int:
+        request = urllib.request.Request(f"{node.url}/apis")
+        request.add_header("Authorization", header)
+        context = ssl.create_default_context(cafile=str(node.ca))
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    assert status(f"Bearer {token}") == 200
+    assert status(f"bearer {token}") == 200
+    assert status(f"Bearer bearer {token}") == 401
+    assert status("Bearer wrong-token") == 401

@@ -9,6 +9,10 @@ and watch-from-resourceVersion; RFC 6902 JSON patch with ``test`` (422 on failur
 merge patch; PUT with optimistic concurrency (409); the status subresource; ownerReference
 cascade on delete; and an outage switch that drops watches and answers 503.
 
+Like the apiserver it refuses (401) every request without the exact bearer token
+``ADMIN_TOKEN``: a client that sends ``Bearer bearer <token>`` (the in-cluster loader's prefix
+doubled) fails here as it does on a cluster.
+
 It answers 400 to any query parameter it does not implement, rather than ignoring it: a
 ``labelSelector`` silently ignored once made ``control_plane_nodes()`` return workers here
 while the real apiserver filtered them. Label selectors (equality and existence) filter lists
@@ -31,9 +35,13 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
+import kubernetes.client
 from kmock._internal import enums, k8s, references, rendering
 
 from kube_audit.constants import GROUP, VERSION
+
+# The one credential the emulator accepts, as "Authorization: Bearer <it>".
+ADMIN_TOKEN = "emulator-admin-token-0123456789abcdef"
 
 CRDS = {
     "auditusers": ("AuditUser", "audituser", {"au"}),
@@ -113,6 +121,15 @@ QUERY_PARAMS = frozenset(
         "fieldManager",
     }
 )
+
+
+def bearer_token(header: str) -> str | None:
+    """The token as kube-apiserver's bearer authenticator reads the header: the scheme in any
+    case, the token the second space-separated part (so ``Bearer bearer x`` is "bearer")."""
+    parts = header.split(" ", 2)
+    if len(parts) < 2 or parts[0].lower() != "bearer" or not parts[1]:
+        return None
+    return parts[1]
 
 
 def parse_field_selector(text: str) -> list[tuple[str, str]]:
@@ -210,6 +227,8 @@ class Cluster(kmock.KubernetesEmulator):
         if len(self._requests) > REQUEST_RECORD:
             del self._requests[: -REQUEST_RECORD // 2]
         try:
+            if bearer_token(request.headers.get("Authorization", "")) != ADMIN_TOKEN:
+                raise self._error(401, "Unauthorized", "Unauthorized")
             unknown = sorted(set(request.params) - QUERY_PARAMS)
             if unknown:
                 raise self._error(
@@ -471,12 +490,18 @@ class ClusterThread:
         assert self.cluster is not None
         self.call(self.cluster.set_down(down))
 
+    def configuration(self) -> kubernetes.client.Configuration:
+        """A client configuration with the one token the emulator accepts."""
+        conf = kubernetes.client.Configuration(host=self.url)
+        conf.api_key = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        return conf
+
     def write_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig whose current context is this API server, for a separate process."""
         path.write_text(
             "apiVersion: v1\nkind: Config\ncurrent-context: mock\n"
             f"clusters: [{{name: mock, cluster: {{server: '{self.url}'}}}}]\n"
-            "users: [{name: mock, user: {token: mock}}]\n"
+            f"users: [{{name: mock, user: {{token: {ADMIN_TOKEN}}}}}]\n"
             "contexts: [{name: mock, context: {cluster: mock, user: mock}}]\n"
         )
         return path

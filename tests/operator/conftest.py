@@ -85,7 +85,7 @@ class Harness:
         self.nodes: list[SimNode] = []
         self.journal: list[tuple[str, float, float]] = []
         self.healthy: dict[str, Callable[[], bool]] = {}
-        client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=cluster.url))
+        client = kubernetes.client.ApiClient(cluster.configuration())
         self.api = KubeApi(client)
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
@@ -130,7 +130,7 @@ class Harness:
         config = OperatorConfig(
             node_name=name, host_root=root, debounce=debounce, health_factory=health, **options
         )
-        client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=self.cluster.url))
+        client = kubernetes.client.ApiClient(self.cluster.configuration())
         holder: dict[str, NodeRuntime] = {}
         created = threading.Event()
 

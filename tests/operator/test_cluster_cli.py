@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from kube_audit.cli import main
+from tests.operator.cluster import ADMIN_TOKEN
 from tests.operator.conftest import Harness, eventually
 from tests.operator.test_operator import _ready, _token
 
@@ -32,7 +33,7 @@ def _admin_kubeconfig(harness: Harness, tmp_path: Path) -> str:
                         },
                     }
                 ],
-                "users": [{"name": "admin", "user": {"token": "admin-token"}}],
+                "users": [{"name": "admin", "user": {"token": ADMIN_TOKEN}}],
                 "contexts": [
                     {"name": "admin@test", "context": {"cluster": "test", "user": "admin"}}
                 ],

@@ -17,9 +17,16 @@ from pydantic.fields import FieldInfo
 
 from kube_audit.constants import GROUP, VERSION
 from kube_audit.core import yamlio
-from kube_audit.core.models import AuditPolicySpec, AuditUserSpec, GroupResources, PolicyRule
+from kube_audit.core.models import (
+    DNS_SUBDOMAIN_PATTERN,
+    AuditPolicySpec,
+    AuditUserSpec,
+    GroupResources,
+    PolicyRule,
+)
 
-_DNS = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Inside a CEL string literal, a backslash is written twice.
+_DNS = DNS_SUBDOMAIN_PATTERN.replace("\\", "\\\\")
 
 CEL: dict[tuple[type[BaseModel], str | None], list[dict[str, str]]] = {
     (AuditUserSpec, None): [

@@ -212,14 +212,16 @@ def problems_from_validation(obj: str, prefix: str, error: ValidationError) -> l
     return problems
 
 
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# RFC 1123 subdomain, as Kubernetes checks object names and API groups (length checked apart).
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
 
 
 def _meta(obj: Mapping[str, Any], ref_kind: str) -> tuple[Meta, list[Problem]]:
     raw = obj.get("metadata")
     if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str) or not raw["name"]:
         return Meta(name=""), [Problem(f"{ref_kind}/?", "metadata.name", "is required")]
-    if len(raw["name"]) > 240 or not _DNS_SUBDOMAIN.match(raw["name"]):
+    if len(raw["name"]) > 240 or not DNS_SUBDOMAIN.match(raw["name"]):
         return Meta(name=""), [
             Problem(
                 f"{ref_kind}/{raw['name']}",

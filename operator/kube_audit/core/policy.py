@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -11,6 +10,7 @@ from pydantic import ValidationError
 from kube_audit.constants import AUDIT_POLICY
 from kube_audit.core import yamlio
 from kube_audit.core.models import (
+    DNS_SUBDOMAIN,
     STAGE_ORDER,
     AuditPolicy,
     AuditPolicySpec,
@@ -21,9 +21,6 @@ from kube_audit.core.models import (
     validate_rest,
 )
 from kube_audit.errors import InvalidInput, Problem
-
-_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
 
 
 def _non_resource_url_problem(url: str) -> str | None:
@@ -40,7 +37,7 @@ def _non_resource_url_problem(url: str) -> str | None:
 def _group_problem(group: str) -> str | None:
     if len(group) > 253:
         return "must be no more than 253 characters"
-    if not _DNS_SUBDOMAIN.match(group):
+    if not DNS_SUBDOMAIN.match(group):
         return (
             "must be a lower-case DNS subdomain, the API group alone without a version "
             "(for example 'rbac.authorization.k8s.io', not 'rbac.authorization.k8s.io/v1')"
