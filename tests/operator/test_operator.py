@@ -348,8 +348,9 @@ def test_metrics_count_applies(harness: Harness) -> None:
 
 
 def test_periodic_resync_repairs_drift(harness: Harness) -> None:
+    """The manifest watch polls once an hour here, so only the resync can see the rewrite."""
     harness.add_control_plane("cp-1")
-    node = harness.start("cp-1", resync=1.0)
+    node = harness.start("cp-1", resync=1.0, manifest_poll=3600)
     harness.apply_user("alice")
     eventually(lambda: "alice" in _records(node), what="alice live")
     kubeadm = (
