@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 
 from kube_audit.agent.health import HealthCheck, HealthOutcome
-from tests.controlplane.cluster import ControlPlane, kubernetes_version, wait_for
+from tests.controlplane.cluster import ROOT, ControlPlane, kubernetes_version, wait_for
 
 
 def test_apiserver_reports_the_built_version(cp: ControlPlane) -> None:
@@ -112,3 +112,35 @@ def test_the_apiserver_reads_the_bearer_scheme_as_the_emulator_does(cp: ControlP
     assert status(f"bearer {token}") == 200
     assert status(f"Bearer bearer {token}") == 401
     assert status("Bearer wrong-token") == 401
+
+
+def test_a_new_object_reads_reconciling_before_the_operator_wrote_anything(
+    cp: ControlPlane,
+) -> None:
+    """The CRDs' status default, filled in by the real apiserver on read: without it a new
+    AuditUser had no status, which Flux's kstatus reads as Current (wait: true passed at once)."""
+    cp.kubectl("apply", "-k", str(ROOT / "crds"))
+    cp.kubectl(
+        "wait", "--for=condition=established", "--timeout=60s", "crd/auditusers.kube-audit.io"
+    )
+    user = {"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser",
+            "metadata": {"name": "defaulted"}, "spec": {}}  # fmt: skip
+    wait_for("AuditUsers served", lambda: cp.kubectl("get", "auditusers", check=False)
+             .returncode == 0)  # fmt: skip
+    cp.apply([user])
+    try:
+        got = cp.kubectl_json("get", "audituser", "defaulted")
+        conditions = {c["type"]: c for c in got["status"]["conditions"]}
+        assert conditions["Reconciling"]["status"] == "True", conditions
+        assert (
+            conditions["Ready"]["status"] == "False" and "observedGeneration" not in got["status"]
+        )
+        patched = cp.kubectl(
+            "patch", "audituser", "defaulted", "--subresource=status", "--type=merge", "-p",
+            '{"status":{"observedGeneration":1,"conditions":[{"type":"Ready","status":"True"}]}}',
+        )  # fmt: skip
+        assert patched.returncode == 0
+        after = cp.kubectl_json("get", "audituser", "defaulted")["status"]
+        assert after["conditions"] == [{"type": "Ready", "status": "True"}], "ours replace it"
+    finally:
+        cp.kubectl("delete", "audituser", "defaulted", "--ignore-not-found")

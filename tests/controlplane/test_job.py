@@ -282,11 +282,14 @@ def test_a_config_the_apiserver_refuses_is_rolled_back(job: Job) -> None:
     cp.kubectl("apply", "-f", str(ROOT / "examples/auditpolicy-starter.yaml"))
 
     def failed() -> dict[str, Any] | None:
-        """Ready=False for a failure (Progressing is Ready=False too, while it rolls out)."""
+        """Ready=False for a failure (Pending, the CRD's default before the operator wrote, and
+        Progressing while it rolls out, are Ready=False too)."""
         state = status_of(cp, "auditpolicies", "developers")
         ready = state["conditions"].get("Ready", {})
         return (
-            state if ready.get("status") == "False" and ready["reason"] != "Progressing" else None
+            state
+            if ready.get("status") == "False" and ready["reason"] not in ("Pending", "Progressing")
+            else None
         )
 
     state = wait_for("AuditPolicy developers failed after the rollback", failed, 300, 2)

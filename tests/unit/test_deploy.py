@@ -14,6 +14,7 @@ import yaml
 from lupa import LuaRuntime
 
 from kube_audit.cli import build_parser
+from kube_audit.core.crd import render_crd
 
 REPO = Path(__file__).resolve().parents[2]
 needs_kubectl = pytest.mark.skipif(
@@ -246,3 +247,24 @@ def test_argocd_health_message_carries_the_reason() -> None:
         },
     }
     assert _health(obj) == ("Degraded", "spec.groups[0]: refused")
+
+
+def test_a_new_object_with_the_crds_status_default_is_progressing_in_argo_cd() -> None:
+    crd = render_crd("AuditUser")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    default = crd["properties"]["status"]["default"]
+    assert _health({"metadata": {"generation": 1}, "status": default}) == (
+        "Progressing",
+        "waiting for kube-audit to see it",
+    )
+
+
+def test_the_argocd_cm_patch_carries_the_health_check_as_shipped() -> None:
+    """Pasted as is, the fragment in the docs had a placeholder and Argo showed Unknown."""
+    patch = yaml.safe_load((REPO / "deploy/argocd/argocd-cm-patch.yaml").read_text())
+    assert patch["kind"] == "ConfigMap" and patch["metadata"] == {
+        "name": "argocd-cm",
+        "namespace": "argocd",
+        "labels": {"app.kubernetes.io/part-of": "argocd"},
+    }
+    for kind in ("AuditUser", "AuditPolicy"):
+        assert patch["data"][f"resource.customizations.health.kube-audit.io_{kind}"] == LUA

@@ -140,10 +140,22 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return out
 
 
+_WAITING = "waiting for kube-audit to see it"
+# What an object reads before the operator wrote anything. Without it a new object has no
+# status, which Flux's kstatus reads as Current and Argo CD's health as Progressing: a
+# Kustomization with wait: true passed at once. The apiserver fills a default into a missing
+# status on every read, so a new object reads Reconciling until the operator judged it.
 _STATUS = {
     "type": "object",
     "description": "Written by the operator: conditions (kstatus) and per-node results.",
     "x-kubernetes-preserve-unknown-fields": True,
+    "default": {
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "Pending", "message": _WAITING},
+            {"type": "Reconciling", "status": "True", "reason": "Pending", "message": _WAITING},
+            {"type": "Stalled", "status": "False", "reason": "Pending", "message": ""},
+        ]
+    },
 }
 _READY = {
     "name": "Ready",
