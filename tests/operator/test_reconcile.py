@@ -17,7 +17,7 @@ from kube_audit.controller.reconciler import NodeRuntime
 from kube_audit.kube import KubeApi
 from tests.agent.conftest import make_host
 from tests.operator.conftest import Harness, SimNode, eventually
-from tests.operator.test_operator import _ready, _records, _stalled
+from tests.operator.test_operator import _ready, _records, _stalled, _token
 
 KUBEADM = Path(__file__).resolve().parents[1] / "fixtures/kubeadm/v1.31/kube-apiserver.yaml"
 
@@ -153,3 +153,26 @@ async def test_a_dead_secret_watch_ends_the_process(harness: Harness) -> None:
     )
     with pytest.raises(CoreTaskDied, match="Secret watch"):
         await asyncio.wait_for(run_operator(runtime), 30)
+
+
+def test_a_deleted_token_secret_is_regenerated_and_said_so(harness: Harness) -> None:
+    """Before: a new token, and no word anywhere; the person's kubeconfig just stopped working."""
+    harness.add_control_plane("cp-1")
+    node = harness.start("cp-1")
+    harness.apply_user("alice")
+    eventually(lambda: _ready(harness, "auditusers", "alice"), what="alice Ready")
+    old = _token(harness, "alice")
+    harness.core.delete_namespaced_secret("audituser-alice", "kube-audit")
+    warned = eventually(
+        lambda: [e for e in _events(harness, "alice") if e["reason"] == "TokenRegenerated"],
+        what="a Warning Event",
+    )
+    assert warned[0]["type"] == "Warning"
+    assert "kube-audit kubeconfig alice" in warned[0]["message"]
+    eventually(lambda: _records(node).get("alice", ("",))[0] == _token(harness, "alice"))
+    assert _token(harness, "alice") != old
+    harness.apply_user("carol")
+    eventually(lambda: _ready(harness, "auditusers", "carol"), what="carol Ready")
+    assert not [e for e in _events(harness, "carol") if e["reason"] == "TokenRegenerated"], (
+        "a first token is no news"
+    )

@@ -25,11 +25,18 @@ from kube_audit.controller.aio import run_bounded
 from kube_audit.controller.store import ObjectStore
 from kube_audit.core.models import AuditUser, parse_audit_user
 from kube_audit.core.settings import Settings
+from kube_audit.core.status import APPLIED
 from kube_audit.core.users import secret_location
 from kube_audit.errors import InvalidInput, KubeAuditError
 from kube_audit.kube import KubeApi
 
 log = logging.getLogger("kube_audit.operator")
+
+
+def was_live(body: Mapping[str, Any]) -> bool:
+    """Some node served this user's token already (its Secret existed before)."""
+    nodes = (body.get("status") or {}).get("nodes") or {}
+    return any((entry or {}).get("outcome") == APPLIED for entry in nodes.values())
 
 
 def valid_users(store: ObjectStore) -> Iterator[tuple[dict[str, Any], AuditUser]]:
@@ -84,6 +91,8 @@ class TokenSecrets:
             token = random_tokens.token_urlsafe(32)
             raw = await asyncio.to_thread(self.api.create_token_secret, ns, name, token, owner)
             log.info("token Secret %s/%s %s", ns, name, "created" if raw else "made by another pod")
+            if raw is not None and was_live(body):
+                await self._say_regenerated(body, user, ns, name)
         if raw is None and ns == self.settings.token_namespace:
             found = await asyncio.to_thread(self.api.read_secret, ns, name)
             raw = found[1] if found is not None else None
@@ -91,6 +100,24 @@ class TokenSecrets:
             raw = await asyncio.to_thread(self.api.read_consenting_secret, ns, name, user.meta.name)
         if raw is not None:
             self.store.upsert(SECRETS, raw)
+
+    async def _say_regenerated(
+        self, body: Mapping[str, Any], user: AuditUser, ns: str, name: str
+    ) -> None:
+        """The person's kubeconfig silently stops working otherwise: say so where they look
+        (a Warning Event on the AuditUser, and the pod log). Only the pod whose create won."""
+        message = (
+            f"Secret {ns}/{name} with {user.meta.name}'s token was deleted, so a new token was "
+            "generated: the old one stops working as each node applies the new one. Hand out a "
+            f"new kubeconfig (kube-audit kubeconfig {user.meta.name})"
+        )
+        log.warning("%s: %s", user.ref, message)
+        try:
+            await asyncio.to_thread(
+                self.api.create_event, body, AUDIT_USER, "Warning", "TokenRegenerated", message
+            )
+        except KubeAuditError as error:
+            log.debug("Event on %s not posted: %s", user.ref, error)
 
     async def _rotate_if_asked(self, user: AuditUser, ns: str, name: str) -> None:
         """Rotate once per value of the rotate annotation (recorded on the Secret)."""
