@@ -14,14 +14,16 @@ EXAMPLES = ["-f", str(REPO / "examples"), "-f", str(REPO / "examples/demo")]
 
 def test_plan_apply_unchanged_uninstall(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = str(make_host(tmp_path / "h"))
-    assert main(["node", "plan", "--host-root", root, *EXAMPLES]) == 0
+    assert main(["node", "plan", "--host-root", root, *EXAMPLES]) == 1, (
+        "changes: 1, as kubectl diff"
+    )
     out = capsys.readouterr().out
     assert "+    - --token-auth-file=" in out and "demo-alice" not in out
     assert main(["node", "apply", "--host-root", root, "--no-wait", *EXAMPLES]) == 0
     assert "applied config" in capsys.readouterr().out
     assert main(["node", "apply", "--host-root", root, "--no-wait", *EXAMPLES]) == 0
     assert "unchanged" in capsys.readouterr().out
-    assert main(["node", "plan", "--host-root", root, *EXAMPLES]) == 0
+    assert main(["node", "plan", "--host-root", root, *EXAMPLES]) == 0, "no changes: 0"
     assert "no changes" in capsys.readouterr().out
     assert main(["node", "uninstall", "--host-root", root, "--no-wait"]) == 0
     assert "uninstalled" in capsys.readouterr().out
@@ -77,3 +79,16 @@ def test_rollback_exit_5_with_reason(
 def test_missing_host_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["node", "rollback", "--host-root", str(tmp_path / "nope"), "--no-wait"]) == 4
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_plan_exits_like_kubectl_diff_on_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1 means changes there, so an invalid input is 2, and other errors keep their codes."""
+    root = str(make_host(tmp_path / "h"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: kube-audit.io/v1alpha1\nkind: AuditUser\nmetadata: {name: e}\n"
+                   "spec: {groups: [system:masters]}\n")  # fmt: skip
+    assert main(["node", "plan", "--host-root", root, "-f", str(bad)]) == 2
+    assert "invalid input" in capsys.readouterr().err
+    assert main(["node", "plan", "--host-root", str(tmp_path / "none"), *EXAMPLES]) == 4

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kube_audit.cli import main
+from kube_audit.core.audit_query import parse_duration
 from tests.auditlog import generate
 
 
@@ -179,3 +180,47 @@ def test_a_log_someone_reformatted_is_searched_as_well(
         answers.append([json.loads(line)["auditID"] for line in capsys.readouterr().out.split("\n")
                         if line])  # fmt: skip
     assert answers[0] and answers[0] == answers[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("30", 30.0), ("30s", 30.0), ("1m", 60.0), ("1h30m", 5400.0), ("1.5s", 1.5), ("500ms", 0.5)],
+)
+def test_request_timeouts_read_as_kubectl_reads_them(value: str, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "1.5", "10x", "1m30", "m", "-5s"])
+def test_anything_else_is_not_a_duration(value: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(value)
+
+
+def test_an_unknown_verb_is_refused_with_the_verbs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["who", str(tmp_path), "--verb", "create,remove"]) == 1
+    err = capsys.readouterr().err
+    assert "who: --verb: 'remove' is not a verb of an audit event; one of get, list" in err
+    assert "deletecollection" in err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--operator-namespace", "ops"], ["--request-timeout", "1m"], ["--context", "prod"]],
+)
+def test_cluster_flags_without_cluster_are_refused(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["who", str(tmp_path), *flags]) == 1
+    assert f"{flags[0]}: only used with --cluster" in capsys.readouterr().err
+
+
+def test_a_bad_request_timeout_is_refused_before_asking_anyone(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["who", "--cluster", "--request-timeout", "0"]) == 1
+    assert "--request-timeout: '0': must be more than 0" in capsys.readouterr().err
+    monkeypatch.setenv("KUBE_AUDIT_REQUEST_TIMEOUT", "soon")
+    assert main(["who", "--cluster"]) == 1
+    assert "KUBE_AUDIT_REQUEST_TIMEOUT: 'soon' is not a duration" in capsys.readouterr().err

@@ -138,7 +138,7 @@ def test_negative_rotation_setting_is_refused(
             "-1",
         ]
     )
-    assert code == 1
+    assert code == 2, "node plan: 1 means changes, so an invalid input is 2"
     err = capsys.readouterr().err
     assert "--audit-log-maxage (KUBE_AUDIT_LOG_MAXAGE): -1 is negative" in err
     assert not host.exists()

@@ -24,6 +24,7 @@ from kube_audit.cli.common import (
     settings_from_args,
     valid_desired,
 )
+from kube_audit.errors import InvalidInput
 
 
 def _layout(args: argparse.Namespace) -> HostLayout:
@@ -39,15 +40,25 @@ def _report(result: NodeResult) -> int:
     return 0
 
 
+PLAN_CHANGES = 1
+PLAN_INVALID = 2
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    desired = valid_desired(args, settings_from_args(args))
+    """Exits as ``kubectl diff`` does, so scripts and CI can branch on it: 0 no changes,
+    1 changes, more than 1 an error (an invalid input is 2 here, not the usual 1)."""
+    try:
+        desired = valid_desired(args, settings_from_args(args))
+    except InvalidInput as error:
+        error.exit_code = PLAN_INVALID
+        raise
     layout = _layout(args)
     diff = plan_node(layout, desired)
     print(diff if diff else "no changes: the node already runs this configuration", end="")
     if diff:
         print(f"(static pod folder: {layout.static_pod_dir})")
-    else:
-        print()
+        return PLAN_CHANGES
+    print()
     return 0
 
 
@@ -97,7 +108,13 @@ def add_parsers(sub: Any) -> None:
     inputs = [input_flags(), guard_flags(), rotation_flags(from_env=False)]
     wait = _wait_flags()
     commands: list[tuple[str, Any, str, list[argparse.ArgumentParser]]] = [
-        ("plan", cmd_plan, "show what apply would change (tokens as fingerprints)", inputs),
+        (
+            "plan",
+            cmd_plan,
+            "show what apply would change (tokens as fingerprints); exits as kubectl diff: "
+            "0 no changes, 1 changes, 2 or more an error",
+            inputs,
+        ),
         ("apply", cmd_apply, "apply the objects, wait for the new apiserver", [*inputs, wait]),
         ("rollback", cmd_rollback, "go back to the last good state before this one", [wait]),
         ("uninstall", cmd_uninstall, "restore kubeadm's manifest; keep audit logs", [wait]),

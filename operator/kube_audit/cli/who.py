@@ -10,9 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from kube_audit.cli.common import cluster_flags
-from kube_audit.cli.env import env_float, env_str
+from kube_audit.cli.env import env_str
 from kube_audit.constants import DEFAULT_INSTALL_NAMESPACE
-from kube_audit.core.audit_query import Query, parse_status, parse_time, resource_plural
+from kube_audit.core.audit_query import (
+    AUDIT_VERBS,
+    Query,
+    parse_duration,
+    parse_status,
+    parse_time,
+    parse_verb,
+    resource_plural,
+)
 from kube_audit.core.settings import Settings
 from kube_audit.errors import InvalidInput, Problem
 from kube_audit.who import run_who
@@ -47,7 +55,7 @@ def cmd_who(args: argparse.Namespace) -> int:
     query = Query(
         users=frozenset(_values(args.user)),
         groups=frozenset(_values(args.group)),
-        verbs=frozenset(v.lower() for v in _values(args.verb)),
+        verbs=convert("--verb", _values(args.verb), parse_verb),
         resources=frozenset(resource_plural(r) for r in _values(args.resource)),
         namespaces=frozenset(_values(args.namespace)),
         names=frozenset(_values(args.name)),
@@ -58,11 +66,11 @@ def cmd_who(args: argparse.Namespace) -> int:
     if args.cluster and args.path:
         problems.append(Problem("who", "path", "--cluster asks every node's pod; give no paths"))
     if not args.cluster:
-        for flag in ("kubeconfig", "context"):
+        for flag in ("kubeconfig", "context", "operator_namespace", "request_timeout"):
             if getattr(args, flag) is not None:
-                problems.append(Problem("who", f"--{flag}", "only used with --cluster"))
-    if args.request_timeout <= 0:
-        problems.append(Problem("who", "--request-timeout", "must be more than 0 seconds"))
+                name = "--" + flag.replace("_", "-")
+                problems.append(Problem("who", name, "only used with --cluster"))
+    timeout = _request_timeout(args.request_timeout, problems)
     if problems:
         raise InvalidInput(problems)
     if args.cluster:
@@ -72,18 +80,35 @@ def cmd_who(args: argparse.Namespace) -> int:
         api = KubeApi(load_api_client(args.kubeconfig, args.context))
         return run_who_cluster(
             api,
-            args.operator_namespace,
+            args.operator_namespace or env_str("POD_NAMESPACE", DEFAULT_INSTALL_NAMESPACE),
             query,
             output=args.output,
             out=sys.stdout,
             err=sys.stderr,
-            timeout=args.request_timeout,
+            timeout=timeout,
         )
     settings = Settings()
     paths = args.path or [str(Path(args.host_root) / settings.log_dir.lstrip("/"))]
     return run_who(
         paths, query, output=args.output, out=sys.stdout, err=sys.stderr, log_file=settings.log_file
     )
+
+
+def _request_timeout(given: str | None, problems: list[Problem]) -> float:
+    """The flag, else $KUBE_AUDIT_REQUEST_TIMEOUT, else 5 minutes; durations as kubectl takes
+    them. Unlike kubectl, 0 (no timeout) is refused: a node that never answers must be named."""
+    flag = "--request-timeout" if given is not None else "KUBE_AUDIT_REQUEST_TIMEOUT"
+    value = given if given is not None else env_str("KUBE_AUDIT_REQUEST_TIMEOUT", "5m")
+    try:
+        seconds = parse_duration(value)
+    except ValueError as error:
+        problems.append(Problem("who", flag, str(error)))
+        return 0.0
+    if seconds <= 0:
+        problems.append(
+            Problem("who", flag, f"{value!r}: must be more than 0 (a node that never answers)")
+        )
+    return seconds
 
 
 def _at(now: datetime) -> Any:
@@ -122,22 +147,22 @@ def add_parsers(sub: Any) -> None:
     )
     cmd.add_argument(
         "--operator-namespace",
-        default=env_str("POD_NAMESPACE", DEFAULT_INSTALL_NAMESPACE),
         metavar="NS",
         help=f"with --cluster: where kube-audit runs (default {DEFAULT_INSTALL_NAMESPACE}, "
         "or $POD_NAMESPACE)",
     )
     cmd.add_argument(
         "--request-timeout",
-        type=float,
-        default=env_float("KUBE_AUDIT_REQUEST_TIMEOUT", 300.0),
-        metavar="SECONDS",
-        help="with --cluster: give up on a node that has not answered after this long "
-        "(default 300, or $KUBE_AUDIT_REQUEST_TIMEOUT)",
+        metavar="DURATION",
+        help="with --cluster: give up on a node that has not answered after this long, as "
+        "kubectl takes it (30s, 1m, or a number of seconds; default 5m, or "
+        "$KUBE_AUDIT_REQUEST_TIMEOUT)",
     )
     cmd.add_argument("--user", action="append", help="user name")
     cmd.add_argument("--group", action="append", help="one of the user's groups")
-    cmd.add_argument("--verb", action="append", help="create, update, patch, delete, get, ...")
+    cmd.add_argument(
+        "--verb", action="append", help=f"one of {', '.join(AUDIT_VERBS)}; repeat or comma-list"
+    )
     cmd.add_argument("--resource", action="append", help="plural, singular or short (crd, ing)")
     cmd.add_argument("--namespace", "-n", action="append", help="namespace")
     cmd.add_argument("--name", action="append", help="object name")

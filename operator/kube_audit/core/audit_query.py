@@ -78,6 +78,37 @@ def parse_time(value: str, now: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# The verbs an audit event carries: the API verbs, and the lowercased HTTP method of a request
+# to a non-resource URL.
+AUDIT_VERBS = (
+    "get", "list", "watch", "create", "update", "patch", "delete", "deletecollection",
+    "post", "put", "head", "options",
+)  # fmt: skip
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_verb(value: str) -> str:
+    verb = value.strip().lower()
+    if verb not in AUDIT_VERBS:
+        raise ValueError(
+            f"{value!r} is not a verb of an audit event; one of {', '.join(AUDIT_VERBS)}"
+        )
+    return verb
+
+
+def parse_duration(value: str) -> float:
+    """Seconds, as kubectl reads ``--request-timeout``: a bare integer is seconds, otherwise a
+    Go duration (``30s``, ``1m``, ``1h30m``, ``1.5s``, ``500ms``)."""
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(a + u for a, u in parts) != text:
+        raise ValueError(f"{value!r} is not a duration (30s, 1m, 1h30m, or a number of seconds)")
+    return sum(float(amount) * _DURATION_SECONDS[unit] for amount, unit in parts)
+
+
 def parse_status(value: str) -> str:
     if not _STATUS.match(value):
         raise ValueError(f"{value!r} is not an HTTP status code (404) or class (4xx)")
