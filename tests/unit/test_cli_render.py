@@ -161,3 +161,27 @@ def test_input_with_nothing_to_manage_is_refused(
     err = capsys.readouterr().err
     assert "holds no AuditUser or AuditPolicy" in err and "node uninstall" in err
     assert not (tmp_path / "o").exists() and not host.exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--out", "-"]])
+def test_crds_go_to_stdout_for_kubectl_apply(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``kube-audit crds | kubectl apply -f -``."""
+    assert main(["crds", *flags]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["CustomResourceDefinition"] * 2
+    assert sorted(d["metadata"]["name"] for d in docs) == [
+        "auditpolicies.kube-audit.io",
+        "auditusers.kube-audit.io",
+    ]
+
+
+def test_crds_out_that_is_a_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "crds.yaml"
+    target.write_text("mine")
+    assert main(["crds", "--out", str(target)]) == 1
+    assert "--out: exists and is not a folder" in capsys.readouterr().err
+    assert target.read_text() == "mine"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
+    """To stdout by default (``kube-audit crds | kubectl apply -f -``), or files in a folder."""
+    if args.out in (None, "-"):
+        docs = [render_crd_yaml(kind) for kind in CRD_FILES]
+        sys.stdout.write("---\n".join(docs))
+        return 0
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInput([Problem(str(out), "--out", "exists and is not a folder")])
     hostfs.ensure_dir(out, 0o755)
     for kind, name in CRD_FILES.items():
         hostfs.write_atomic(out / name, render_crd_yaml(kind).encode(), mode=0o644)
@@ -55,5 +63,10 @@ def add_parsers(sub: Any) -> None:
     render.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
     render.set_defaults(func=cmd_render)
     crds = sub.add_parser("crds", help="write the CustomResourceDefinitions")
-    crds.add_argument("--out", default="crds", metavar="DIR", help="folder (default: crds)")
+    crds.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write one file per CRD into this folder (default, or -: print them on stdout, "
+        "for kubectl apply -f -)",
+    )
     crds.set_defaults(func=cmd_crds)
