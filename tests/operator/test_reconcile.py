@@ -14,6 +14,7 @@ import pytest
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.main import CoreTaskDied, run_operator
 from kube_audit.controller.reconciler import NodeRuntime
+from kube_audit.core.tokens import fingerprint
 from kube_audit.kube import KubeApi
 from tests.agent.conftest import make_host
 from tests.operator.conftest import Harness, SimNode, eventually
@@ -176,3 +177,26 @@ def test_a_deleted_token_secret_is_regenerated_and_said_so(harness: Harness) -> 
     assert not [e for e in _events(harness, "carol") if e["reason"] == "TokenRegenerated"], (
         "a first token is no news"
     )
+
+
+def test_a_rotation_that_failed_is_not_ready(harness: Harness) -> None:
+    """A rotation changes the Secret, not the generation: before, the failed one left alice
+    Ready True, her entry 'still live' from the generation before, though the new token she was
+    handed works nowhere."""
+    harness.add_control_plane("cp-1")
+    node = harness.start("cp-1")
+    harness.apply_user("alice")
+    eventually(lambda: _ready(harness, "auditusers", "alice"), what="alice Ready")
+    first = _token(harness, "alice")
+    harness.healthy["cp-1"] = lambda: _records(node).get("alice", ("",))[0] == first
+    harness.annotate("auditusers", "alice", {"kube-audit.io/rotate-token": "2026-12-03"})
+    stalled = eventually(lambda: _stalled(harness, "auditusers", "alice"), what="shown")
+    assert stalled["reason"] == "RolledBack", stalled
+    assert harness.condition("auditusers", "alice")["status"] == "False"  # type: ignore[index]
+    assert _records(node)["alice"][0] == first != _token(harness, "alice")
+    entry = harness.get("auditusers", "alice")["status"]["nodes"]["cp-1"]
+    assert entry["token"] == fingerprint(first), "what the node still serves"
+    del harness.healthy["cp-1"]
+    harness.annotate("auditusers", "alice", {"kube-audit.io/rotate-token": "2026-12-04"})
+    eventually(lambda: _ready(harness, "auditusers", "alice"), what="Ready once it is live")
+    assert _records(node)["alice"][0] == _token(harness, "alice")

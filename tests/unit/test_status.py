@@ -178,3 +178,28 @@ def test_a_disabled_person_is_not_said_to_be_live() -> None:
     ready = {c["type"]: c for c in compute_conditions(obj, ["a", "b"], NOW)["conditions"]}["Ready"]
     assert ready["status"] == "True"
     assert ready["message"] == "disabled: no token on any of the 2 control-plane node(s)"
+
+
+def test_ready_only_where_a_node_serves_the_current_token() -> None:
+    """A rotation: same generation, a new token; one node applied it, one still serves the old."""
+    obj = _obj(1, {"a": (1, APPLIED), "b": (1, APPLIED)})
+    obj["status"]["nodes"]["a"]["token"] = "sha256:new"
+    obj["status"]["nodes"]["b"]["token"] = "sha256:old"
+    conditions = {
+        c["type"]: c for c in compute_conditions(obj, ["a", "b"], NOW, "sha256:new")["conditions"]
+    }
+    assert (
+        conditions["Ready"]["status"] == "False" and conditions["Reconciling"]["status"] == "True"
+    )
+    assert conditions["Ready"]["message"] == (
+        "live on 1 of 2 control-plane node(s); b still serve(s) the previous token"
+    )
+    obj["status"]["nodes"]["b"]["token"] = "sha256:new"
+    ready = compute_conditions(obj, ["a", "b"], NOW, "sha256:new")["conditions"][0]
+    assert ready["type"] == "Ready" and ready["status"] == "True"
+
+
+def test_a_policy_has_no_token_to_compare() -> None:
+    obj = _obj(1, {"a": (1, APPLIED)})
+    ready = compute_conditions(obj, ["a"], NOW)["conditions"][0]
+    assert ready["status"] == "True"

@@ -4,7 +4,7 @@ import pytest
 
 from kube_audit.core.models import parse_audit_user, parse_secret
 from kube_audit.core.settings import Settings
-from kube_audit.core.tokens import TokenRecord
+from kube_audit.core.tokens import TokenRecord, fingerprint
 from kube_audit.core.users import resolve_users, secret_location
 from kube_audit.errors import InvalidInput
 from tests.conftest import audit_user, long_token, token_secret
@@ -274,3 +274,13 @@ def test_a_reference_to_ones_own_generated_secret_is_fine() -> None:
     own = audit_user("bob", tokenSecretRef={"namespace": "kube-audit", "name": "audituser-bob"})
     result = _resolve([own], [token_secret("audituser-bob", long_token("bob"))])
     assert [r.username for r in result.records] == ["bob"] and not result.problems
+
+
+def test_each_accepted_user_has_the_fingerprint_of_the_token_it_is_served_with() -> None:
+    disabled = audit_user("dave", disabled=True)
+    result = _resolve(
+        [audit_user("alice"), disabled, audit_user("bob")],
+        [token_secret("audituser-alice", long_token("a"))],
+    )
+    assert dict(result.tokens) == {"alice": fingerprint(long_token("a")), "dave": ""}
+    assert "bob" not in dict(result.tokens), "not served: its Secret is missing"

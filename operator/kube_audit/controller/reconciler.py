@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from kube_audit.constants import PLURALS
+from kube_audit.constants import AUDIT_USER, PLURALS
 from kube_audit.controller.clock import Clock, SystemClock
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.intake import Intake
@@ -158,7 +158,8 @@ class NodeRuntime:
                 yield source, body
 
         desired = plan_desired(collect_inputs(documents()), self.config.settings)
-        return Planned(desired, generations)
+        tokens = {f"{AUDIT_USER}/{name}": digest for name, digest in desired.users.tokens}
+        return Planned(desired, generations, tokens)
 
     async def _back_off(self, stop: asyncio.Event) -> None:
         """Retry later, doubling the wait up to 30 s (the apiserver may be restarting)."""

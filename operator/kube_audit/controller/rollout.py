@@ -16,7 +16,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from kube_audit.agent.node import NodeAgent, NodeResult
 from kube_audit.constants import FAILED_ANNOTATION, KEEP_FAILED, ROLLOUT_LEASE
@@ -48,6 +48,8 @@ class Planned:
 
     desired: DesiredState
     generations: Mapping[str, int]
+    # "AuditUser/alice" -> fingerprint of the token the plan serves for her ("" disabled).
+    tokens: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class NodeReport:
     changed_node: bool = False
     # Wall-clock seconds when a config held back by a failure is tried again.
     retry_at: float | None = None
+    # The plan's token fingerprints (see ``Planned.tokens``).
+    tokens: Mapping[str, str] = field(default_factory=dict)
 
 
 def failed_configs(value: str | None) -> list[str]:
@@ -132,9 +136,10 @@ class Rollout:
         planned = self.plan()
         desired = planned.desired
         facts = (desired.config_hash, desired.problems, planned.generations)
+        tokens = planned.tokens
 
         def report(outcome: str, message: str, permanent: bool = False) -> NodeReport:
-            return NodeReport(*facts, outcome, message, permanent)
+            return NodeReport(*facts, outcome, message, permanent, tokens=tokens)
 
         try:
             agent = await asyncio.to_thread(self._agent)
@@ -215,7 +220,12 @@ class Rollout:
 
         def report(outcome: str, message: str) -> NodeReport:
             return NodeReport(
-                desired.config_hash, desired.problems, planned.generations, outcome, message
+                desired.config_hash,
+                desired.problems,
+                planned.generations,
+                outcome,
+                message,
+                tokens=planned.tokens,
             )
 
         marks = failed_configs(await asyncio.to_thread(self.lease.annotation, FAILED_ANNOTATION))
@@ -258,6 +268,7 @@ class Rollout:
                 BLOCKED,
                 str(error),
                 permanent=True,
+                tokens=planned.tokens,
             )
         except Exception:
             await self._release()

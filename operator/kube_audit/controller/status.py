@@ -84,6 +84,9 @@ class StatusWriter:
             duration=STATUS_LEASE_SECONDS,
         )
         self._record: tuple[str, str, str] | None = None
+        # The last plan's token fingerprints: conditions call a person Ready only where a node
+        # serves the current one.
+        self._tokens: Mapping[str, str] = {}
 
     async def write_node(self, report: NodeReport, stop: asyncio.Event) -> list[KubeAuditError]:
         """This node's record, then its entry on every object whose entry changed."""
@@ -104,6 +107,7 @@ class StatusWriter:
         waiting -= {p.obj for p in report.problems if not p.pending}
         now = rfc3339(self.clock.now())
         node = self.config.node_name
+        self._tokens = report.tokens
 
         def jobs() -> Iterator[Callable[[], Awaitable[None]]]:
             for kind, plural in PLURALS.items():
@@ -113,21 +117,30 @@ class StatusWriter:
                     if generation is None:
                         continue  # arrived after the plan: the next plan reports it
                     old = ((body.get("status") or {}).get("nodes") or {}).get(node)
+                    # What this node serves for a person: the plan's token once applied, the
+                    # one it had until then.
+                    served = (old or {}).get("token") if kind == AUDIT_USER else None
                     if ref in problems:
                         outcome = PENDING if ref in waiting else INVALID
                         text = "; ".join(problems[ref])
                     elif report.outcome == APPLIED:
                         outcome, text = APPLIED, "live"
+                        served = report.tokens.get(ref) if kind == AUDIT_USER else None
                     elif (
                         old
                         and old.get("outcome") == APPLIED
                         and old.get("observedGeneration") == generation
+                        and served == report.tokens.get(ref)
                     ):
                         continue  # still live here: the failed change was another object's
                     else:
                         outcome, text = report.outcome, report.message
                     entry = node_entry(
-                        generation=generation, outcome=outcome, message=text, time=now
+                        generation=generation,
+                        outcome=outcome,
+                        message=text,
+                        time=now,
+                        token=served,
                     )
                     if entry_differs(old, entry):
                         uid = str((body.get("metadata") or {}).get("uid") or "")
@@ -218,8 +231,9 @@ class StatusWriter:
                     entries = status.get("nodes") or {}
                     gone = {n: None for n in entries if prune and n not in nodes}
                     kept = {**status, "nodes": {n: e for n, e in entries.items() if n not in gone}}
+                    token = self._tokens.get(f"{kind}/{name}") if kind == AUDIT_USER else None
                     patch = {
-                        **compute_conditions({**body, "status": kept}, nodes, now),
+                        **compute_conditions({**body, "status": kept}, nodes, now, token),
                         **_columns(kind, body),
                     }
                     if gone or conditions_differ(status, patch):

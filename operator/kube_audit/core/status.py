@@ -31,13 +31,20 @@ BLOCKED = "Blocked"
 LEGACY_ENTRY_KEYS = ("configHash",)
 
 
-def node_entry(*, generation: int, outcome: str, message: str, time: str) -> dict[str, Any]:
-    return {
+def node_entry(
+    *, generation: int, outcome: str, message: str, time: str, token: str | None = None
+) -> dict[str, Any]:
+    """``token`` (AuditUsers only): the fingerprint of the token this node serves for the
+    person (a rotation changes no generation: without it a failed rotation read Ready)."""
+    entry: dict[str, Any] = {
         "observedGeneration": generation,
         "outcome": outcome,
         "message": message,
         "time": time,
     }
+    if token is not None:
+        entry["token"] = token
+    return entry
 
 
 def entry_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
@@ -68,9 +75,11 @@ def _condition(kind: str, true: bool, reason: str, message: str, generation: int
 
 
 def compute_conditions(
-    obj: Mapping[str, Any], control_plane: Sequence[str], now: str
+    obj: Mapping[str, Any], control_plane: Sequence[str], now: str, token: str | None = None
 ) -> dict[str, Any]:
-    """``observedGeneration`` and conditions from the node entries of the current generation."""
+    """``observedGeneration`` and conditions from the node entries of the current generation.
+    ``token``: the fingerprint of the person's current token; a node is live for them only
+    where it serves that one."""
     generation = int((obj.get("metadata") or {}).get("generation") or 0)
     status = obj.get("status") or {}
     nodes: Mapping[str, Any] = status.get("nodes") or {}
@@ -78,7 +87,12 @@ def compute_conditions(
     invalid = [e for e in current.values() if e.get("outcome") == INVALID]
     failed = {n: e for n, e in current.items() if e.get("outcome") in (ROLLED_BACK, BLOCKED)}
     pending = [e for e in current.values() if e.get("outcome") == PENDING]
-    live = [n for n in control_plane if (current.get(n) or {}).get("outcome") == APPLIED]
+    live = [
+        n
+        for n in control_plane
+        if (current.get(n) or {}).get("outcome") == APPLIED
+        and (token is None or (current.get(n) or {}).get("token") == token)
+    ]
     total = len(control_plane)
     if invalid:
         message = str(invalid[0].get("message") or "invalid")
@@ -110,6 +124,13 @@ def compute_conditions(
         ]
     else:
         message = f"live on {len(live)} of {total} control-plane node(s)"
+        behind = sorted(
+            n
+            for n in control_plane
+            if (current.get(n) or {}).get("outcome") == APPLIED and n not in live
+        )
+        if behind:
+            message += f"; {', '.join(behind)} still serve(s) the previous token"
         if pending:
             message += f"; {pending[0].get('message') or 'waiting'}"
         conditions = [

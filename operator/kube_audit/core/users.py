@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from kube_audit.constants import TOKEN_FOR_LABEL
 from kube_audit.core.models import AuditUser, SecretData
 from kube_audit.core.settings import Settings
-from kube_audit.core.tokens import TokenRecord, name_problem, token_problem
+from kube_audit.core.tokens import TokenRecord, fingerprint, name_problem, token_problem
 from kube_audit.errors import Problem
 
 
@@ -23,6 +23,9 @@ class UserResolution:
     records: tuple[TokenRecord, ...]
     accepted: tuple[str, ...]
     problems: tuple[Problem, ...] = field(default=())
+    # (object name, fingerprint of the token it is served with; "" when disabled), accepted
+    # users only: status says Ready only where a node serves this very token.
+    tokens: tuple[tuple[str, str], ...] = field(default=())
 
 
 # Groups outside 'system:' that make their members cluster-admin on every kubeadm cluster.
@@ -177,6 +180,7 @@ def resolve_users(
     records: list[TokenRecord] = []
     accepted: list[str] = []
     problems: list[Problem] = []
+    served: list[tuple[str, str]] = []
     owner_of_name: dict[str, AuditUser] = {}
     owner_of_token: dict[str, AuditUser] = {}
     for user in sorted(users, key=_age_key):
@@ -197,6 +201,7 @@ def resolve_users(
         owner_of_name[user.username] = user
         if user.spec.disabled:
             accepted.append(user.meta.name)
+            served.append((user.meta.name, ""))
             continue
         token, problem = _token(user, by_ref, settings)
         if problem is not None or token is None:
@@ -212,6 +217,7 @@ def resolve_users(
             continue
         owner_of_token[token] = user
         accepted.append(user.meta.name)
+        served.append((user.meta.name, fingerprint(token)))
         records.append(
             TokenRecord(
                 username=user.username, uid=user.uid, groups=tuple(user.spec.groups), token=token
@@ -221,4 +227,5 @@ def resolve_users(
         records=tuple(sorted(records)),
         accepted=tuple(sorted(accepted)),
         problems=tuple(sorted(problems)),
+        tokens=tuple(sorted(served)),
     )
