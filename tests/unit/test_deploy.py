@@ -9,12 +9,21 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import celpy
 import pytest
 import yaml
 from lupa import LuaRuntime
 
 from kube_audit.cli import build_parser
 from kube_audit.core.crd import render_crd
+from kube_audit.core.status import (
+    APPLIED,
+    INVALID,
+    PENDING,
+    ROLLED_BACK,
+    compute_conditions,
+    node_entry,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 needs_kubectl = pytest.mark.skipif(
@@ -268,3 +277,39 @@ def test_the_argocd_cm_patch_carries_the_health_check_as_shipped() -> None:
     }
     for kind in ("AuditUser", "AuditPolicy"):
         assert patch["data"][f"resource.customizations.health.kube-audit.io_{kind}"] == LUA
+
+
+FLUX = yaml.safe_load((REPO / "deploy/flux/health-check-exprs.yaml").read_text())
+
+
+def _flux(kind: str, obj: dict[str, Any]) -> str:
+    """Flux's order: failed, then current; neither is InProgress."""
+    [check] = [c for c in FLUX["healthCheckExprs"] if c["kind"] == kind]
+    env = celpy.Environment()
+    activation = {k: celpy.json_to_cel(obj.get(k, {})) for k in ("metadata", "spec", "status")}
+    for verdict in ("failed", "current"):
+        program = env.program(env.compile(check[verdict]))
+        if program.evaluate(activation):
+            return "Failed" if verdict == "failed" else "Current"
+    return "InProgress"
+
+
+@pytest.mark.parametrize("kind", ["AuditUser", "AuditPolicy"])
+def test_flux_health_check_exprs_on_every_state_the_operator_writes(kind: str) -> None:
+    crd = render_crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    new = {"metadata": {"generation": 1}, "status": crd["properties"]["status"]["default"]}
+    assert _flux(kind, new) == "InProgress", "never Current before kube-audit judged it"
+
+    def judged(generation: int, outcome: str, observed: int | None = None) -> dict[str, Any]:
+        entries = {"cp-1": node_entry(generation=observed or generation, outcome=outcome,
+                                      message="m", time="2026-12-03T00:00:00Z")}  # fmt: skip
+        obj = {"metadata": {"generation": generation}, "status": {"nodes": entries}}
+        return {**obj, "status": {**obj["status"], **compute_conditions(obj, ["cp-1"], "t")}}
+
+    assert _flux(kind, judged(1, APPLIED)) == "Current"
+    assert _flux(kind, judged(1, INVALID)) == "Failed"
+    assert _flux(kind, judged(1, ROLLED_BACK)) == "Failed"
+    assert _flux(kind, judged(1, PENDING)) == "InProgress"
+    changed = judged(1, APPLIED)
+    changed["metadata"]["generation"] = 2
+    assert _flux(kind, changed) == "InProgress", "a new generation not judged yet"
