@@ -92,3 +92,18 @@ def test_plan_exits_like_kubectl_diff_on_an_error(
     assert main(["node", "plan", "--host-root", root, "-f", str(bad)]) == 2
     assert "invalid input" in capsys.readouterr().err
     assert main(["node", "plan", "--host-root", str(tmp_path / "none"), *EXAMPLES]) == 4
+
+
+def test_audit_log_compression_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = str(make_host(tmp_path / "h"))
+    args = ["node", "apply", "--host-root", root, "--no-wait", "--audit-log-compress", *EXAMPLES]
+    assert main(args) == 0
+    manifest = (Path(root) / "etc/kubernetes/manifests/kube-apiserver.yaml").read_text()
+    assert "- --audit-log-compress=true\n" in manifest
+    assert main(["node", "uninstall", "--host-root", root, "--no-wait"]) == 0
+    assert (
+        "--audit-log-compress"
+        not in (Path(root) / "etc/kubernetes/manifests/kube-apiserver.yaml").read_text()
+    )

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from kube_audit.core.manifest import flag_value, parse_manifest
+from kube_audit.core.manifest import flag_value, parse_manifest, unpatch_manifest
 from kube_audit.core.plan import (
     POLICY_FILE,
     TOKEN_FILE,
@@ -166,3 +166,22 @@ def test_every_error_of_an_object_is_reported_at_once() -> None:
     assert "system:masters" in messages["spec.groups[1]"]
     assert '","' in messages["spec.groups[2]"]
     assert desired.files == {} and desired.users.accepted == ()
+
+
+def test_audit_log_compression_is_a_flag_and_part_of_the_hash_only_when_on() -> None:
+    objs = _docs(
+        audit_user("a"),
+        token_secret("audituser-a", long_token("ta")),
+        audit_policy("p", rules=[{"level": "Metadata"}]),
+    )
+    base = plan_desired(collect_inputs(objs), Settings())
+    compressed = plan_desired(collect_inputs(objs), Settings(log_compress=True))
+    assert base.config_hash != compressed.config_hash
+    assert base.config_hash == "d059975b521686cbd685d08b93ef61f831a51bf9b7f2af167332d786edf0341b", (
+        "off, the hash is what 0.1.0 computed: upgrading restarts no apiserver"
+    )
+    manifest = parse_manifest(kubeadm_manifest_text("v1.31"))
+    on = plan_manifest(manifest, compressed)
+    assert flag_value(on, "--audit-log-compress") == "true"
+    assert flag_value(plan_manifest(manifest, base), "--audit-log-compress") is None
+    assert "--audit-log-compress" not in yaml.safe_dump(unpatch_manifest(on))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from kube_audit import hostfs
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG
-from kube_audit.cli.env import env_int, env_list, env_str
+from kube_audit.cli.env import env_bool, env_int, env_list, env_str
 from kube_audit.core.settings import Settings
 from kube_audit.errors import InvalidInput, Problem
 
@@ -73,6 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_maxage=getattr(args, "audit_log_maxage", Settings.log_maxage),
         log_maxbackup=getattr(args, "audit_log_maxbackup", Settings.log_maxbackup),
         log_maxsize=getattr(args, "audit_log_maxsize", Settings.log_maxsize),
+        log_compress=bool(getattr(args, "audit_log_compress", False)),
     )
 
 
@@ -153,6 +154,13 @@ def rotation_flags(from_env: bool) -> argparse.ArgumentParser:
             help=f"audit log rotation, {unit} (default {builtin}"
             + (f", or ${name})" if from_env else ")"),
         )
+    parent.add_argument(
+        "--audit-log-compress",
+        action="store_true",
+        default=env_bool("KUBE_AUDIT_LOG_COMPRESS") if from_env else False,
+        help="gzip rotated audit logs (kube-apiserver --audit-log-compress; `who` reads .gz; "
+        "default off" + (", or $KUBE_AUDIT_LOG_COMPRESS=true)" if from_env else ")"),
+    )
     return parent
 
 

@@ -32,6 +32,7 @@ MANAGED_FLAGS = (
     "--audit-log-maxage",
     "--audit-log-maxbackup",
     "--audit-log-maxsize",
+    "--audit-log-compress",
 )
 
 Manifest = dict[str, Any]
@@ -50,6 +51,7 @@ class ManifestConfig:
     log_maxage: int = 30
     log_maxbackup: int = 10
     log_maxsize: int = 100
+    log_compress: bool = False
 
     def flags(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -62,6 +64,8 @@ class ManifestConfig:
             out["--audit-log-maxage"] = str(self.log_maxage)
             out["--audit-log-maxbackup"] = str(self.log_maxbackup)
             out["--audit-log-maxsize"] = str(self.log_maxsize)
+            if self.log_compress:
+                out["--audit-log-compress"] = "true"
         return out
 
 

@@ -75,6 +75,7 @@ class DesiredState:
             log_maxage=s.log_maxage,
             log_maxbackup=s.log_maxbackup,
             log_maxsize=s.log_maxsize,
+            log_compress=s.log_compress,
         )
 
 
@@ -180,6 +181,8 @@ def config_hash(files: Mapping[str, bytes], settings: Settings) -> str:
         f"{s.config_dir}\0{s.log_dir}\0{s.log_file}\0{s.log_maxage}\0{s.log_maxbackup}\0"
         f"{s.log_maxsize}\0".encode()
     )
+    if s.log_compress:  # only when on: the hash of every existing config stays what it was
+        digest.update(b"compress\0")
     for name in sorted(files):
         digest.update(f"{name}\0{len(files[name])}\0".encode())
         digest.update(files[name])

@@ -15,6 +15,8 @@ class Settings:
     log_maxage: int = 30
     log_maxbackup: int = 10
     log_maxsize: int = 100
+    # gzip rotated audit logs (--audit-log-compress); `who` reads .gz as well.
+    log_compress: bool = False
     token_namespace: str = "kube-audit"
     allowed_system_groups: frozenset[str] = field(default_factory=frozenset)
     allowed_system_users: frozenset[str] = field(default_factory=frozenset)
