@@ -7,6 +7,7 @@ against each (tests/operator/test_contract.py, tests/controlplane/test_contract.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ def check_api_contract(api: KubeApi) -> None:
     suffix = uuid.uuid4().hex[:6]
     # Objects get unique names in "default" (kmock cannot create Namespaces).
     _nodes_by_label(api, core, suffix)
+    _control_plane_node_watch(api, core, suffix)
     _token_secrets(api, core, suffix)
     _labelled_secret_watch(api, core, suffix)
     _consenting_secret(api, core, suffix)
@@ -52,6 +54,38 @@ def _nodes_by_label(api: KubeApi, core: Any, suffix: str) -> None:
     finally:
         core.delete_node(worker)
         core.delete_node(control)
+
+
+def _control_plane_node_watch(api: KubeApi, core: Any, suffix: str) -> None:
+    """The Node watch filtered by the apiserver: a worker never arrives, a control-plane node
+    does, and leaves as DELETED."""
+    events: list[tuple[str, str]] = []
+    stop = threading.Event()
+    worker, control = f"watch-worker-{suffix}", f"watch-control-{suffix}"
+
+    def record(kind: str, obj: dict[str, Any]) -> None:
+        events.append((kind, str((obj.get("metadata") or {}).get("name") or "")))
+
+    thread = threading.Thread(
+        target=api.watch_control_plane_nodes, args=(record, stop), daemon=True
+    )
+    thread.start()
+    try:
+        _wait("the first list", lambda: any(kind == LISTED for kind, _ in events))
+        core.create_node({"metadata": {"name": worker}})
+        core.create_node({"metadata": {"name": control, "labels": {CONTROL_PLANE_LABEL: ""}}})
+        _wait("the control-plane node", lambda: ("ADDED", control) in events)
+        core.delete_node(control)
+        _wait("DELETED when it goes", lambda: ("DELETED", control) in events)
+        assert not any(name == worker for _, name in events), events
+    finally:
+        for name in (worker, control):
+            with contextlib.suppress(kubernetes.client.ApiException):
+                core.delete_node(name)
+        stop.set()
+        api.stop_watches()
+        thread.join(15)
+    assert not thread.is_alive(), "the watch did not stop"
 
 
 NAMESPACE = "default"

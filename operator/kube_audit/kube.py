@@ -457,13 +457,32 @@ class KubeApi:
         path = _secret_path(namespace) if namespace else "/api/v1/secrets"
         query = {"labelSelector": label_selector}
         what = f"Secrets in {namespace}" if namespace else f"Secrets labelled {label_selector}"
+        self._list_and_watch(what, path, query, on_event, stop)
+
+    def watch_control_plane_nodes(
+        self, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event
+    ) -> None:
+        """Blocking list+watch of the control-plane Nodes only, as ``watch_secrets``. The
+        apiserver filters by label: a cluster's thousands of workers never reach the pod
+        (kopf's ``labels=`` filters on the client, after every Node was streamed)."""
+        query = {"labelSelector": CONTROL_PLANE_LABEL}
+        self._list_and_watch("control-plane Nodes", "/api/v1/nodes", query, on_event, stop)
+
+    def _list_and_watch(
+        self,
+        what: str,
+        path: str,
+        query: Mapping[str, Any],
+        on_event: Callable[[str, dict[str, Any]], None],
+        stop: threading.Event,
+    ) -> None:
         backoff = 1.0
         while not stop.is_set():
             started = time.monotonic()
             try:
-                version: str | None = self._list_secrets(what, path, query, on_event)
+                version: str | None = self._list(what, path, query, on_event)
                 while not stop.is_set() and version:
-                    version = self._watch_secrets(
+                    version = self._watch(
                         what, path, query, version=version, on_event=on_event, stop=stop
                     )
             except ClusterError as error:
@@ -482,14 +501,14 @@ class KubeApi:
             stop.wait(backoff)
             backoff = min(backoff * 2, MAX_WATCH_BACKOFF)
 
-    def _list_secrets(
+    def _list(
         self,
         what: str,
         path: str,
         query: Mapping[str, Any],
         on_event: Callable[[str, dict[str, Any]], None],
     ) -> str:
-        """Every Secret as ADDED, framed by LISTING and LISTED (whose ``keys`` are all the
+        """Every object as ADDED, framed by LISTING and LISTED (whose ``keys`` are all the
         (namespace, name) pairs listed): a re-list must also tell what is gone."""
         version = ""
         keys: list[tuple[str, str]] = []
@@ -503,7 +522,7 @@ class KubeApi:
         on_event(LISTED, {"keys": keys})
         return version
 
-    def _watch_secrets(
+    def _watch(
         self,
         what: str,
         path: str,

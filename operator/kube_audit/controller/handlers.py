@@ -3,8 +3,8 @@
 No progress or diff-base annotations (event handlers keep no state on objects), no finalizers:
 several pods watch the same objects and must not fight over them. The runtime's object store
 plays the part of ``kopf.index``: the reconciler runs as one task outside any handler, where
-kopf would not inject indices. Secrets are not watched through kopf (see
-``KubeApi.watch_secrets``).
+kopf would not inject indices. Secrets and Nodes are not watched through kopf (see
+``KubeApi.watch_secrets`` and ``watch_control_plane_nodes``: server-side selectors).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from kube_audit.constants import CONTROL_PLANE_LABEL, GROUP, VERSION
+from kube_audit.constants import GROUP, VERSION
 from kube_audit.controller.reconciler import NodeRuntime
 from kube_audit.errors import KubeAuditError
 
@@ -68,9 +68,5 @@ def build_registry(runtime: NodeRuntime, login: Any) -> kopf.OperatorRegistry:
     @kopf.on.event(GROUP, VERSION, "auditpolicies", registry=registry)
     async def audit_policy(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         record("auditpolicies", event, body)
-
-    @kopf.on.event("", "v1", "nodes", labels={CONTROL_PLANE_LABEL: kopf.PRESENT}, registry=registry)
-    async def node(**_: Any) -> None:
-        runtime.node_changed()
 
     return registry
