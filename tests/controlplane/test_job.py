@@ -168,7 +168,7 @@ def test_people_get_their_identities_with_one_restart(job: Job) -> None:
     assert job.restarts_since(mark) == 1, node.records()[mark:]
 
     header = cp.kubectl("get", "auditusers").stdout.splitlines()[0].split()
-    assert header == ["NAME", "USERNAME", "GROUPS", "READY", "AGE"]
+    assert header == ["NAME", "USERNAME", "GROUPS", "DISABLED", "READY", "STATUS", "AGE"]
 
     alice = whoami(cp, token_of(cp, "alice"))
     assert isinstance(alice, dict), alice
