@@ -197,6 +197,9 @@ class HostState:
     mounts: frozenset[tuple[str, str, str]]
     cgroups: frozenset[str]
     processes: frozenset[int]
+    # The host's network namespace: everything the tier starts runs in its private one (or a
+    # pod's), so a new process still in the host's was started by someone else on the machine.
+    net_namespace: str = ""
 
     @classmethod
     def read(cls) -> HostState:
@@ -205,6 +208,7 @@ class HostState:
             mounts=frozenset(_mounts()),
             cgroups=frozenset(_cgroup_dirs()),
             processes=frozenset(_processes()),
+            net_namespace=os.readlink("/proc/self/ns/net"),
         )
 
     def differences(self, after: HostState) -> list[str]:
@@ -220,9 +224,29 @@ class HostState:
         out += [
             f"process left running: {pid} {running.get(pid, '')[:160]}"
             for pid in sorted(after.processes - self.processes)
-            if pid in running
+            if pid in running and self._started_by_the_tier(pid)
         ]
         return out
+
+    def _started_by_the_tier(self, pid: int) -> bool:
+        """A child of this test process, or a process outside the host's network namespace
+        (the node's daemons and containers, orphaned or not); not a process someone else
+        started on the machine meanwhile (a shell, another test run)."""
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/net") != self.net_namespace:
+                return True
+        seen = pid
+        for _ in range(64):
+            try:
+                stat = Path(f"/proc/{seen}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                return False
+            seen = int(stat[1])
+            if seen == os.getpid():
+                return True
+            if seen <= 1:
+                return False
+        return False
 
 
 # --- the node ---------------------------------------------------------------------------------
