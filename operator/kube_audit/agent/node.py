@@ -118,23 +118,27 @@ def _record_failure(
     return _with_failures(state, failures)
 
 
+def _revokes_only(current: _Current, desired: DesiredState) -> bool:
+    running = config_hash_of(current.manifest) or ""
+    return removes_identities_only(current.manifest, current.files, running, desired)
+
+
 def _hold(
-    layout: HostLayout, state: dict[str, Any], current: _Current, desired: DesiredState, now: float
+    state: dict[str, Any], current: _Current, desired: DesiredState, now: float
 ) -> Hold | None:
     target = desired.config_hash
-    running = config_hash_of(current.manifest) or ""
     return plan_hold(
         target,
         failures_of(state).get(target),
         admin_rollback=bool(target) and state.get("adminRollback") == target,
-        revocation=removes_identities_only(current.manifest, current.files, running, desired),
+        revocation=_revokes_only(current, desired),
         now=now,
     )
 
 
 def hold_of(layout: HostLayout, desired: DesiredState, now: float) -> Hold | None:
     """Why the operator must not apply ``desired`` on this node now (None: it may); reads only."""
-    return _hold(layout, read_state(layout), _read_current(layout), desired, now)
+    return _hold(read_state(layout), _read_current(layout), desired, now)
 
 
 def _write_state(layout: HostLayout, state: dict[str, Any]) -> None:
@@ -296,7 +300,7 @@ def apply_node(
                 return resumed
             short = target_hash[:16] or "unpatched (nothing to manage)"
             return NodeResult("unchanged", target_hash, f"unchanged: the node runs config {short}")
-        if not retry_failed and (hold := _hold(layout, state, current, desired, wall())):
+        if not retry_failed and (hold := _hold(state, current, desired, wall())):
             return NodeResult("held", target_hash, hold.message)
         _backup(layout, current)
         _write_config(layout, subdir, dict(desired.files))
@@ -638,9 +642,7 @@ class NodeAgent:
 
     def removes_identities_only(self, desired: DesiredState) -> bool:
         """Going to ``desired`` only takes identities away: no failure elsewhere holds it."""
-        current = _read_current(self.layout)
-        running = config_hash_of(current.manifest) or ""
-        return removes_identities_only(current.manifest, current.files, running, desired)
+        return _revokes_only(_read_current(self.layout), desired)
 
     def pending(self) -> str | None:
         """The config hash an interrupted apply left unverified, if any."""
