@@ -77,7 +77,7 @@ def load_api_client(
         raise ClusterError(f"no usable kubeconfig ({where}): {error}") from None
     except yaml.YAMLError as error:
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-        raise ClusterError(f"kubeconfig {where} is not valid YAML: {_one_line(error)}") from None
+        raise ClusterError(f"kubeconfig {yamlio.explain(where, error)}") from None
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -103,9 +103,7 @@ def current_cluster(
             try:
                 docs.append(yamlio.load(data) or {})
             except yamlio.YAMLError as error:
-                raise ClusterError(
-                    f"kubeconfig {path} is not valid YAML: {_one_line(error)}"
-                ) from None
+                raise ClusterError(f"kubeconfig {yamlio.explain(path, error)}") from None
     current = context or next(
         (d.get("current-context") for d in docs if d.get("current-context")), None
     )

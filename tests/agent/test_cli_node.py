@@ -94,6 +94,21 @@ def test_plan_exits_like_kubectl_diff_on_an_error(
     assert main(["node", "plan", "--host-root", str(tmp_path / "none"), *EXAMPLES]) == 4
 
 
+def test_uninstall_on_a_node_kube_audit_never_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Says so, changes nothing, creates nothing, and names no folder that does not exist."""
+    root = make_host(tmp_path / "h")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    manifest = (root / "etc/kubernetes/manifests/kube-apiserver.yaml").read_bytes()
+    assert main(["node", "uninstall", "--host-root", str(root), "--no-wait"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nothing to uninstall: kube-audit never changed this node")
+    assert "audit logs kept" not in out and "backups kept" not in out
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert (root / "etc/kubernetes/manifests/kube-apiserver.yaml").read_bytes() == manifest
+
+
 def test_audit_log_compression_from_the_command_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

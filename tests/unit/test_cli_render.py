@@ -67,7 +67,7 @@ def test_invalid_input_lists_every_error_and_writes_nothing(
 
 def test_bad_yaml_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("kind: [oops")
+    bad.write_text("kind: AuditUser\n  name: x\n")
     assert (
         main(
             [
@@ -83,7 +83,77 @@ def test_bad_yaml_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
         == 1
     )
     err = capsys.readouterr().err
-    assert "bad.yaml: not valid YAML" in err and "nope.yaml: no such file" in err
+    assert f"  {bad}:2:7: not valid YAML: mapping values are not allowed" in err, (
+        "file, line and column, as a linter says it"
+    )
+    assert "nope.yaml: no such file" in err
+    assert "<unicode string>" not in err and len(err.splitlines()) == 3, "one line per problem"
+
+
+def test_problems_in_yaml_authors_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No pydantic or Python wording reaches the user."""
+    objs = _write(
+        tmp_path / "in.yaml",
+        audit_policy("p", rules=[]),
+        audit_user("u", username=5, groups="dev", disabled="maybe"),
+    )
+    assert main(["render", "-f", str(objs), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "kube-audit: 4 invalid input(s), nothing written:" in err
+    assert "AuditPolicy/p: spec.rules: needs at least 1 item(s), has 0" in err
+    assert "AuditUser/u: spec.username: must be a string, not the number 5" in err
+    assert "AuditUser/u: spec.groups: must be a list, not the string 'dev'" in err
+    assert "AuditUser/u: spec.disabled: must be true or false, not the string 'maybe'" in err
+    for pydantic_words in ("Input should", "should have", "after validation", "Value error"):
+        assert pydantic_words not in err
+
+
+def test_read_only_commands_never_say_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    objs = _write(tmp_path / "in.yaml", audit_policy("p", rules=[]))
+    root = tmp_path / "host"
+    assert main(["node", "plan", "--host-root", str(root), "-f", str(objs)]) == 2
+    err = capsys.readouterr().err
+    assert "kube-audit: 1 invalid input(s):" in err and "nothing written" not in err
+
+
+def test_render_prints_one_file_on_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out -`` gives the same bytes ``--out DIR`` writes, one file at a time."""
+    policy_only = _write(tmp_path / "p.yaml", audit_policy("p", rules=[{"level": "Metadata"}]))
+    assert main(["render", "-f", str(policy_only), "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    assert main(["render", "-f", str(policy_only), "--out", "-"]) == 0
+    assert capsys.readouterr().out == (tmp_path / "o/audit-policy.yaml").read_text()
+
+    both = _write(
+        tmp_path / "both.yaml",
+        audit_user("bob"),
+        token_secret("audituser-bob", long_token("b")),
+        audit_policy("p", rules=[{"level": "Metadata"}]),
+    )
+    assert main(["render", "-f", str(both), "--out", "-"]) == 1
+    err = capsys.readouterr().err
+    assert "--out -: --only: prints one file" in err and "--only tokens or --only policy" in err
+    assert main(["render", "-f", str(both), "--out", "-", "--only", "tokens"]) == 0
+    out = capsys.readouterr().out
+    assert [r.username for r in parse_token_file(out.encode())] == ["bob"]
+    assert not out.startswith("wrote"), "only the file's bytes on stdout"
+
+
+def test_render_only_one_file_into_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    both = _write(
+        tmp_path / "both.yaml",
+        audit_user("bob"),
+        token_secret("audituser-bob", long_token("b")),
+        audit_policy("p", rules=[{"level": "Metadata"}]),
+    )
+    assert main(["render", "-f", str(both), "--out", str(tmp_path / "o"), "--only", "policy"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["audit-policy.yaml"]
 
 
 def test_without_policy_writes_only_tokens(

@@ -37,17 +37,19 @@ def test_explicit_secret_ref_key_defaults_to_token() -> None:
 @pytest.mark.parametrize(
     ("spec", "field", "fragment"),
     [
-        ({"groups": "developer"}, "spec.groups", "list"),
-        ({"groups": ["ok", 3]}, "spec.groups[1]", "string"),
+        ({"groups": "developer"}, "spec.groups", "must be a list, not the string 'developer'"),
+        ({"groups": ["ok", 3]}, "spec.groups[1]", "must be a string, not the number 3"),
         ({"nickname": "al"}, "spec.nickname", "unknown field"),
-        ({"tokenSecretRef": {"name": "s"}}, "spec.tokenSecretRef.namespace", "required"),
+        ({"tokenSecretRef": {"name": "s"}}, "spec.tokenSecretRef.namespace", "is required"),
         (
             {"tokenSecretRef": {"namespace": "n", "name": "s", "extra": 1}},
             "spec.tokenSecretRef.extra",
             "unknown field",
         ),
-        ({"disabled": "yes"}, "spec.disabled", "bool"),
-        ({"username": ""}, "spec.username", "at least 1"),
+        ({"disabled": "yes"}, "spec.disabled", "must be true or false, not the string 'yes'"),
+        ({"disabled": None}, "spec.disabled", "must be true or false, not null"),
+        ({"username": ""}, "spec.username", "must not be empty"),
+        ({"username": "x" * 300}, "spec.username", "must be at most 253 characters"),
     ],
 )
 def test_schema_errors_name_object_and_field(spec: dict, field: str, fragment: str) -> None:  # type: ignore[type-arg]
@@ -58,6 +60,8 @@ def test_schema_errors_name_object_and_field(spec: dict, field: str, fragment: s
     assert problem.field == field
     assert fragment in problem.message
     assert str(problem).startswith(f"AuditUser/bob: {field}: ")
+    for pydantic_words in ("Input should", "should have", "after validation", "Value error"):
+        assert pydantic_words not in problem.message
 
 
 def test_metadata_name_must_be_a_dns_subdomain() -> None:

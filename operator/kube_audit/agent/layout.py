@@ -30,7 +30,7 @@ def static_pod_path(root: Path, kubelet_config: str) -> str:
         config = yamlio.load(data)
     except yamlio.YAMLError as error:
         raise NodeConfigError(
-            f"kubelet config {kubelet_config} is not valid YAML: {error}"
+            f"kubelet config {yamlio.explain(str(kubelet_config), error)}"
         ) from None
     value = config.get("staticPodPath") if isinstance(config, dict) else None
     if value is None:

@@ -570,7 +570,17 @@ def rollback_node(
 
 
 def uninstall_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult:
-    """Put back the manifest as it was before kube-audit; remove our files, keep audit logs."""
+    """Put back the manifest as it was before kube-audit; remove our files, keep audit logs.
+    A node kube-audit never changed is left exactly as it is (not even a lock file made)."""
+    if not layout.state_dir.exists() and not layout.config_dir.exists():
+        current = _read_current(layout)
+        if unpatch_manifest(current.manifest) == current.manifest:
+            return NodeResult(
+                "unchanged",
+                "",
+                f"nothing to uninstall: kube-audit never changed this node ({layout.manifest} "
+                "has no kube-audit flags and there are no kube-audit files)",
+            )
     with hostfs.host_lock(layout.lock_file):
         _cleanup_temporaries(layout)
         _resume_pending(layout, health, now=_now)
@@ -591,8 +601,13 @@ def uninstall_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult
                     )
         hostfs.remove_tree(layout.config_dir)
         hostfs.remove_tree(layout.state_file)
-        kept = f"audit logs kept in {layout.log_dir}; backups kept in {layout.backups}"
-        message = f"uninstalled: kube-apiserver manifest restored; {kept}"
+        kept = "".join(
+            f"; {what} kept in {folder}"
+            for what, folder in (("audit logs", layout.log_dir), ("backups", layout.backups))
+            if folder.is_dir()
+        )
+        restored = "manifest restored" if restarted else "manifest already had no kube-audit flags"
+        message = f"uninstalled: kube-apiserver {restored}{kept}"
         return NodeResult("uninstalled", "", message, restarted)
 
 

@@ -41,6 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | None = None
     try:
         parser = build_parser(args_in[0] if args_in else None)
         if not args_in:
@@ -50,9 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except InvalidInput as error:
-        print(
-            f"kube-audit: {len(error.problems)} invalid input(s), nothing written:", file=sys.stderr
-        )
+        # Said only by the commands that write: a read-only one has nothing to reassure about.
+        written = ", nothing written" if getattr(args, "writes", False) else ""
+        print(f"kube-audit: {len(error.problems)} invalid input(s){written}:", file=sys.stderr)
         for problem in error.problems:
             print(f"  {problem}", file=sys.stderr)
         return error.exit_code

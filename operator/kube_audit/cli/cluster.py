@@ -144,7 +144,7 @@ def add_parsers(sub: Any) -> None:
     )
     kc.add_argument("--force", action="store_true", help="replace an existing file")
     _namespace_flag(kc, "the token Secrets it made live there")
-    kc.set_defaults(func=cmd_kubeconfig)
+    kc.set_defaults(func=cmd_kubeconfig, writes=True)
     st = sub.add_parser(
         "status",
         parents=[cluster_flags()],

@@ -128,4 +128,4 @@ def add_parsers(sub: Any) -> None:
                 help="allow restoring a backup whose kube-apiserver image differs from the "
                 "running one (taken before a kubeadm upgrade: it would change the version)",
             )
-        cmd.set_defaults(func=func)
+        cmd.set_defaults(func=func, writes=name != "plan")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +14,23 @@ from kube_audit.core.crd import CRD_FILES, render_crd_yaml
 from kube_audit.core.plan import POLICY_FILE, TOKEN_FILE
 from kube_audit.errors import InvalidInput, Problem
 
+ONLY = {"tokens": TOKEN_FILE, "policy": POLICY_FILE}
+
 
 def cmd_render(args: argparse.Namespace) -> int:
     desired = valid_desired(args, settings_from_args(args))
+    if args.out == "-":
+        return _print_one(args.only, desired.files)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InvalidInput([Problem(str(out), "--out", "exists and is not a folder")])
     hostfs.ensure_dir(out)
-    hostfs.write_atomic(out / TOKEN_FILE, desired.files.get(TOKEN_FILE, b""), mode=0o600)
-    records = len(desired.users.records)
-    print(f"wrote {out / TOKEN_FILE} ({records} user{'s' * (records != 1)})")
+    if args.only != "policy":
+        hostfs.write_atomic(out / TOKEN_FILE, desired.files.get(TOKEN_FILE, b""), mode=0o600)
+        records = len(desired.users.records)
+        print(f"wrote {out / TOKEN_FILE} ({records} user{'s' * (records != 1)})")
+    if args.only == "tokens":
+        return 0
     policy = desired.files.get(POLICY_FILE)
     if policy is None:
         stale = out / POLICY_FILE
@@ -33,6 +41,32 @@ def cmd_render(args: argparse.Namespace) -> int:
     else:
         hostfs.write_atomic(out / POLICY_FILE, policy, mode=0o644)
         print(f"wrote {out / POLICY_FILE}")
+    return 0
+
+
+def _print_one(only: str | None, files: Mapping[str, bytes]) -> int:
+    """One file on stdout, byte for byte what ``--out DIR`` writes: two files cannot share a
+    stream without a separator, and the token file has no comment syntax to carry one."""
+    if only is None:
+        if len(files) > 1:
+            raise InvalidInput(
+                [
+                    Problem(
+                        "--out -",
+                        "--only",
+                        f"prints one file and the inputs make two ({TOKEN_FILE}, {POLICY_FILE}):"
+                        " add --only tokens or --only policy",
+                    )
+                ]
+            )
+        only = next((k for k, name in ONLY.items() if name in files), "tokens")
+    name = ONLY[only]
+    if name not in files and only == "policy":
+        raise InvalidInput(
+            [Problem("--only policy", "-f", "no AuditPolicy given: there is no audit policy")]
+        )
+    sys.stdout.buffer.write(files.get(name, b""))
+    sys.stdout.flush()
     return 0
 
 
@@ -60,8 +94,19 @@ def add_parsers(sub: Any) -> None:
         description="Validate AuditUser, AuditPolicy and Secret objects and write the token "
         "file and audit policy kube-apiserver reads. Writes nothing if any input is invalid.",
     )
-    render.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
-    render.set_defaults(func=cmd_render)
+    render.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder to write into, or - to print one file on stdout (see --only)",
+    )
+    render.add_argument(
+        "--only",
+        choices=tuple(ONLY),
+        help=f"render only the token file ({TOKEN_FILE}) or the audit policy ({POLICY_FILE}); "
+        "needed with --out - when the inputs make both",
+    )
+    render.set_defaults(func=cmd_render, writes=True)
     crds = sub.add_parser("crds", help="write the CustomResourceDefinitions")
     crds.add_argument(
         "--out",
@@ -69,4 +114,4 @@ def add_parsers(sub: Any) -> None:
         help="write one file per CRD into this folder (default, or -: print them on stdout, "
         "for kubectl apply -f -)",
     )
-    crds.set_defaults(func=cmd_crds)
+    crds.set_defaults(func=cmd_crds, writes=True)

@@ -74,7 +74,7 @@ def parse_manifest(text: str, source: str = "kube-apiserver.yaml") -> Manifest:
     try:
         docs = [d for d in yamlio.load_all(text) if d is not None]
     except yamlio.YAMLError as error:
-        raise ManifestError(f"{source}: not valid YAML: {error}") from None
+        raise ManifestError(yamlio.explain(source, error)) from None
     if len(docs) > 1:
         raise ManifestError(
             f"{source}: holds {len(docs)} YAML documents; kubelet runs only the first and "

@@ -198,17 +198,75 @@ def _field_path(prefix: str, loc: tuple[int | str, ...]) -> str:
     return path
 
 
+# pydantic's error types in the words kubectl users read (a JSON/YAML type, not Python's);
+# ``{...}`` are filled from the error's context.
+_TYPE_NAMES = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "unknown field",
+    "too_short": "needs at least {min_length} item(s), has {actual_length}",
+    "too_long": "takes at most {max_length} item(s), has {actual_length}",
+    "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} characters",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "string_pattern_mismatch": "does not match {pattern}",
+}
+
+
+def _message(item: Mapping[str, Any]) -> str:
+    kind = item["type"]
+    context = item.get("ctx") or {}
+    if kind in _TYPE_NAMES:
+        got = item.get("input")
+        return f"must be {_TYPE_NAMES[kind]}, not {_json_type(got)}"
+    if kind == "literal_error":
+        return f"unsupported value {item['input']!r}; expected one of {context.get('expected')}"
+    if kind in _MESSAGES:
+        try:
+            return _MESSAGES[kind].format(**context)
+        except (KeyError, IndexError):
+            return _MESSAGES[kind].split(" {", 1)[0]
+    if kind == "value_error":
+        return str(context.get("error") or item["msg"].removeprefix("Value error, "))
+    return str(item["msg"])
+
+
+def _json_type(value: Any) -> str:
+    """The name a YAML/JSON author knows for the value given."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return type(value).__name__
+
+
 def problems_from_validation(obj: str, prefix: str, error: ValidationError) -> list[Problem]:
-    """Turn pydantic's errors into problems with Kubernetes-style field paths."""
+    """Turn pydantic's errors into problems with Kubernetes-style field paths and wording a
+    YAML author understands (no pydantic or Python terms reach the user)."""
     problems = []
     for item in error.errors():
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function")))
-        msg = item["msg"]
-        if item["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif item["type"] == "literal_error":
-            msg = f"unsupported value {item['input']!r}: {msg}"
-        problems.append(Problem(obj, _field_path(prefix, loc), msg))
+        problems.append(Problem(obj, _field_path(prefix, loc), _message(item)))
     return problems
 
 

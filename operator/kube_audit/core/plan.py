@@ -169,7 +169,8 @@ def parse_documents(text: str, source: str) -> list[tuple[str, Any]]:
     try:
         docs = list(yamlio.load_all(text))
     except yamlio.YAMLError as error:
-        raise InvalidInput([Problem(source, "", f"not valid YAML: {error}")]) from None
+        where, why = yamlio.locate(source, error)
+        raise InvalidInput([Problem(where, "", f"not valid YAML: {why}")]) from None
     return [(f"{source}#{i + 1}", doc) for i, doc in enumerate(docs) if doc is not None]
 
 

@@ -62,6 +62,25 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _GoSafeDumper.add_representer(str, _represent_str)
 
 
+def locate(source: str, error: yaml.YAMLError) -> tuple[str, str]:
+    """(``FILE:LINE:COLUMN``, why on one line): PyYAML's own text spans lines and names
+    ``<unicode string>``."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    why = " ".join(
+        str(part).strip()
+        for part in (getattr(error, "problem", None), getattr(error, "context", None))
+        if part
+    )
+    return where, why or " ".join(str(error).split())
+
+
+def explain(source: str, error: yaml.YAMLError) -> str:
+    """``FILE:LINE:COLUMN: not valid YAML: why``, as compilers and linters say it."""
+    where, why = locate(source, error)
+    return f"{where}: not valid YAML: {why}"
+
+
 def load(text: str | bytes) -> Any:
     return yaml.load(text, Loader=_LOADER)
 
