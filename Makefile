@@ -7,6 +7,8 @@ DEMO   := build/demo
 GO     ?= go
 CP_SRC := tests/controlplane
 CP_BIN := build/controlplane/bin
+ACTIONLINT_VERSION := v1.7.12
+ACTIONLINT := build/tools/actionlint-$(ACTIONLINT_VERSION)/actionlint
 K8S_VERSION := $(shell sed -n 's|^[[:space:]]*k8s.io/kubernetes \(v[0-9.]*\)$$|\1|p' $(CP_SRC)/go.mod)
 CP_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
 	-X k8s.io/component-base/version.gitMajor=$(word 2,$(subst ., ,$(subst v,v ,$(K8S_VERSION)))) \
@@ -58,11 +60,17 @@ controlplane: ## build kube-apiserver, etcd, kubeadm, kube-controller-manager, k
 unit: setup ## only the fast pure-core tests
 	$(BIN)/python -m pytest tests/unit
 
-lint: setup ## ruff (lint + format check), mypy --strict, import-linter (the layers)
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+lint: setup ## ruff (lint + format check), mypy --strict, import-linter (the layers), actionlint (the workflows)
+	$(BIN)/ruff check operator tests bench setup.py
+	$(BIN)/ruff format --check operator tests bench setup.py
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory $(ACTIONLINT) && $(ACTIONLINT) && echo "actionlint: .github/workflows pass"; \
+	 else echo "make lint: no Go on PATH: the GitHub workflows are not checked (actionlint)"; fi
+
+$(ACTIONLINT):
+	GOBIN=$(abspath $(dir $(ACTIONLINT))) GOTOOLCHAIN=local GOFLAGS=-mod=mod \
+	  $(GO) install github.com/rhysd/actionlint/cmd/actionlint@$(ACTIONLINT_VERSION)
 
 bench: setup ## render, patch, agent, who (vs jq) and operator benchmarks against their targets
 	$(BIN)/python bench/run.py

@@ -31,20 +31,23 @@ for tool in mmdebstrap umoci skopeo unshare tar sha256sum; do
   command -v "$tool" >/dev/null || fail "'$tool' is missing (apt-get install mmdebstrap umoci skopeo)"
 done
 [ -r "$SOURCES" ] || fail "no Debian sources file at $SOURCES (set DEBIAN_SOURCES)"
-VERSION=$("$PYTHON" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
+VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' operator/kube_audit/__init__.py)
+[ -n "$VERSION" ] || fail "no __version__ in operator/kube_audit/__init__.py"
 ARCHIVE=$OUT/kube-audit-operator-$VERSION.tar
 
 # Keys: what each layer is made of. Layer 1 changes with the dependencies and this script,
 # layer 2 with the project's sources too.
 hash_files() { sha256sum "$@" | sha256sum | cut -c1-16; }
 BASE_KEY=$(hash_files image/build.sh pyproject.toml "$SOURCES")
-APP_KEY=$(hash_files image/build.sh pyproject.toml README.md $(find operator -type f -not -path '*/__pycache__/*' | LC_ALL=C sort))
+APP_KEY=$(hash_files image/build.sh pyproject.toml setup.py README.md $(find operator -type f -not -path '*/__pycache__/*' | LC_ALL=C sort))
 if [ -f "$ARCHIVE" ] && [ "$(cat "$OUT/archive.key" 2>/dev/null)" = "$BASE_KEY-$APP_KEY" ]; then
   echo "make image: $ARCHIVE is up to date"
   exit 0
 fi
 # The newest commit of the inputs dates every file: a rebuild of the same commit is identical.
-EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct -- pyproject.toml operator image 2>/dev/null || echo 0)}
+EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct -- pyproject.toml setup.py operator image 2>/dev/null || echo 0)}
+# `kube-audit --version` names that same commit (setup.py records it in the wheel).
+export KUBE_AUDIT_COMMIT=${KUBE_AUDIT_COMMIT:-$(git log -1 --format=%H -- pyproject.toml setup.py operator image 2>/dev/null || true)}
 BASE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct -- pyproject.toml image 2>/dev/null || echo 0)}
 export SOURCE_DATE_EPOCH=$EPOCH
 mkdir -p "$OUT"
@@ -128,6 +131,7 @@ umoci config --no-history --image "$LAYOUT:$VERSION" --os linux --architecture a
   --config.env PYTHONUNBUFFERED=1 --config.env PYTHONDONTWRITEBYTECODE=1 \
   --config.label org.opencontainers.image.title=kube-audit-operator \
   --config.label "org.opencontainers.image.version=$VERSION" \
+  --config.label "org.opencontainers.image.revision=${KUBE_AUDIT_COMMIT:-unknown}" \
   --config.label org.opencontainers.image.licenses=Apache-2.0
 rm -f "$ARCHIVE.tmp"
 # Tagged with the release name (deploy/ runs it unchanged once imported) and a local one.

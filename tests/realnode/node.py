@@ -30,13 +30,13 @@ import signal
 import subprocess
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kube_audit import __version__
 from tests.controlplane.cluster import (
     BIN,
     ROOT,
@@ -68,8 +68,7 @@ REAL_PROGRAMS = ("kubelet", "kube-scheduler", "pause")
 
 def operator_archive() -> Path:
     """The archive ``make image`` writes for the project's version."""
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    return IMAGE_DIR / f"kube-audit-operator-{version}.tar"
+    return IMAGE_DIR / f"kube-audit-operator-{__version__}.tar"
 
 
 def why_unavailable() -> tuple[str, bool] | None:

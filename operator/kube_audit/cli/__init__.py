@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
 
 from kube_audit import __version__
 from kube_audit.errors import InvalidInput, KubeAuditError
@@ -23,15 +27,55 @@ COMMANDS = {
     "who": "who",
     "kubeconfig": "cluster",
     "status": "cluster",
+    "completion": "completion",
 }
+PROG = "kube-audit"
+PLUGIN_PROG = "kubectl audit"
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def source_commit() -> str:
+    """The commit this copy was built from: recorded in the wheel by setup.py, or asked of git
+    in a source checkout (an editable install). Empty when neither says."""
+    recorded = resources.files("kube_audit").joinpath("COMMIT")
+    if recorded.is_file():
+        return recorded.read_text().strip()
+    checkout = Path(__file__).resolve().parents[3]
+    if not (checkout / "setup.py").is_file() or not (checkout / "operator/kube_audit").is_dir():
+        return ""  # an installed copy that records nothing: never another project's HEAD
+    try:
+        return subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def version_text(prog: str = PROG) -> str:
+    return f"{prog} {__version__} (commit {source_commit()[:12] or 'unknown'})"
+
+
+class _VersionAction(argparse.Action):
+    """argparse's own prints a fixed string; this one asks for the commit only when used."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and commit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_text(parser.prog))
+        parser.exit()
+
+
+def build_parser(command: str | None = None, prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kube-audit",
+        prog=prog,
         description="Per-person identities and audit logging for kubeadm clusters.",
     )
-    parser.add_argument("--version", action="version", version=f"kube-audit {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
+    parser.set_defaults(prog_name=prog)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     for module in modules:
@@ -39,11 +83,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _complete(prog: str) -> None:
+    """Answer the shell's completion request (argcomplete's protocol), then exit."""
+    import argcomplete  # noqa: PLC0415 - only here and in `completion`
+
+    argcomplete.autocomplete(build_parser(None, prog))
+
+
+def kubectl_plugin() -> int:
+    """``kubectl-audit``: kubectl runs it for ``kubectl audit ...`` with the words after it."""
+    return main(prog=PLUGIN_PROG)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | None = None
+    if "_ARGCOMPLETE" in os.environ:
+        _complete(prog)
     try:
-        parser = build_parser(args_in[0] if args_in else None)
+        parser = build_parser(args_in[0] if args_in else None, prog)
         if not args_in:
             parser.print_help()  # as kubectl: no command, the help
             return 0
