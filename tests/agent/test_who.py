@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import itertools
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kube_audit import hostfs
 from kube_audit.cli import main
-from kube_audit.core.audit_query import parse_duration
+from kube_audit.core.audit_query import GrowingTable, Query, parse_duration
+from kube_audit.who import run_who
 from tests.auditlog import generate
 
 
@@ -224,3 +230,80 @@ def test_a_bad_request_timeout_is_refused_before_asking_anyone(
     monkeypatch.setenv("KUBE_AUDIT_REQUEST_TIMEOUT", "soon")
     assert main(["who", "--cluster"]) == 1
     assert "KUBE_AUDIT_REQUEST_TIMEOUT: 'soon' is not a duration" in capsys.readouterr().err
+
+
+def test_rows_are_printed_as_they_are_found(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`who | head` answers at once: the first rows reach the output (flushed) while most of
+    the log is still unread, and memory does not hold every row."""
+    log = tmp_path / "audit.log"
+    log.write_bytes(b"".join(generate(3000)))
+    events: list[tuple[str, int]] = []
+    read_blocks = hostfs.read_blocks
+
+    def small_blocks(path: Path) -> Iterator[bytes]:
+        for index, block in enumerate(read_blocks(path, 1 << 16)):
+            events.append(("read", index))
+            yield block
+
+    class Output(io.StringIO):
+        def flush(self) -> None:
+            events.append(("flushed", len(self.getvalue().splitlines())))
+
+    monkeypatch.setattr(hostfs, "read_blocks", small_blocks)
+    for output in ("table", "json"):
+        events.clear()
+        out = Output()
+        assert run_who([str(log)], Query(), output=output, out=out, err=io.StringIO(),
+                       log_file="audit.log") == 0  # fmt: skip
+        last_read = max(i for kind, i in events if kind == "read")
+        first_rows = next(i for i, (kind, n) in enumerate(events) if kind == "flushed" and n)
+        assert first_rows < events.index(("read", last_read // 4)), (
+            f"{output}: rows flushed before a quarter of the log was read"
+        )
+        rows = [json.loads(r) for r in out.getvalue().splitlines()] if output == "json" else []
+        times = [r["requestReceivedTimestamp"] for r in rows]
+        assert times == sorted(times), "still in request-time order"
+
+
+def test_table_columns_grow_as_rows_come() -> None:
+    table = GrowingTable(["USER", "VERB"])
+    assert table.line(["USER", "VERB"]) == "USER" + " " * 22 + "VERB\n"
+    assert table.line(["a" * 30, "get"]) == "a" * 30 + "  get\n"
+    assert table.line(["bob", "list"]) == "bob" + " " * 29 + "list\n", "the wider column stays"
+
+
+def test_a_corrupt_gzip_or_a_file_that_is_no_audit_log_is_named_and_skipped(
+    log_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The other files are still answered; the exit status says the answer is partial."""
+    gz = log_dir / "audit-2026-11-01T00-10-00.000.log.gz"
+    gz.write_bytes(gz.read_bytes()[:-200])
+    stranger = log_dir / "audit-2026-11-01T00-05-00.000.log"
+    stranger.write_text("hello, this is not JSON\n")
+    assert main(["who", str(log_dir), "--user", "alice", "-o", "json"]) == 7
+    captured = capsys.readouterr()
+    answered = [json.loads(line) for line in captured.out.splitlines()]
+    assert answered and all(r["user"]["username"] == "alice" for r in answered)
+    assert f"kube-audit: warning: cannot read {gz}: " in captured.err
+    assert "the rest of that file is skipped" in captured.err
+    assert f"kube-audit: warning: {stranger}: not an audit log" in captured.err
+    assert "partial answer: 2 of 4 file(s) could not be read in full" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_a_reader_that_goes_away_ends_who_quietly(tmp_path: Path) -> None:
+    """`who | head -1`: exit as grep does (141, SIGPIPE's status), no traceback."""
+    log = tmp_path / "audit.log"
+    log.write_bytes(b"".join(generate(3000)))
+    who = f"{sys.executable} -c 'import sys; from kube_audit.cli import main; sys.exit(main())'"
+    done = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {who} who {log} -o json | head -1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert len(done.stdout.splitlines()) == 1 and json.loads(done.stdout)["auditID"]
+    assert done.returncode == 141 and done.stderr == ""

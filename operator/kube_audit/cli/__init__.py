@@ -120,6 +120,11 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`kube-audit who | head`): stop quietly, as grep and cat do;
+        # stdout goes to /dev/null so the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

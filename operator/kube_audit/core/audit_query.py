@@ -278,6 +278,29 @@ HEADER = [
 WIDE_HEADER = [*HEADER, "GROUPS", "STAGE", "AUDIT ID", "URI"]
 
 
+# Room the columns start with when rows are printed as they are found: a UTC time, a person or
+# a ServiceAccount, a verb, a resource, a namespace/name, a code, an IPv4 address, the agent.
+TYPICAL_WIDTHS = {
+    "TIME (UTC)": 19, "USER": 24, "VERB": 6, "RESOURCE": 12, "NAMESPACE/NAME": 32,
+    "CODE": 4, "SOURCE IP": 15, "GROUPS": 24, "STAGE": 16, "AUDIT ID": 36,
+}  # fmt: skip
+
+
+class GrowingTable:
+    """A table printed a row at a time, as ``kubectl get --watch`` prints one: each column
+    starts at a typical width and only grows, from the row with the longer cell on."""
+
+    def __init__(self, header: Sequence[str]) -> None:
+        self.header = list(header)
+        self.widths = [max(len(h), TYPICAL_WIDTHS.get(h, 0)) for h in header]
+
+    def line(self, cells: Sequence[str]) -> str:
+        self.widths = [max(w, len(c)) for w, c in zip(self.widths, cells, strict=True)]
+        return (
+            "  ".join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip() + "\n"
+        )
+
+
 def render_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
