@@ -1,0 +1,78 @@
+"""The docs say what the code does: every setting any `--help` names is in docs/settings.md,
+every exit code in its table; the README leads with the user's path."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from kube_audit import errors
+from kube_audit.cli import build_parser
+from kube_audit.cli.node import PLAN_CHANGES, PLAN_INVALID
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = (REPO / "docs/settings.md").read_text()
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_environment_variable_a_help_names_is_documented() -> None:
+    named: dict[str, set[str]] = {}
+    for prog, parser in _parsers(build_parser()):
+        for var in re.findall(r"\$([A-Z][A-Z0-9_]+)", parser.format_help()):
+            named.setdefault(var, set()).add(prog)
+    assert "KUBE_AUDIT_KUBELET_CONFIG" in named and "KUBE_AUDIT_REQUEST_TIMEOUT" in named
+    missing = {var: progs for var, progs in named.items() if f"`{var}`" not in SETTINGS}
+    assert not missing, f"named by --help, not in docs/settings.md: {missing}"
+
+
+def test_every_operator_flag_is_documented() -> None:
+    (operator,) = [p for prog, p in _parsers(build_parser()) if prog == "kube-audit operator"]
+    flags = {
+        option
+        for action in operator._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+    assert "--allow-system-user" in flags
+    missing = sorted(f for f in flags if f"`{f}`" not in SETTINGS)
+    assert not missing, f"operator flags not in docs/settings.md: {missing}"
+
+
+def test_every_exit_code_is_in_the_table() -> None:
+    def subclasses(cls: type) -> Iterator[type]:
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    codes = {cls.exit_code for cls in [errors.KubeAuditError, *subclasses(errors.KubeAuditError)]}
+    codes |= {0, PLAN_CHANGES, PLAN_INVALID, 130, 141}
+    documented = {int(n) for n in re.findall(r"^\| (\d+) \|", SETTINGS, re.MULTILINE)}
+    assert codes <= documented, f"exit codes not in docs/settings.md: {codes - documented}"
+
+
+def test_install_doc_hands_out_kubeconfigs_with_the_command() -> None:
+    install = (REPO / "docs/install.md").read_text()
+    assert "kube-audit kubeconfig alice" in install
+    assert "kubectl config set-credentials" not in install
+
+
+def test_readme_leads_with_the_users_path() -> None:
+    readme = (REPO / "README.md").read_text()
+    headings = re.findall(r"^## (.+)$", readme, re.MULTILINE)
+    order = [next(i for i, h in enumerate(headings) if h.startswith(w)) for w in
+             ("Install", "Examples", "Who did it", "Develop")]  # fmt: skip
+    assert order == sorted(order), headings
+    develop = readme[readme.index("## Develop") :]
+    assert "make demo" in develop and "make test" in develop
+    assert "What `make test` installs and leaves" in develop
+    assert "tests/realnode" not in readme.split("## Develop")[0]
+    assert (REPO / "docs/testing.md").is_file()
