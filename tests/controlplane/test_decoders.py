@@ -1,4 +1,5 @@
-"""What we write is read back as written by kubelet's and kube-apiserver's own decoders.
+"""What we write is read back as written by kubelet's and kube-apiserver's own decoders, and
+what we read of a token file is what kube-apiserver reads.
 
 Go reads YAML with a YAML 1.1 resolver: a plain ``y`` is a boolean there, ``1e3`` a number.
 Arbitrary strings go into a real kubeadm manifest (env value, annotation) and into an audit
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from kube_audit.core.manifest import apiserver_container, parse_manifest, render_manifest
 from kube_audit.core.policy import parse_audit_policy, render_audit_policy
+from kube_audit.core.tokens import TokenFileError, TokenRecord, parse_token_file
 from tests.conftest import audit_policy, kubeadm_manifest_text
 from tests.controlplane.cluster import BIN
 
@@ -102,3 +104,52 @@ def test_the_apiserver_reads_every_policy_string_as_written(
         (rule,) = line["policy"]["rules"]
         assert rule["users"] == rule["userGroups"] == rule["namespaces"] == [value]
         assert rule["resources"][0]["resourceNames"] == [value]
+
+
+# Token files: the characters Go's encoding/csv treats specially, and a few it does not.
+TOKEN_TEXT = st.text(st.sampled_from(["a", "b", ",", '"', "\n", "\r", " ", "#", "é"]), max_size=30)
+TOKEN_EXAMPLES = [
+    "tok,alice,1\n", "# a comment\n", 'a"b,c,d\n', '"a"b,c,d\n', "a,b,c\r\nd,e,f\r\n",
+    'a,b,"c\r\nd"\n', "a\rb,c,d\n", "a,b,c\r", "\n\n", ' "a",b,c\n', "a,b,c,\n", "a,b,c,d,e\n",
+    '"unterminated,b,c\n', 'a,b,"c""d",\n', "x,y,z\nx,w,v\n", ",b,c\n", "a,b\n", "",
+]  # fmt: skip
+
+
+def _fields(record: TokenRecord) -> tuple[str, str, str, tuple[str, ...]]:
+    return record.token, record.username, record.uid, record.groups
+
+
+@given(texts=st.lists(TOKEN_TEXT, min_size=1, max_size=40))
+@example(texts=TOKEN_EXAMPLES)
+@BATCH
+def test_token_files_read_as_kube_apiserver_reads_them(
+    standin: Path, tmp_path_factory: Any, texts: list[str]
+) -> None:
+    """Our reader against kube-apiserver's own (tokenfile.NewCSV, encoding/csv beneath it):
+    the same records, the same person per token, and refused exactly when it would not start."""
+    folder = tmp_path_factory.mktemp("tokens")
+    paths = []
+    for i, text in enumerate(texts):
+        paths.append(folder / f"{i:04d}.csv")
+        paths[-1].write_bytes(text.encode())
+    out = subprocess.run(
+        [str(standin), "decode-token-file", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    for text, line in zip(texts, map(json.loads, out.splitlines()), strict=True):
+        try:
+            ours = parse_token_file(text.encode())
+        except TokenFileError as error:
+            assert line.get("error"), f"{text!r}: we refuse ({error}), kube-apiserver does not"
+            continue
+        assert not line.get("error"), f"{text!r}: kube-apiserver refuses: {line['error']}"
+        go = [
+            (r[0], r[1], r[2], tuple(r[3].split(",")) if len(r) >= 4 else ())
+            for r in line["records"]
+        ]
+        assert [_fields(r) for r in ours] == go, text
+        people = {r.token: (r.username, r.uid, list(r.groups)) for r in ours if r.token}
+        assert people == {t: (u["name"], u["uid"], u["groups"]) for t, u in line["users"].items()}

@@ -104,10 +104,15 @@ def render_token_file(records: Iterable[TokenRecord]) -> bytes:
 def _read_go_csv(text: str) -> list[tuple[int, list[str]]]:
     """Go ``encoding/csv`` Reader semantics with FieldsPerRecord=-1 and LazyQuotes=false.
 
-    Returns (line number, fields) per record; blank lines are skipped, as Go skips them.
+    Returns (line number, fields) per record; blank lines are skipped, as Go skips them. Not
+    Python's ``csv`` module: it takes a bare ``"`` in an unquoted field as text (Go: an error
+    that keeps kube-apiserver from starting) and a lone ``\r`` as a line end (Go: text).
+    tests/controlplane/test_decoders.py holds this reader to kube-apiserver's own.
     """
     records: list[tuple[int, list[str]]] = []
     text = text.replace("\r\n", "\n")
+    if text.endswith("\r"):
+        text = text[:-1]  # Go drops a "\r" just before the end of the file
     pos, line, n = 0, 1, len(text)
     while pos < n:
         if text[pos] == "\n":

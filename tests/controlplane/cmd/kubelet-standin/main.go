@@ -8,6 +8,7 @@
 //	kubelet-standin run --host-root DIR --node-name NAME --kubeconfig FILE --record FILE --log-dir DIR [--kubelet-port N]
 //	kubelet-standin decode-pod FILE...           (kubelet's static pod decoder; JSON lines)
 //	kubelet-standin decode-audit-policy FILE...  (kube-apiserver's policy reader; JSON lines)
+//	kubelet-standin decode-token-file FILE...    (kube-apiserver's --token-auth-file reader; JSON lines)
 //	kubelet-standin exec [--bind SRC:DST[:ro]]... -- COMMAND [ARG]...  (in a private mount namespace)
 package main
 
@@ -28,6 +29,8 @@ func main() {
 		err = decodePods(os.Args[2:])
 	case "decode-audit-policy":
 		err = decodePolicies(os.Args[2:])
+	case "decode-token-file":
+		err = decodeTokenFiles(os.Args[2:])
 	case "exec":
 		err = execIsolated(os.Args[2:])
 	case inNamespaceCommand:
@@ -45,7 +48,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: kubelet-standin run|decode-pod|decode-audit-policy|exec ...")
+	fmt.Fprintln(os.Stderr, "usage: kubelet-standin run|decode-pod|decode-audit-policy|decode-token-file|exec ...")
 	os.Exit(2)
 }
 
