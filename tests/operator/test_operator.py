@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import itertools
+import threading
 import time
 from pathlib import Path
 
@@ -358,3 +359,34 @@ def test_periodic_resync_repairs_drift(harness: Harness) -> None:
     ).read_text()
     node.layout.manifest.write_text(kubeadm)
     eventually(lambda: "alice" in _records(node), what="a kubeadm rewrite repaired by the resync")
+
+
+def test_a_change_reads_reconciling_while_a_rollout_is_under_way(harness: Harness) -> None:
+    """A change seen while this node waits on its new apiserver for another change is shown at
+    once (its observedGeneration, Reconciling), not minutes later after that rollout: until
+    then `kubectl wait --for=condition=Ready` would pass on the generation before."""
+    harness.add_control_plane("cp-1")
+    harness.start("cp-1")
+    harness.apply_user("alice", groups=["developer"])
+    eventually(lambda: _ready(harness, "auditusers", "alice"), what="alice Ready")
+    gate = threading.Event()
+    harness.healthy["cp-1"] = lambda: gate.wait(60)
+    waits_before = len(harness.journal)
+    harness.apply_policy("dev", rules=DEV_RULES)
+    eventually(lambda: len(harness.journal) > waits_before, what="the rollout waits on health")
+    harness.apply_user("alice", groups=["ops"])
+    try:
+        eventually(
+            lambda: harness.get("auditusers", "alice")["status"]["observedGeneration"] == 2,
+            timeout=10,
+            what="generation 2 observed during the rollout",
+        )
+        ready = harness.condition("auditusers", "alice")
+        reconciling = harness.condition("auditusers", "alice", "Reconciling")
+        assert ready and ready["status"] == "False" and ready["observedGeneration"] == 2
+        assert reconciling and reconciling["status"] == "True"
+        assert not gate.is_set(), "still during the first rollout"
+    finally:
+        gate.set()
+    eventually(lambda: _ready(harness, "auditusers", "alice"), timeout=30, what="Ready again")
+    assert harness.get("auditusers", "alice")["status"]["observedGeneration"] == 2

@@ -313,3 +313,8 @@ def test_flux_health_check_exprs_on_every_state_the_operator_writes(kind: str) -
     changed = judged(1, APPLIED)
     changed["metadata"]["generation"] = 2
     assert _flux(kind, changed) == "InProgress", "a new generation not judged yet"
+    fixed = judged(1, INVALID)
+    fixed["metadata"]["generation"] = 2
+    assert _flux(kind, fixed) == "InProgress", (
+        "an invalid object fixed by the user is not Failed for the generation before"
+    )

@@ -203,3 +203,26 @@ def test_a_policy_has_no_token_to_compare() -> None:
     obj = _obj(1, {"a": (1, APPLIED)})
     ready = compute_conditions(obj, ["a"], NOW)["conditions"][0]
     assert ready["status"] == "True"
+
+
+def test_a_generation_no_node_has_applied_yet_says_so() -> None:
+    """What the status task writes as soon as a change is seen, before any node applied it:
+    Reconciling for the new generation, not Ready for the one before."""
+    obj = {
+        "metadata": {"name": "alice", "generation": 2},
+        "status": {
+            "nodes": {
+                "a": node_entry(generation=1, outcome=APPLIED, message="live", time="t"),
+            },
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": APPLIED, "observedGeneration": 1}
+            ],
+        },
+    }
+    out = compute_conditions(obj, ["a", "b"], "now")
+    ready = {c["type"]: c for c in out["conditions"]}
+    assert out["observedGeneration"] == 2
+    assert ready["Ready"]["status"] == "False" and ready["Reconciling"]["status"] == "True"
+    assert ready["Ready"]["message"] == (
+        "generation 2 seen, not yet applied on any of the 2 control-plane node(s)"
+    )

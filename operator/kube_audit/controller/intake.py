@@ -37,6 +37,9 @@ class Intake:
         # Monotonic time of a retry the node holds back until then (sooner than the resync).
         self._retry_due: float | None = None
         self._status_wanted = asyncio.Event()
+        # An AuditUser or AuditPolicy changed: its status should say so now, not after the
+        # rollout the change waits for (the reconciler's status task waits on this).
+        self.change_seen = asyncio.Event()
         self._first_change = 0.0
         self._last_change = 0.0
         self._wanted_cache: tuple[int, set[tuple[str, str]]] = (-1, set())
@@ -52,6 +55,8 @@ class Intake:
             changed = self.store.upsert(kind, body)
         if changed:
             self.wake_plan()
+            if kind != SECRETS:
+                self.change_seen.set()
         elif kind != SECRETS:
             self._status_wanted.set()
 

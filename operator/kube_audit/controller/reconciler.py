@@ -93,6 +93,7 @@ class NodeRuntime:
         tasks = [
             asyncio.create_task(self._loop(stop), name="reconcile"),
             asyncio.create_task(self.intake.watch_manifest(stop), name="manifest watch"),
+            asyncio.create_task(self._show_changes(stop), name="status on change"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -112,6 +113,26 @@ class NodeRuntime:
 
     async def wait_synced(self, stop: asyncio.Event) -> None:
         await self.intake.wait_synced(stop)
+
+    async def _show_changes(self, stop: asyncio.Event) -> None:
+        """A changed object reads Reconciling with its new observedGeneration as soon as it is
+        seen, even while a rollout for another change takes minutes: until then its status
+        said Ready for the generation before, which `kubectl wait --for=condition=Ready` takes
+        as done. Best effort: the reconcile writes the same conditions after its rollout. Only
+        after the first reconcile: before it, the tokens each node must serve are not known."""
+        seen = self.intake.change_seen
+        await _first_of(self.settled, stop)
+        while not stop.is_set():
+            await _first_of(seen, stop)
+            if stop.is_set():
+                return
+            seen.clear()
+            try:
+                errors = await self.status.update_conditions(stop)
+            except KubeAuditError as failure:
+                errors = [failure]
+            for problem in errors:
+                log.debug("status of a change not shown yet: %s", problem)
 
     async def _loop(self, stop: asyncio.Event) -> None:
         while (plan := await self.intake.next_work(stop)) is not None:
@@ -168,6 +189,13 @@ class NodeRuntime:
         self.intake.retry_later()
         delay = min(self.config.retry_backoff * 2 ** (self._failures - 1), MAX_BACKOFF)
         await self.clock.sleep(delay, stop)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
 
 
 def _raise_if_any(errors: list[KubeAuditError]) -> None:

@@ -84,6 +84,9 @@ class StatusWriter:
             duration=STATUS_LEASE_SECONDS,
         )
         self._record: tuple[str, str, str] | None = None
+        # Conditions are written by the reconcile and, while it waits on a rollout, by the
+        # status task: one at a time, so an older computation never lands after a newer one.
+        self._conditions_lock = asyncio.Lock()
         # The last plan's token fingerprints: conditions call a person Ready only where a node
         # serves the current one.
         self._tokens: Mapping[str, str] = {}
@@ -215,6 +218,10 @@ class StatusWriter:
     async def update_conditions(self, stop: asyncio.Event) -> list[KubeAuditError]:
         """If this pod owns status: conditions from the node entries, and the entries of nodes
         that are no longer control-plane nodes removed."""
+        async with self._conditions_lock:
+            return await self._update_conditions(stop)
+
+    async def _update_conditions(self, stop: asyncio.Event) -> list[KubeAuditError]:
         owner = await asyncio.to_thread(self.owner.try_acquire)
         if not owner:
             return []

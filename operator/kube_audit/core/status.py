@@ -124,6 +124,11 @@ def compute_conditions(
         ]
     else:
         message = f"live on {len(live)} of {total} control-plane node(s)"
+        if not current and total:
+            message = (
+                f"generation {generation} seen, not yet applied on any of the {total} "
+                "control-plane node(s)"
+            )
         behind = sorted(
             n
             for n in control_plane
