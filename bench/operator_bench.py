@@ -1,18 +1,23 @@
 """Operator benchmark: the real ``kube-audit operator`` process against the in-process API.
 
 Reports the time from the last change of a burst to the agent's apply (it includes the debounce
-window, by design) and the operator's memory (RSS) once 10,000 AuditUsers are live.
-Target: under 150 MB RSS.
+window, by design), the operator's memory (RSS) once 10,000 AuditUsers are live (target: under
+150 MB), the status writes and Events of the burst and of one more person after it (from the
+operator's own metrics), and the event-loop time of 200 interleaved user and Secret events at
+10,000 users in the intake.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import kubernetes.client
@@ -36,6 +41,41 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def counters(port: int) -> dict[str, float]:
+    """The operator's status patch and Event counters, as Prometheus scrapes them."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for name in ("kube_audit_status_patches_total", "kube_audit_events_total"):
+        found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+        out[name] = float(found.group(1)) if found else float("nan")
+    return out
+
+
+def intake_events(users: int, events: int = 200) -> float:
+    """Event-loop seconds for ``events`` interleaved user and Secret events at ``users``."""
+    from kube_audit.controller.clock import SystemClock  # noqa: PLC0415
+    from kube_audit.controller.config import OperatorConfig  # noqa: PLC0415
+    from kube_audit.controller.intake import Intake  # noqa: PLC0415
+
+    intake = Intake(OperatorConfig(node_name="bench-cp"), None, SystemClock())  # type: ignore[arg-type]
+    for i in range(users):
+        intake.observe("auditusers", "ADDED", {"metadata": {"name": f"user-{i:05d}"}, "spec": {}})
+    intake.observe_secret("ADDED", {"metadata": {"namespace": "kube-audit", "name": "warm-up"}})
+    start = time.perf_counter()
+    for i in range(events // 2):
+        user = {"metadata": {"name": f"user-{i:05d}"}, "spec": {"groups": [f"g{i}"]}}
+        intake.observe("auditusers", "MODIFIED", user)
+        secret = {"metadata": {"namespace": "elsewhere", "name": f"s-{i}"}}
+        intake.observe_secret("ADDED", secret)
+    return time.perf_counter() - start
+
+
 def main() -> int:
     cluster = ClusterThread().start()
     tmp = Path(tempfile.mkdtemp())
@@ -47,6 +87,7 @@ def main() -> int:
     custom = kubernetes.client.CustomObjectsApi(client)
     core.create_node({"metadata": {"name": "bench-cp", "labels": {CONTROL_PLANE_LABEL: ""}}})
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    metrics_port = free_port()
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -61,7 +102,7 @@ def main() -> int:
                 "--debounce",
                 str(DEBOUNCE),
                 "--metrics-port",
-                "0",
+                str(metrics_port),
                 "--liveness",
                 "",
             ],
@@ -111,6 +152,30 @@ def main() -> int:
         time.sleep(5)
         memory = rss_mb(process.pid)
         peak = rss_mb(process.pid, "VmHWM")
+        burst = counters(metrics_port)
+        custom.create_cluster_custom_object(
+            "kube-audit.io",
+            "v1alpha1",
+            "auditusers",
+            {
+                "apiVersion": "kube-audit.io/v1alpha1",
+                "kind": "AuditUser",
+                "metadata": {"name": "one-more"},
+                "spec": {"groups": ["developer"]},
+            },
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            got = custom.get_cluster_custom_object(
+                "kube-audit.io", "v1alpha1", "auditusers", "one-more"
+            )
+            ready = [c for c in (got.get("status") or {}).get("conditions") or []
+                     if c["type"] == "Ready" and c["status"] == "True"]  # fmt: skip
+            if ready:
+                break
+            time.sleep(0.1)
+        time.sleep(3)  # anything the change still causes
+        one_more = counters(metrics_port)
         stopping = time.time()
         process.terminate()
         process.wait(120)
@@ -138,6 +203,19 @@ def main() -> int:
         f"peak {steady_peak:6.1f} MB (target 150 MB)  {verdict}"
     )
     print(f"operator: stopped {stopped_in:5.1f} s after SIGTERM, in the middle of status writes")
+    patches, events = "kube_audit_status_patches_total", "kube_audit_events_total"
+    print(
+        f"operator: the burst of {USERS} on one node: {burst[patches]:.0f} status writes, "
+        f"{burst[events]:.0f} Events (per-object Events capped, the rest counted on the Node)"
+    )
+    print(
+        f"operator: one more person at {USERS}: "
+        f"{one_more[patches] - burst[patches]:.0f} status writes, "
+        f"{one_more[events] - burst[events]:.0f} Events"
+    )
+    seconds = intake_events(USERS)
+    print(f"operator: intake of 200 interleaved user and Secret events at {USERS} users: "
+          f"{seconds:6.3f} s of event loop")  # fmt: skip
     return 0 if max(peak, steady_peak) < 150 else 1
 
 

@@ -6,7 +6,11 @@ import ssl
 import urllib.error
 import urllib.request
 
+import kubernetes.client
+import kubernetes.config
+
 from kube_audit.agent.health import HealthCheck, HealthOutcome
+from kube_audit.kube import KubeApi
 from tests.controlplane.cluster import ROOT, ControlPlane, kubernetes_version, wait_for
 
 
@@ -144,3 +148,39 @@ def test_a_new_object_reads_reconciling_before_the_operator_wrote_anything(
         assert after["conditions"] == [{"type": "Ready", "status": "True"}], "ours replace it"
     finally:
         cp.kubectl("delete", "audituser", "defaulted", "--ignore-not-found")
+
+
+def test_the_sync_check_lists_metadata_only(cp: ControlPlane) -> None:
+    """The list before every plan asks for PartialObjectMetadata: the real apiserver answers
+    with names and uids, no spec and no status (10,000 bodies per plan per pod otherwise)."""
+    cp.kubectl("apply", "-k", str(ROOT / "crds"))
+    cp.kubectl(
+        "wait", "--for=condition=established", "--timeout=60s", "crd/auditusers.kube-audit.io"
+    )
+    wait_for("AuditUsers served", lambda: cp.kubectl("get", "auditusers", check=False)
+             .returncode == 0)  # fmt: skip
+    users = [{"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser",
+              "metadata": {"name": f"meta-{i}"}, "spec": {"groups": ["developer"]}}
+             for i in range(3)]  # fmt: skip
+    cp.apply(users)
+    try:
+        configuration = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(
+            config_file=str(cp.first.admin_kubeconfig), client_configuration=configuration
+        )
+        api = KubeApi(kubernetes.client.ApiClient(configuration))
+        items = [
+            i for i in api.list_metadata("auditusers") if i["metadata"]["name"].startswith("meta-")
+        ]
+        assert sorted(i["metadata"]["name"] for i in items) == ["meta-0", "meta-1", "meta-2"]
+        assert all("spec" not in i and "status" not in i for i in items), items[0]
+        assert {i.get("kind") for i in items} == {"PartialObjectMetadata"}
+        uids = {u["metadata"]["name"]: u["metadata"]["uid"]
+                for u in cp.kubectl_json("get", "auditusers")["items"]}  # fmt: skip
+        listed = api.list_uids("auditusers")
+        assert {n: listed[n] for n in ("meta-0", "meta-1", "meta-2")} == {
+            n: uids[n] for n in ("meta-0", "meta-1", "meta-2")
+        }
+    finally:
+        for user in users:
+            cp.kubectl("delete", "audituser", user["metadata"]["name"], "--ignore-not-found")

@@ -390,3 +390,22 @@ def test_a_change_reads_reconciling_while_a_rollout_is_under_way(harness: Harnes
         gate.set()
     eventually(lambda: _ready(harness, "auditusers", "alice"), timeout=30, what="Ready again")
     assert harness.get("auditusers", "alice")["status"]["observedGeneration"] == 2
+
+
+def test_events_of_a_burst_are_counted_on_the_node(harness: Harness) -> None:
+    """A burst gives a few per-object Events and one Event on the Node for the rest, not one
+    per object per node (10,000 people on three nodes: 30,000 Events at once)."""
+    harness.add_control_plane("cp-1")
+    for i in range(60):
+        harness.apply_user(f"user-{i:02d}", groups=["developer"])
+    harness.start("cp-1")  # after the burst: one plan of every object, one reconcile
+    eventually(lambda: _ready(harness, "auditusers", "user-59"), timeout=60, what="all Ready")
+    events = harness.core.list_namespaced_event("default").items
+    per_object = [e for e in events if e.involved_object.kind == "AuditUser"]
+    on_node = [e for e in events if e.involved_object.kind == "Node"]
+    assert 0 < len(per_object) <= 20, len(per_object)
+    (counted,) = on_node
+    assert counted.involved_object.name == "cp-1" and counted.reason == "Applied"
+    assert counted.message.startswith(
+        f"node cp-1: {60 - len(per_object)} more AuditUser/AuditPolicy object(s) Applied"
+    )

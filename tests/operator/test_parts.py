@@ -10,6 +10,7 @@ from typing import Any
 
 import kopf
 import kubernetes.client
+from hypothesis import given, settings, strategies as st
 
 from kube_audit.controller.clock import SystemClock
 from kube_audit.controller.config import OperatorConfig
@@ -261,3 +262,39 @@ def test_the_health_probe_carries_the_operators_token(tmp_path: Path) -> None:
     agent = node_agent(config, api, time.time)
     assert agent.health is not None and agent.health.credentials is not None
     assert agent.health.credentials() == "sa-token"
+
+
+USER_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["upsert", "delete", "forget"]),
+        st.sampled_from(["ann", "bob", "cy", "dee"]),
+        st.sampled_from([None, ("team", "shared"), ("team", "own"), ("kube-audit", "x"), "bad"]),
+    ),
+    max_size=40,
+)
+
+
+@given(steps=USER_STEPS)
+@settings(max_examples=60, deadline=None)
+def test_the_wanted_secrets_kept_per_event_equal_a_full_recount(steps: list[Any]) -> None:
+    """The Secrets users refer to are kept per user event, not recounted from 10,000 users on
+    each; whatever the order of events (and users forgotten outside ``observe``, as after a
+    re-list), the set is the one a full recount gives."""
+    config = OperatorConfig(node_name="cp-1")
+    intake = Intake(config, None, SystemClock())  # type: ignore[arg-type]
+    for action, name, ref in steps:
+        spec: dict[str, Any] = {}
+        if ref == "bad":
+            spec["groups"] = "not a list"
+        elif ref is not None:
+            spec["tokenSecretRef"] = {"namespace": ref[0], "name": ref[1]}
+        body = {"metadata": {"name": name}, "spec": spec}
+        if action == "forget":
+            intake.store.forget("auditusers", name)
+        else:
+            intake.observe("auditusers", "DELETED" if action == "delete" else "ADDED", body)
+        kept = set(intake._wanted_secrets())
+        fresh = Intake(config, None, SystemClock())  # type: ignore[arg-type]
+        for _, stored in intake.store.items("auditusers"):
+            fresh.store.upsert("auditusers", stored)
+        assert kept == set(fresh._wanted_secrets())

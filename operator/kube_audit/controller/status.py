@@ -56,6 +56,9 @@ EVENT_REASONS = {
     BLOCKED: "Blocked",
 }
 STATUS_LEASE_SECONDS = 60
+# Per-object Events one reconcile posts on one node; the rest are counted into one Event per
+# outcome on the Node (10,000 people on three nodes would otherwise be 30,000 Events at once).
+EVENTS_PER_RECONCILE = 20
 
 
 class StatusWriter:
@@ -90,6 +93,8 @@ class StatusWriter:
         # The last plan's token fingerprints: conditions call a person Ready only where a node
         # serves the current one.
         self._tokens: Mapping[str, str] = {}
+        self._events_left = EVENTS_PER_RECONCILE
+        self._events_over: dict[str, int] = {}
 
     async def write_node(self, report: NodeReport, stop: asyncio.Event) -> list[KubeAuditError]:
         """This node's record, then its entry on every object whose entry changed."""
@@ -111,6 +116,7 @@ class StatusWriter:
         now = rfc3339(self.clock.now())
         node = self.config.node_name
         self._tokens = report.tokens
+        self._events_left, self._events_over = EVENTS_PER_RECONCILE, {}
 
         def jobs() -> Iterator[Callable[[], Awaitable[None]]]:
             for kind, plural in PLURALS.items():
@@ -152,7 +158,22 @@ class StatusWriter:
 
         errors += await run_bounded(jobs(), stop, "status")
         self.metrics.invalid.set(len(problems))
+        await self._post_counted_events()
         return errors
+
+    async def _post_counted_events(self) -> None:
+        """One Event per outcome on this Node for the entries past the per-object budget."""
+        node = self.config.node_name
+        for outcome, count in sorted(self._events_over.items()):
+            message = (
+                f"node {node}: {count} more AuditUser/AuditPolicy object(s) {outcome} (each "
+                f"object's status.nodes.{node} says so; per-object Events are limited to "
+                f"{EVENTS_PER_RECONCILE} per reconcile)"
+            )
+            await self._post_event(
+                {"metadata": {"name": node}}, "Node", outcome, message, api_version="v1"
+            )
+        self._events_over = {}
 
     async def _write_record(self, report: NodeReport) -> None:
         """The node's Lease: what it runs and its last outcome (written when they change)."""
@@ -187,17 +208,35 @@ class StatusWriter:
         if not await self._patch_status(kind, name, patch):
             return
         outcome = str(entry["outcome"])
+        if self._events_left <= 0:
+            self._events_over[outcome] = self._events_over.get(outcome, 0) + 1
+            return
+        self._events_left -= 1
+        message = f"node {self.config.node_name}: {entry['message']}"
+        await self._post_event({"metadata": {"name": name, "uid": uid}}, kind, outcome, message)
+
+    async def _post_event(
+        self,
+        obj: Mapping[str, Any],
+        kind: str,
+        outcome: str,
+        message: str,
+        api_version: str | None = None,
+    ) -> None:
+        """Best effort: an Event the API refuses never stops the status writes."""
+        extra = {"api_version": api_version} if api_version else {}
         try:
             await asyncio.to_thread(
                 self.api.create_event,
-                {"metadata": {"name": name, "uid": uid}},
+                obj,
                 kind,
                 "Normal" if outcome in (APPLIED, PENDING) else "Warning",
                 EVENT_REASONS.get(outcome, outcome),
-                f"node {self.config.node_name}: {entry['message']}",
+                message,
+                **extra,
             )
         except KubeAuditError as error:
-            log.debug("Event on %s/%s not posted: %s", kind, name, error)
+            log.debug("Event on %s/%s not posted: %s", kind, obj["metadata"]["name"], error)
         else:
             self.metrics.events.inc()
 

@@ -12,9 +12,17 @@ from kube_audit.kube.transport import Transport, drain
 
 class Events(Transport):
     def create_event(
-        self, obj: Mapping[str, Any], kind: str, event_type: str, reason: str, message: str
+        self,
+        obj: Mapping[str, Any],
+        kind: str,
+        event_type: str,
+        reason: str,
+        message: str,
+        *,
+        api_version: str = f"{GROUP}/{VERSION}",
     ) -> None:
-        """A core/v1 Event on a cluster-scoped object (such Events live in ``default``)."""
+        """A core/v1 Event on a cluster-scoped object, one of ours by default or a Node (such
+        Events live in ``default``)."""
         meta = obj.get("metadata", {})
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
@@ -25,7 +33,7 @@ class Events(Transport):
                 "namespace": EVENT_NAMESPACE,
             },
             "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
+                "apiVersion": api_version,
                 "kind": kind,
                 "name": meta.get("name"),
                 "uid": meta.get("uid"),

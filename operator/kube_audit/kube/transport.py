@@ -18,6 +18,10 @@ from kube_audit.constants import GROUP, VERSION
 from kube_audit.errors import ClusterError, Conflict, NotFound
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON = "application/json"
+# Lists of metadata only (names, uids, labels), with plain JSON as the fallback an API server
+# without PartialObjectMetadata would pick: the bodies of 10,000 objects never cross the wire.
+METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1," + JSON
 CONNECT_TIMEOUT = 10.0
 
 
@@ -89,9 +93,10 @@ class Transport:
         body: Any = None,
         content_type: str | None = None,
         timeout: Any = None,
+        accept: str = JSON,
     ) -> Any:
         """One request; the open response (2xx) or NotFound/Conflict/ClusterError."""
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if content_type:
             headers["Content-Type"] = content_type
         params = [(k, v) for k, v in (query or {}).items() if v is not None]
@@ -136,23 +141,31 @@ class Transport:
         return result
 
     def _pages(
-        self, what: str, path: str, query: Mapping[str, Any] | None = None
+        self,
+        what: str,
+        path: str,
+        query: Mapping[str, Any] | None = None,
+        accept: str = JSON,
     ) -> Iterator[dict[str, Any]]:
         """A list in pages of 500 (bounded memory with 10,000 objects); the last page's
         metadata carries the resourceVersion to watch from."""
         token: str | None = None
         while True:
             paged = {**(query or {}), "limit": 500, "continue": token}
-            page = self._json(what, "GET", path, query=paged)
+            page = self._json(what, "GET", path, query=paged, accept=accept)
             yield page
             token = (page.get("metadata") or {}).get("continue") or None
             if token is None:
                 return
 
     def _items(
-        self, what: str, path: str, query: Mapping[str, Any] | None = None
+        self,
+        what: str,
+        path: str,
+        query: Mapping[str, Any] | None = None,
+        accept: str = JSON,
     ) -> Iterator[dict[str, Any]]:
-        for page in self._pages(what, path, query):
+        for page in self._pages(what, path, query, accept):
             yield from page.get("items") or []
 
 
