@@ -154,6 +154,21 @@ def write_folder_atomic(path: Path, files: dict[str, bytes], mode: int = 0o600) 
         raise
 
 
+CAP_CHOWN = 0
+
+
+def can_give_files() -> bool:
+    """Whether this process may give files to another user: CAP_CHOWN in its effective set.
+    The DaemonSet's container drops every capability, so there it may not."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_CHOWN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
 def give_to(paths: list[Path], owner: tuple[int, int]) -> None:
     """chown each path (a folder: with its files) to (uid, gid), for a non-root apiserver."""
     uid, gid = owner

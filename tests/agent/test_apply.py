@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from kube_audit import hostfs
 from kube_audit.agent.layout import HostLayout
 from kube_audit.agent.node import apply_node, plan_node, read_state, rollback_node, uninstall_node
 from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest, render_manifest
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import parse_token_file
-from kube_audit.errors import HostError, ManifestError
+from kube_audit.errors import HostError, ManifestError, NodeConfigError
 from tests.agent.conftest import OTHER_PODS, desired, make_host, snapshot
 from tests.conftest import kubeadm_manifest_text
 
@@ -206,3 +207,29 @@ def test_a_rootless_apiserver_can_read_its_files(layout: HostLayout) -> None:
     for owned in (layout.host(path), layout.host(path).parent, layout.config_dir, layout.log_dir):
         info = owned.stat()
         assert (info.st_uid, info.st_gid) == (2000, 2001), owned
+
+
+def test_a_rootless_apiserver_is_refused_where_files_cannot_be_given(
+    layout: HostLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DaemonSet's container has no CAP_CHOWN: it says so before writing anything, rather
+    than writing the files and failing on the chown (it did, on every reconcile)."""
+    manifest = parse_manifest(layout.manifest.read_text())
+    manifest["spec"]["securityContext"].update(runAsUser=2000, runAsGroup=2001)
+    layout.manifest.write_text(render_manifest(manifest))
+    before = layout.manifest.read_bytes()
+    monkeypatch.setattr(hostfs, "can_give_files", lambda: False)
+    with pytest.raises(NodeConfigError) as refused:
+        apply_node(layout, desired("alice"), None)
+    assert "runs as uid 2000, gid 2001" in str(refused.value)
+    assert "CAP_CHOWN" in str(refused.value) and "nothing was changed" in str(refused.value)
+    assert layout.manifest.read_bytes() == before
+    assert not layout.config_dir.exists() and not layout.backups.exists()
+
+
+def test_this_process_may_give_files_as_root_with_its_capabilities() -> None:
+    """Read from /proc/self/status: the tests run as root with CAP_CHOWN (the real pod's
+    answer, False, is checked in tests/realnode)."""
+    status = Path("/proc/self/status").read_text()
+    effective = int(next(x for x in status.splitlines() if x.startswith("CapEff:")).split()[1], 16)
+    assert hostfs.can_give_files() == bool(effective & 1)

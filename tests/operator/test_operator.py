@@ -9,8 +9,12 @@ import threading
 import time
 from pathlib import Path
 
-from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
+import pytest
+
+from kube_audit import hostfs
+from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest, render_manifest
 from kube_audit.core.tokens import parse_token_file
+from tests.agent.conftest import make_host
 from tests.operator.conftest import Harness, SimNode, eventually
 
 DEV_RULES = [{"level": "Metadata", "userGroups": ["developer"]}]
@@ -409,3 +413,25 @@ def test_events_of_a_burst_are_counted_on_the_node(harness: Harness) -> None:
     assert counted.message.startswith(
         f"node cp-1: {60 - len(per_object)} more AuditUser/AuditPolicy object(s) Applied"
     )
+
+
+def test_a_rootless_apiserver_is_shown_blocked_with_the_reason(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the DaemonSet's container (no CAP_CHOWN): the objects say why, nothing is
+    written; before, the files were written and the chown failed on every reconcile."""
+    root = make_host(harness.tmp / "cp-1")
+    manifest_path = root / "etc/kubernetes/manifests/kube-apiserver.yaml"
+    manifest = parse_manifest(manifest_path.read_text())
+    manifest["spec"]["securityContext"].update(runAsUser=2000, runAsGroup=2000)
+    manifest_path.write_text(render_manifest(manifest))
+    before = manifest_path.read_bytes()
+    monkeypatch.setattr(hostfs, "can_give_files", lambda: False)
+    harness.add_control_plane("cp-1")
+    harness.start("cp-1")
+    harness.apply_user("alice", groups=["developer"])
+    stalled = eventually(lambda: _stalled(harness, "auditusers", "alice"), what="Stalled")
+    assert stalled["reason"] == "Blocked", stalled
+    assert "runs as uid 2000" in stalled["message"] and "CAP_CHOWN" in stalled["message"]
+    assert manifest_path.read_bytes() == before
+    assert not (root / "etc/kubernetes/kube-audit").exists()

@@ -43,6 +43,11 @@ def test_the_daemonset_pod_runs_the_image_as_shipped(real: Real) -> None:
     caps = spec["process"].get("capabilities") or {}
     assert all(not caps.get(kind) for kind in ("bounding", "effective", "permitted")), caps
     assert spec["process"].get("noNewPrivileges") is True
+    may_give = real.cp.kubectl(
+        "exec", "-n", NAMESPACE, pod["metadata"]["name"], "--",
+        "python", "-c", "from kube_audit import hostfs; print(hostfs.can_give_files())",
+    ).stdout.strip()  # fmt: skip
+    assert may_give == "False", "no CAP_CHOWN: a rootless apiserver is refused, not half-applied"
     env = {e.split("=", 1)[0]: e.split("=", 1)[1] for e in spec["process"]["env"]}
     assert env["KUBERNETES_SERVICE_HOST"] == "10.96.0.1", "in-cluster config, not a kubeconfig"
     assert "KUBECONFIG" not in env

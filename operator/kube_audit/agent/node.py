@@ -40,7 +40,7 @@ from kube_audit.core.plan import (
     removes_identities_only,
 )
 from kube_audit.core.retry import Failure, Hold, plan_hold
-from kube_audit.errors import HostError, ManifestError, RolledBack
+from kube_audit.errors import HostError, ManifestError, NodeConfigError, RolledBack
 
 KEEP_BACKUPS = 10
 FILE_FLAGS = {"--token-auth-file": TOKEN_FILE, "--audit-policy-file": POLICY_FILE}
@@ -302,6 +302,7 @@ def apply_node(
             return NodeResult("unchanged", target_hash, f"unchanged: the node runs config {short}")
         if not retry_failed and (hold := _hold(state, current, desired, wall())):
             return NodeResult("held", target_hash, hold.message)
+        _refuse_rootless_without_chown(new)
         _backup(layout, current)
         _write_config(layout, subdir, dict(desired.files))
         if desired.files.get(POLICY_FILE) is not None:
@@ -567,6 +568,22 @@ def rollback_node(
                 "rolled-back", restored, f"rolled back: restored backup {backup.name}", True
             )
         raise HostError(f"no earlier good backup in {layout.backups} to go back to")
+
+
+def _refuse_rootless_without_chown(manifest: Manifest) -> None:
+    """Before anything is written: a non-root kube-apiserver must be given its files, and a
+    process without CAP_CHOWN cannot (the DaemonSet's container drops every capability)."""
+    owner = apiserver_identity(manifest)
+    if owner is None or hostfs.can_give_files():
+        return
+    uid, gid = owner
+    raise NodeConfigError(
+        f"kube-apiserver runs as uid {uid}, gid {gid} (kubeadm's RootlessControlPlane): its "
+        "token file, audit policy and log folder must be given to that user, which needs "
+        "CAP_CHOWN, and kube-audit's pod runs without capabilities. Rootless control planes "
+        "are not managed by the DaemonSet: run `kube-audit node apply` as root on the node "
+        "instead; nothing was changed"
+    )
 
 
 def uninstall_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult:
