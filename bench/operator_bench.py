@@ -125,6 +125,11 @@ def main() -> int:
             stderr=subprocess.DEVNULL,
         )
 
+    def create_user(name: str) -> None:
+        user = {"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser",
+                "metadata": {"name": name}, "spec": {"groups": ["developer"]}}  # fmt: skip
+        custom.create_cluster_custom_object("kube-audit.io", "v1alpha1", "auditusers", user)
+
     process = start()
     manifest = host / "etc/kubernetes/manifests/kube-apiserver.yaml"
     try:
@@ -142,17 +147,7 @@ def main() -> int:
         )
         before = manifest.stat().st_mtime_ns
         for i in range(USERS):
-            custom.create_cluster_custom_object(
-                "kube-audit.io",
-                "v1alpha1",
-                "auditusers",
-                {
-                    "apiVersion": "kube-audit.io/v1alpha1",
-                    "kind": "AuditUser",
-                    "metadata": {"name": f"user-{i:05d}"},
-                    "spec": {"groups": ["developer"]},
-                },
-            )
+            create_user(f"user-{i:05d}")
         last_change = time.time()
         deadline = last_change + 900
         while time.time() < deadline:
@@ -167,17 +162,7 @@ def main() -> int:
         memory = rss_mb(process.pid)
         peak = rss_mb(process.pid, "VmHWM")
         burst = settled_counters(metrics_port)
-        custom.create_cluster_custom_object(
-            "kube-audit.io",
-            "v1alpha1",
-            "auditusers",
-            {
-                "apiVersion": "kube-audit.io/v1alpha1",
-                "kind": "AuditUser",
-                "metadata": {"name": "one-more"},
-                "spec": {"groups": ["developer"]},
-            },
-        )
+        create_user("one-more")
         deadline = time.time() + 300
         while time.time() < deadline:
             got = custom.get_cluster_custom_object(

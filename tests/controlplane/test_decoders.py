@@ -36,11 +36,14 @@ STRINGS = st.one_of(
 BATCH = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def decode(command: str, folder: Path, texts: list[str]) -> list[dict[str, Any]]:
+def decode(
+    command: str, folder: Path, texts: list[str], suffix: str = ".yaml"
+) -> list[dict[str, Any]]:
+    """Each text as a file (UTF-8, byte for byte), read by the stand-in's ``command``."""
     paths = []
     for i, text in enumerate(texts):
-        path = folder / f"{i:04d}.yaml"
-        path.write_text(text)
+        path = folder / f"{i:04d}{suffix}"
+        path.write_bytes(text.encode())
         paths.append(str(path))
     out = subprocess.run(
         [str(BIN / "kubelet-standin"), command, *paths],
@@ -127,19 +130,8 @@ def test_token_files_read_as_kube_apiserver_reads_them(
 ) -> None:
     """Our reader against kube-apiserver's own (tokenfile.NewCSV, encoding/csv beneath it):
     the same records, the same person per token, and refused exactly when it would not start."""
-    folder = tmp_path_factory.mktemp("tokens")
-    paths = []
-    for i, text in enumerate(texts):
-        paths.append(folder / f"{i:04d}.csv")
-        paths[-1].write_bytes(text.encode())
-    out = subprocess.run(
-        [str(standin), "decode-token-file", *map(str, paths)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    for text, line in zip(texts, map(json.loads, out.splitlines()), strict=True):
+    answers = decode("decode-token-file", tmp_path_factory.mktemp("tokens"), texts, ".csv")
+    for text, line in zip(texts, answers, strict=True):
         try:
             ours = parse_token_file(text.encode())
         except TokenFileError as error:
