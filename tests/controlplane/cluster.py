@@ -95,12 +95,16 @@ class NetworkNamespace:
     def __init__(self) -> None:
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._home = -1
+        # The namespace's identity ("net:[inode]"), as /proc/PID/ns/net names it for every
+        # process inside: how a tier tells its own processes from another tier's.
+        self.name = ""
 
     def __enter__(self) -> NetworkNamespace:
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         if self._libc.unshare(CLONE_NEWNET) != 0:
             os.close(self._home)
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        self.name = os.readlink("/proc/thread-self/ns/net")
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         return self
 

@@ -87,8 +87,10 @@ def wait_operator_ready(cp: ControlPlane, timeout: float = 300) -> None:
 def real_node(base: Path) -> Iterator[Real]:
     """Boot, install, yield; then tear down and check the machine is as it was."""
     before = HostState.read()
+    tier_net = ""
     try:
         with control_plane(base) as cp:
+            tier_net = cp.netns.name
             node = kubeadm_init(cp)
             wait_for(f"{node.name} Ready", lambda: node_ready(cp, node.name), 180, 2)
             kubeadm_manifest = node.manifest.read_bytes()
@@ -97,7 +99,7 @@ def real_node(base: Path) -> Iterator[Real]:
             yield Real(cp, node, image, cp.base / "overlay", kubeadm_manifest)
     finally:
         remove_cgroups(before.cgroups)
-        left = before.differences(HostState.read())
+        left = before.differences(HostState.read(), tier_net)
         assert not left, "the real node tier left the machine changed:\n" + "\n".join(left)
 
 

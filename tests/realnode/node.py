@@ -196,9 +196,6 @@ class HostState:
     mounts: frozenset[tuple[str, str, str]]
     cgroups: frozenset[str]
     processes: frozenset[int]
-    # The host's network namespace: everything the tier starts runs in its private one (or a
-    # pod's), so a new process still in the host's was started by someone else on the machine.
-    net_namespace: str = ""
 
     @classmethod
     def read(cls) -> HostState:
@@ -207,10 +204,10 @@ class HostState:
             mounts=frozenset(_mounts()),
             cgroups=frozenset(_cgroup_dirs()),
             processes=frozenset(_processes()),
-            net_namespace=os.readlink("/proc/self/ns/net"),
         )
 
-    def differences(self, after: HostState) -> list[str]:
+    def differences(self, after: HostState, tier_net: str = "") -> list[str]:
+        """What changed since; ``tier_net``: the tier's own network namespace."""
         out = [
             f"sysctl {k}: {v.strip()} -> {after.sysctls[k].strip()}"
             for k, v in self.sysctls.items()
@@ -223,29 +220,30 @@ class HostState:
         out += [
             f"process left running: {pid} {running.get(pid, '')[:160]}"
             for pid in sorted(after.processes - self.processes)
-            if pid in running and self._started_by_the_tier(pid)
+            if pid in running and _started_by_the_tier(pid, tier_net)
         ]
         return out
 
-    def _started_by_the_tier(self, pid: int) -> bool:
-        """A child of this test process, or a process outside the host's network namespace
-        (the node's daemons and containers, orphaned or not); not a process someone else
-        started on the machine meanwhile (a shell, another test run)."""
+
+def _started_by_the_tier(pid: int, tier_net: str) -> bool:
+    """The process or one of its ancestors is this test process or runs in the tier's network
+    namespace: the node's daemons, and containers orphaned to init (their shim ran there), but
+    not what someone else started meanwhile, such as another tier's private namespace (the
+    control-plane tier, run beside this one, once counted as this tier's leftover)."""
+    seen = pid
+    for _ in range(64):
+        if seen == os.getpid():
+            return True
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/ns/net") != self.net_namespace:
+            if tier_net and os.readlink(f"/proc/{seen}/ns/net") == tier_net:
                 return True
-        seen = pid
-        for _ in range(64):
-            try:
-                stat = Path(f"/proc/{seen}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                return False
-            seen = int(stat[1])
-            if seen == os.getpid():
-                return True
-            if seen <= 1:
-                return False
-        return False
+        try:
+            seen = int(Path(f"/proc/{seen}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if seen <= 1:
+            return False
+    return False
 
 
 # --- the node ---------------------------------------------------------------------------------
