@@ -122,6 +122,7 @@ class NodeRuntime:
         after the first reconcile: before it, the tokens each node must serve are not known."""
         seen = self.intake.change_seen
         await _first_of(self.settled, stop)
+        seen.clear()  # the first reconcile judged all it listed: no second pass over them
         while not stop.is_set():
             await _first_of(seen, stop)
             if stop.is_set():
