@@ -16,8 +16,8 @@ from typing import Any
 import kubernetes.client
 
 from kube_audit.constants import CONTROL_PLANE_LABEL, TOKEN_FOR_LABEL
-from kube_audit.errors import NotFound
-from kube_audit.kube import LISTED, LISTING, KubeApi
+from kube_audit.errors import ClusterError, NotFound
+from kube_audit.kube import FORBIDDEN, LISTED, LISTING, KubeApi
 
 
 def _wait(what: str, check: Any, timeout: float = 20) -> Any:
@@ -30,6 +30,10 @@ def _wait(what: str, check: Any, timeout: float = 20) -> Any:
     raise AssertionError(f"{what} not seen within {timeout}s")
 
 
+# The operator's ServiceAccount as deploy/rbac.yaml names it.
+OPERATOR_USER = "system:serviceaccount:kube-audit:kube-audit"
+
+
 def check_api_contract(api: KubeApi) -> None:
     """Run every check; each names what kube-audit would get wrong without it."""
     core = kubernetes.client.CoreV1Api(api.client)
@@ -39,6 +43,7 @@ def check_api_contract(api: KubeApi) -> None:
     _control_plane_node_watch(api, core, suffix)
     _token_secrets(api, core, suffix)
     _labelled_secret_watch(api, core, suffix)
+    _forbidden_secret_watch(api)
     _consenting_secret(api, core, suffix)
     _leases(api, suffix)
 
@@ -139,7 +144,7 @@ def _labelled_secret_watch(api: KubeApi, core: Any, suffix: str) -> None:
     thread = threading.Thread(
         target=api.watch_secrets,
         args=(record, stop),
-        kwargs={"label_selector": TOKEN_FOR_LABEL},
+        kwargs={"namespace": namespace, "label_selector": TOKEN_FOR_LABEL},
         daemon=True,
     )
     thread.start()
@@ -161,6 +166,42 @@ def _labelled_secret_watch(api: KubeApi, core: Any, suffix: str) -> None:
         stop.set()
         api.stop_watches()
         thread.join(15)
+    assert not thread.is_alive(), "the watch did not stop"
+
+
+def _forbidden_secret_watch(api: KubeApi) -> None:
+    """As the operator's ServiceAccount where no Role grants it Secrets: the watch reports
+    FORBIDDEN with the apiserver's words (the user's status names the namespace) and keeps
+    trying, and a read by label is a 403, not an outage."""
+    client = kubernetes.client.ApiClient(
+        api.client.configuration, header_name="Impersonate-User", header_value=OPERATOR_USER
+    )
+    operator = KubeApi(client)
+    events: list[tuple[str, dict[str, Any]]] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=operator.watch_secrets,
+        args=(lambda kind, obj: events.append((kind, obj)), stop),
+        kwargs={"namespace": NAMESPACE, "label_selector": TOKEN_FOR_LABEL},
+        daemon=True,
+    )
+    thread.start()
+    try:
+        _wait("FORBIDDEN", lambda: [obj for kind, obj in events if kind == FORBIDDEN])
+        message = next(obj["message"] for kind, obj in events if kind == FORBIDDEN)
+        assert "403" in message and f'"{NAMESPACE}"' in message, message
+        assert 'cannot list resource "secrets"' in message, message
+        assert not [kind for kind, _ in events if kind in (LISTED, "ADDED")], events
+        try:
+            operator.read_consenting_secret(NAMESPACE, "anything", "carol")
+        except ClusterError as error:
+            assert error.status == 403, error
+        else:
+            raise AssertionError("a read where nothing is granted must be refused")
+    finally:
+        stop.set()
+        operator.stop_watches()
+        thread.join(20)
     assert not thread.is_alive(), "the watch did not stop"
 
 

@@ -9,9 +9,13 @@ and watch-from-resourceVersion; RFC 6902 JSON patch with ``test`` (422 on failur
 merge patch; PUT with optimistic concurrency (409); the status subresource; ownerReference
 cascade on delete; and an outage switch that drops watches and answers 503.
 
-Like the apiserver it refuses (401) every request without the exact bearer token
-``ADMIN_TOKEN``: a client that sends ``Bearer bearer <token>`` (the in-cluster loader's prefix
-doubled) fails here as it does on a cluster.
+Like the apiserver it refuses (401) every request without one of its two bearer tokens: a
+client that sends ``Bearer bearer <token>`` (the in-cluster loader's prefix doubled) fails here
+as it does on a cluster. ``ADMIN_TOKEN`` may do anything; ``OPERATOR_TOKEN`` is the operator's
+ServiceAccount as deploy/rbac.yaml grants it Secrets: only in the namespaces of
+``secret_grants`` (the token namespace, and those an admin granted), 403 elsewhere and for any
+cluster-wide Secret request, in the apiserver's words; the admin impersonating that
+ServiceAccount (``Impersonate-User``) is treated the same, as the contract checks do on both.
 
 It answers 400 to any query parameter it does not implement, rather than ignoring it: a
 ``labelSelector`` silently ignored once made ``control_plane_nodes()`` return workers here
@@ -40,8 +44,10 @@ from kmock._internal import enums, k8s, references, rendering
 
 from kube_audit.constants import GROUP, VERSION
 
-# The one credential the emulator accepts, as "Authorization: Bearer <it>".
+# The credentials the emulator accepts, as "Authorization: Bearer <it>".
 ADMIN_TOKEN = "emulator-admin-token-0123456789abcdef"
+OPERATOR_TOKEN = "emulator-operator-token-0123456789abcd"
+OPERATOR_USER = "system:serviceaccount:kube-audit:kube-audit"
 
 CRDS = {
     "auditusers": ("AuditUser", "audituser", {"au"}),
@@ -189,6 +195,8 @@ class Cluster(kmock.KubernetesEmulator):
     list_delay: dict[str, float] = attrs.field(factory=dict)
     # Every collection read of Secrets (path and query): what the operator asks to see.
     secret_reads: list[str] = attrs.field(factory=list)
+    # Namespaces where OPERATOR_TOKEN may read and write Secrets (its Roles).
+    secret_grants: set[str] = attrs.field(factory=lambda: {"kube-audit"})
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -227,8 +235,14 @@ class Cluster(kmock.KubernetesEmulator):
         if len(self._requests) > REQUEST_RECORD:
             del self._requests[: -REQUEST_RECORD // 2]
         try:
-            if bearer_token(request.headers.get("Authorization", "")) != ADMIN_TOKEN:
+            token = bearer_token(request.headers.get("Authorization", ""))
+            if token not in (ADMIN_TOKEN, OPERATOR_TOKEN):
                 raise self._error(401, "Unauthorized", "Unauthorized")
+            impersonated = request.headers.get("Impersonate-User")
+            if impersonated not in (None, OPERATOR_USER) or (impersonated and token != ADMIN_TOKEN):
+                raise self._error(400, "BadRequest", f"impersonating {impersonated!r}: not here")
+            if token == OPERATOR_TOKEN or impersonated == OPERATOR_USER:
+                self._authorize_operator(request)
             unknown = sorted(set(request.params) - QUERY_PARAMS)
             if unknown:
                 raise self._error(
@@ -264,6 +278,26 @@ class Cluster(kmock.KubernetesEmulator):
         except k8s.KubernetesError as error:
             return await self._render_error(error)
         return await super()._handle(request)
+
+    def _authorize_operator(self, request: rendering.Request) -> None:
+        """Secrets only where a Role grants them, as RBAC answers (a cluster-wide list is
+        refused even when some namespaces are granted)."""
+        resource = request.resource
+        if resource is None or resource.plural != "secrets":
+            return
+        namespace = request.namespace
+        if namespace is not None and namespace in self.secret_grants:
+            return
+        verbs = {"FETCH": "get", "UPDATE": "patch"}
+        action = request.action.name if request.action else "FETCH"
+        verb = verbs.get(action, action.lower())
+        where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+        raise self._error(
+            403,
+            "Forbidden",
+            f'secrets is forbidden: User "{OPERATOR_USER}" cannot {verb} resource "secrets" '
+            f'in API group "" {where}',
+        )
 
     async def _emit(
         self,
@@ -490,11 +524,17 @@ class ClusterThread:
         assert self.cluster is not None
         self.call(self.cluster.set_down(down))
 
-    def configuration(self) -> kubernetes.client.Configuration:
-        """A client configuration with the one token the emulator accepts."""
+    def configuration(self, token: str = ADMIN_TOKEN) -> kubernetes.client.Configuration:
+        """A client configuration with a token the emulator accepts (the admin's, or the
+        operator's ServiceAccount's)."""
         conf = kubernetes.client.Configuration(host=self.url)
-        conf.api_key = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        conf.api_key = {"authorization": f"Bearer {token}"}
         return conf
+
+    def grant_secrets(self, namespace: str) -> None:
+        """What ``kube-audit grant-secrets NAMESPACE | kubectl apply -f -`` does."""
+        assert self.cluster is not None
+        self.cluster.secret_grants.add(namespace)
 
     def write_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig whose current context is this API server, for a separate process."""

@@ -28,7 +28,7 @@ from kube_audit.core.plan import DesiredState
 from kube_audit.kube import KubeApi
 from tests.agent.conftest import make_host
 from tests.clock import ManualClock
-from tests.operator.cluster import ClusterThread
+from tests.operator.cluster import OPERATOR_TOKEN, ClusterThread
 
 GROUP, VERSION = "kube-audit.io", "v1alpha1"
 
@@ -130,7 +130,8 @@ class Harness:
         config = OperatorConfig(
             node_name=name, host_root=root, debounce=debounce, health_factory=health, **options
         )
-        client = kubernetes.client.ApiClient(self.cluster.configuration())
+        # The operator's own credential: Secrets only where deploy/rbac.yaml and grants allow.
+        client = kubernetes.client.ApiClient(self.cluster.configuration(OPERATOR_TOKEN))
         holder: dict[str, NodeRuntime] = {}
         created = threading.Event()
 

@@ -257,6 +257,7 @@ def test_secret_creation_races_between_pods(harness: Harness) -> None:
 
 def test_rotation_and_external_secret_changes_propagate(harness: Harness) -> None:
     harness.add_control_plane("cp-1")
+    harness.cluster.grant_secrets("vault")
     node = harness.start("cp-1")
     harness.core.create_namespaced_secret(
         "vault",
@@ -290,6 +291,7 @@ def test_a_secret_elsewhere_is_not_read_before_it_consents(harness: Harness) -> 
     """Before: the operator GET the Secret a tokenSecretRef names and kept its data, then
     found it carried no consent label. Now the apiserver filters by the label: nothing of a
     Secret that did not consent reaches the operator, until the label is added."""
+    harness.cluster.grant_secrets("team")
     harness.add_control_plane("cp-1")
     node = harness.start("cp-1")
     harness.core.create_namespaced_secret(

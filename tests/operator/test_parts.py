@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -268,7 +269,9 @@ USER_STEPS = st.lists(
     st.tuples(
         st.sampled_from(["upsert", "delete", "forget"]),
         st.sampled_from(["ann", "bob", "cy", "dee"]),
-        st.sampled_from([None, ("team", "shared"), ("team", "own"), ("kube-audit", "x"), "bad"]),
+        st.sampled_from(
+            [None, ("team", "shared"), ("team", "own"), ("ops", "ci"), ("kube-audit", "x"), "bad"]
+        ),
     ),
     max_size=40,
 )
@@ -279,9 +282,12 @@ USER_STEPS = st.lists(
 def test_the_wanted_secrets_kept_per_event_equal_a_full_recount(steps: list[Any]) -> None:
     """The Secrets users refer to are kept per user event, not recounted from 10,000 users on
     each; whatever the order of events (and users forgotten outside ``observe``, as after a
-    re-list), the set is the one a full recount gives."""
+    re-list), the set is the one a full recount gives. So are the namespaces whose Secret
+    watches run (never the token namespace: its watch always runs)."""
     config = OperatorConfig(node_name="cp-1")
     intake = Intake(config, None, SystemClock())  # type: ignore[arg-type]
+    announced: list[frozenset[str]] = [frozenset()]
+    intake.on_namespaces = announced.append
     for action, name, ref in steps:
         spec: dict[str, Any] = {}
         if ref == "bad":
@@ -298,3 +304,7 @@ def test_the_wanted_secrets_kept_per_event_equal_a_full_recount(steps: list[Any]
         for _, stored in intake.store.items("auditusers"):
             fresh.store.upsert("auditusers", stored)
         assert kept == set(fresh._wanted_secrets())
+        if action != "forget":
+            named = {ns for ns, _ in fresh._wanted_secrets()} - {"kube-audit"}
+            assert announced[-1] == named
+            assert all(a != b for a, b in itertools.pairwise(announced)), "only changes"

@@ -111,8 +111,10 @@ def test_entries_of_a_removed_control_plane_node_are_pruned(harness: Harness) ->
 
 def test_only_the_token_namespace_and_labelled_secrets_are_read(harness: Harness) -> None:
     """Not every Secret of the cluster (Helm releases and all): the token namespace, and
-    Secrets elsewhere that opt in by label. Withdrawing the label withdraws the token."""
+    Secrets elsewhere that opt in by label, in a namespace some user names and an admin
+    granted. Withdrawing the label withdraws the token."""
     harness.add_control_plane("cp-1")
+    harness.cluster.grant_secrets("vault")
     node = harness.start("cp-1")
     harness.core.create_namespaced_secret(
         "apps", {"metadata": {"name": "helm-release"}, "stringData": {"x": "y" * 40}}
@@ -131,13 +133,52 @@ def test_only_the_token_namespace_and_labelled_secrets_are_read(harness: Harness
     assert reads, "the operator reads Secrets"
     for read in reads:
         assert read.startswith("/api/v1/namespaces/kube-audit/secrets") or (
-            "labelSelector=kube-audit.io" in read
+            read.startswith("/api/v1/namespaces/vault/secrets") and "labelSelector=kube-audit.io"
         ), read
     assert not node.runtime.store.has("secrets", ("apps", "helm-release"))
     harness.core.patch_namespaced_secret(
         "ci", "vault", {"metadata": {"labels": {"kube-audit.io/token-for": None}}}
     )
     eventually(lambda: "ci" not in _records(node), what="consent withdrawn, token gone")
+
+
+def test_a_namespace_without_a_grant_is_named_on_the_user_until_granted(
+    harness: Harness,
+) -> None:
+    """The operator holds no cluster-wide Secret access (item 8 of issue 20): a tokenSecretRef
+    into a namespace an admin has not granted is refused by the apiserver (403), and the user
+    says so with the command that grants it; once granted, the token goes live without a
+    restart. When no user names the namespace any more, its watch stops."""
+    harness.add_control_plane("cp-1")
+    node = harness.start("cp-1")
+    harness.core.create_namespaced_secret(
+        "team",
+        {
+            "metadata": {"name": "ci", "labels": {"kube-audit.io/token-for": "ci"}},
+            "stringData": {"token": "team-token-0123456789abcdef0123456789ab"},
+        },
+    )
+    harness.apply_user("ci", tokenSecretRef={"namespace": "team", "name": "ci"})
+    harness.apply_user("alice")
+    stalled = eventually(lambda: _stalled(harness, "auditusers", "ci"), what="ci refused")
+    assert "may not read Secrets in namespace team" in stalled["message"], stalled
+    assert "kube-audit grant-secrets team | kubectl apply -f -" in stalled["message"]
+    assert any("grant-secrets team" in e["message"] for e in _events(harness, "ci")), "an Event"
+    eventually(lambda: "alice" in _records(node), what="the others go on")
+    assert "ci" not in _records(node)
+    assert harness.cluster.cluster is not None
+    reads = harness.cluster.cluster.secret_reads
+    assert not [r for r in reads if r.startswith("/api/v1/secrets")], "nothing cluster-wide"
+
+    harness.cluster.grant_secrets("team")
+    eventually(lambda: "ci" in _records(node), what="granted, then live")
+    eventually(lambda: _ready(harness, "auditusers", "ci"), what="ci Ready")
+    assert "team" in node.runtime.intake._namespaces
+
+    harness.custom.delete_cluster_custom_object("kube-audit.io", "v1alpha1", "auditusers", "ci")
+    eventually(lambda: "ci" not in _records(node), what="ci gone")
+    eventually(lambda: not node.runtime.store.has("secrets", ("team", "ci")), what="team forgotten")
+    assert not node.runtime.intake._namespaces
 
 
 async def test_a_dead_secret_watch_ends_the_process(harness: Harness) -> None:

@@ -10,6 +10,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,48 @@ def test_the_flow_of_a_user(real: Real, tmp_path: Path) -> None:
 
     wait_for("the missing Secret shown on the object", shown, 120, 2)
     assert cp.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+
+
+def test_a_token_secret_elsewhere_needs_that_namespaces_grant(real: Real) -> None:
+    """The shipped RBAC gives the pod no Secret of the cluster: a tokenSecretRef into
+    namespace team, with the consent label, is refused by the real apiserver (403) and the
+    AuditUser says how to grant it; after ``kube-audit grant-secrets team | kubectl apply -f -``
+    the token works, and the pod was not restarted for it."""
+    cp = real.cp
+    operator = "system:serviceaccount:kube-audit:kube-audit"
+    can_i = cp.kubectl("auth", "can-i", "list", "secrets", "--all-namespaces", "--as", operator,
+                       check=False)  # fmt: skip
+    assert can_i.stdout.strip() == "no", can_i.stdout
+    restarts = real.operator_pod()["status"]["containerStatuses"][0]["restartCount"]
+    token = f"team-token-{uuid.uuid4().hex}"
+    cp.kubectl("create", "namespace", "team")
+    cp.apply([
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": "frank", "namespace": "team",
+                      "labels": {"kube-audit.io/token-for": "frank"}},
+         "stringData": {"token": token}},
+        {"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser", "metadata": {"name": "frank"},
+         "spec": {"tokenSecretRef": {"namespace": "team", "name": "frank"}}},
+    ])  # fmt: skip
+
+    def refused() -> str | None:
+        stalled = status_of(cp, "auditusers", "frank")["conditions"].get("Stalled") or {}
+        message = str(stalled.get("message") or "")
+        return message if "may not read Secrets in namespace team" in message else None
+
+    message = wait_for("frank Stalled for want of a grant", refused, 180, 2)
+    assert "kube-audit grant-secrets team | kubectl apply -f -" in message, message
+    grant = subprocess.run([KUBE_AUDIT, "grant-secrets", "team"], capture_output=True,
+                           text=True, check=True).stdout  # fmt: skip
+    cp.kubectl("apply", "-f", "-", stdin=grant)
+    wait_for("frank Ready once granted", lambda: is_ready(cp, "auditusers", "frank"), 300, 2)
+    user = wait_for("frank's token accepted", lambda: _user(whoami(cp, token)), 60, 1)
+    assert user["username"] == "frank", user
+    pod = real.operator_pod()
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == restarts
+    can_i = cp.kubectl("auth", "can-i", "get", "secrets", "-n", "default", "--as", operator,
+                       check=False)  # fmt: skip
+    assert can_i.stdout.strip() == "no", "granted in team only"
 
 
 def _changed_manifest(real: Real, before: bytes) -> bool:

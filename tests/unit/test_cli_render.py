@@ -255,3 +255,17 @@ def test_crds_out_that_is_a_file_is_refused(
     assert main(["crds", "--out", str(target)]) == 1
     assert "--out: exists and is not a folder" in capsys.readouterr().err
     assert target.read_text() == "mine"
+
+
+def test_grant_secrets_prints_one_role_and_binding_per_namespace(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["grant-secrets", "team-a", "vault", "team-a", "--install-namespace", "ops"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [(d["kind"], d["metadata"]["namespace"]) for d in docs] == [
+        ("Role", "team-a"), ("RoleBinding", "team-a"), ("Role", "vault"), ("RoleBinding", "vault"),
+    ]  # fmt: skip
+    assert {s["namespace"] for d in docs[1::2] for s in d["subjects"]} == {"ops"}
+    assert main(["grant-secrets", "Team_A"]) == 1
+    err = capsys.readouterr().err
+    assert "'Team_A': is not a namespace name (RFC 1123 label)" in err and "Traceback" not in err

@@ -16,6 +16,7 @@ from lupa import LuaRuntime
 
 from kube_audit.cli import build_parser
 from kube_audit.core.crd import render_crd
+from kube_audit.core.rbac import render_secrets_grant
 from kube_audit.core.status import (
     APPLIED,
     INVALID,
@@ -78,12 +79,44 @@ def test_rbac_is_least_privilege(objects: list[dict[str, Any]]) -> None:
                 "name"
             ]
     cluster = _one(objects, "ClusterRole")
-    secrets = [r for r in cluster["rules"] if "secrets" in r["resources"]]
-    assert secrets and all(set(r["verbs"]) <= {"get", "list", "watch"} for r in secrets)
+    assert not [r for r in cluster["rules"] if "secrets" in r["resources"]], (
+        "no Secret of the cluster: granted per namespace"
+    )
     token_role = _one(objects, "Role", "kube-audit-operator")
-    writes = [r for r in token_role["rules"] if "secrets" in r["resources"]]
-    assert writes and all(set(r["verbs"]) == {"create", "patch"} for r in writes)
-    assert _one(objects, "Role", "kube-audit-operator")["metadata"]["namespace"] == "kube-audit"
+    (secrets,) = [r for r in token_role["rules"] if "secrets" in r["resources"]]
+    assert set(secrets["verbs"]) == {"get", "list", "watch", "create", "patch"}
+    assert token_role["metadata"]["namespace"] == "kube-audit"
+    others = [o for o in objects if o["kind"] == "Role" and o is not token_role]
+    assert not [r for o in others for r in o["rules"] if "secrets" in r["resources"]]
+
+
+@needs_kubectl
+def test_the_token_namespace_grant_is_what_grant_secrets_prints(tmp_path: Path) -> None:
+    """deploy/token-namespace under a kustomization's `namespace:` (the subject stays the
+    operator's ServiceAccount in kube-audit) and `kube-audit grant-secrets` give the same."""
+    overlay = REPO / "build" / f"grant-overlay-{tmp_path.name}"
+    overlay.mkdir(parents=True)
+    try:
+        (overlay / "kustomization.yaml").write_text(
+            "namespace: team-a\nresources:\n  - ../../deploy/token-namespace\n"
+        )
+        built = _build(str(overlay.relative_to(REPO)))
+    finally:
+        shutil.rmtree(overlay)
+    printed = [d for d in yaml.safe_load_all(render_secrets_grant(["team-a"])) if d]
+    assert built == printed
+    role, binding = printed
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                              "verbs": ["list", "watch"]}]  # fmt: skip
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kube-audit", "namespace": "kube-audit"}
+    ]
+    assert (
+        subprocess.run(
+            ["kubectl", "kustomize", str(REPO / "deploy" / "token-namespace")],
+            capture_output=True, text=True, check=True,
+        ).stdout.count("namespace: kube-audit") == 1
+    ), "the base names no namespace of its own but the subject's"  # fmt: skip
 
 
 @needs_kubectl

@@ -5,7 +5,7 @@ import pytest
 from kube_audit.core.models import parse_audit_user, parse_secret
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import TokenRecord, fingerprint
-from kube_audit.core.users import resolve_users, secret_location
+from kube_audit.core.users import UserResolution, resolve_users, secret_location
 from kube_audit.errors import InvalidInput
 from tests.conftest import audit_user, long_token, token_secret
 
@@ -288,3 +288,39 @@ def test_each_accepted_user_has_the_fingerprint_of_the_token_it_is_served_with()
     )
     assert dict(result.tokens) == {"alice": fingerprint(long_token("a")), "dave": ""}
     assert "bob" not in dict(result.tokens), "not served: its Secret is missing"
+
+
+def test_a_namespace_without_a_grant_says_how_to_grant_it() -> None:
+    """The operator holds no cluster-wide Secret access: where its list was refused (403),
+    the user names the namespace and the command an admin runs, whatever the Secret is."""
+    secret = token_secret("sa-token", long_token("x"), namespace="team-a", token_for="mallory")
+    users = [audit_user("mallory", tokenSecretRef=REF), audit_user("bob")]
+    result = resolve_users(
+        [parse_audit_user(u) for u in users],
+        [parse_secret(s) for s in (secret, token_secret("audituser-bob", long_token("b")))],
+        SETTINGS,
+        unreadable={"team-a"},
+    )
+    assert [r.username for r in result.records] == ["bob"], "the others go on"
+    (problem,) = result.problems
+    assert (problem.obj, problem.field, problem.pending) == (
+        "AuditUser/mallory",
+        "spec.tokenSecretRef",
+        False,
+    )
+    assert problem.message == (
+        "kube-audit may not read Secrets in namespace team-a (no grant there): an admin grants "
+        "it with 'kube-audit grant-secrets team-a | kubectl apply -f -' (a Role and "
+        "RoleBinding in that namespace: list and watch Secrets)"
+    )
+
+
+def test_an_unreadable_token_namespace_points_at_the_install() -> None:
+    """Not 'grant-secrets': there the operator also creates and rotates, as deploy/ grants."""
+    result = _resolve_unreadable([audit_user("bob")], {"kube-audit"})
+    (problem,) = result.problems
+    assert "token namespace kube-audit: its Role there (deploy/rbac.yaml" in problem.message
+
+
+def _resolve_unreadable(users: list[dict[str, object]], unreadable: set[str]) -> UserResolution:
+    return resolve_users([parse_audit_user(u) for u in users], [], SETTINGS, unreadable=unreadable)

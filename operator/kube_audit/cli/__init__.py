@@ -22,6 +22,7 @@ from kube_audit.errors import InvalidInput, KubeAuditError
 COMMANDS = {
     "render": "render",
     "crds": "render",
+    "grant-secrets": "render",
     "node": "node",
     "operator": "operator",
     "who": "who",

@@ -1,4 +1,4 @@
-"""``kube-audit render`` and ``kube-audit crds``: files from YAML, no cluster, no host."""
+"""``kube-audit render``, ``crds`` and ``grant-secrets``: files from YAML, no cluster, no host."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 
 from kube_audit import hostfs
 from kube_audit.cli.common import guard_flags, input_flags, settings_from_args, valid_desired
+from kube_audit.constants import DEFAULT_INSTALL_NAMESPACE
 from kube_audit.core.crd import CRD_FILES, render_crd_yaml
 from kube_audit.core.plan import POLICY_FILE, TOKEN_FILE
+from kube_audit.core.rbac import render_secrets_grant
 from kube_audit.errors import InvalidInput, Problem
 
 ONLY = {"tokens": TOKEN_FILE, "policy": POLICY_FILE}
@@ -86,6 +88,13 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grant_secrets(args: argparse.Namespace) -> int:
+    """Printed, not applied: granting Secrets is an admin's decision, made with their own
+    credentials (``| kubectl apply -f -``) or committed to their GitOps repository."""
+    sys.stdout.write(render_secrets_grant(args.namespaces, args.install_namespace))
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
     render = sub.add_parser(
         "render",
@@ -115,3 +124,20 @@ def add_parsers(sub: Any) -> None:
         "for kubectl apply -f -)",
     )
     crds.set_defaults(func=cmd_crds, writes=True)
+    grant = sub.add_parser(
+        "grant-secrets",
+        help="print the Role and RoleBinding that let the operator read token Secrets in "
+        "these namespaces",
+        description="The operator holds no cluster-wide Secret access. An AuditUser whose "
+        "tokenSecretRef points outside the token namespace needs this grant in that namespace "
+        "(list and watch Secrets; only those with the consent label are ever asked for). "
+        "Prints YAML: kube-audit grant-secrets team-a | kubectl apply -f -",
+    )
+    grant.add_argument("namespaces", nargs="+", metavar="NAMESPACE")
+    grant.add_argument(
+        "--install-namespace",
+        default=DEFAULT_INSTALL_NAMESPACE,
+        metavar="NS",
+        help=f"where the operator's ServiceAccount is (default {DEFAULT_INSTALL_NAMESPACE})",
+    )
+    grant.set_defaults(func=cmd_grant_secrets)

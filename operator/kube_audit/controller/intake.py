@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kube_audit import hostfs
@@ -21,7 +21,7 @@ from kube_audit.controller.store import ObjectStore
 from kube_audit.core.models import parse_audit_user
 from kube_audit.core.users import secret_location
 from kube_audit.errors import InvalidInput, KubeAuditError
-from kube_audit.kube import TOKEN_NAMESPACE_SOURCE, KubeApi
+from kube_audit.kube import KubeApi
 
 log = logging.getLogger("kube_audit.operator")
 USERS = PLURALS[AUDIT_USER]
@@ -50,6 +50,13 @@ class Intake:
         self._wanted_version = -1
         self._wanted_by_user: dict[str, tuple[str, str]] = {}
         self._wanted: Counter[tuple[str, str]] = Counter()
+        # Namespaces other than the token namespace that users name (how many name each):
+        # their Secret watches run while the count is above 0.
+        self._namespace_refs: Counter[str] = Counter()
+        self._namespaces: frozenset[str] = frozenset()
+        self.on_namespaces: Callable[[frozenset[str]], None] | None = None
+        # Namespaces whose Secrets the operator may not read (no grant): why, per namespace.
+        self.unreadable: dict[str, str] = {}
         self._list_started: dict[str, int] = {}
 
     # -- what the watches call ---------------------------------------------------------------
@@ -61,10 +68,12 @@ class Intake:
             changed = self.store.remove(kind, body)
         else:
             changed = self.store.upsert(kind, body)
-        if kind == USERS and self._wanted_version == users_before:
-            name = str((body.get("metadata") or {}).get("name") or "")
-            self._want(name, None if event_type == "DELETED" else body)
-            self._wanted_version = self.store.user_version
+        if kind == USERS:
+            if self._wanted_version == users_before:
+                name = str((body.get("metadata") or {}).get("name") or "")
+                self._want(name, None if event_type == "DELETED" else body)
+                self._wanted_version = self.store.user_version
+            self._follow_namespaces()
         if changed:
             self.wake_plan()
             if kind != SECRETS:
@@ -79,19 +88,33 @@ class Intake:
         if self.store.has(SECRETS, key) or key in self._wanted_secrets():
             self.observe(SECRETS, event_type, body)
 
-    def secrets_listing(self, source: str) -> None:
-        """A Secret watch starts a complete list (first, or again after an error)."""
-        self._list_started[source] = self.store.sequence
+    def secrets_listing(self, namespace: str) -> None:
+        """A namespace's Secret watch starts a complete list (first, or again after an error)."""
+        self._list_started[namespace] = self.store.sequence
 
-    def secrets_listed(self, source: str, keys: set[tuple[str, str]]) -> None:
-        """The list is complete: that watch's Secrets it lacks were deleted meanwhile."""
-        token_namespace = self.config.settings.token_namespace
+    def secrets_listed(self, namespace: str, keys: set[tuple[str, str]]) -> None:
+        """The list is complete: that namespace's Secrets it lacks were deleted meanwhile;
+        and the operator may read there (again)."""
+        since = self._list_started.get(namespace, 0)
+        changed = bool(self.store.forget_unlisted(SECRETS, keys, since, where=_in(namespace)))
+        if self.unreadable.pop(namespace, None) is not None:
+            log.info("Secrets in %s may be read now", namespace)
+            changed = True
+        if changed:
+            self.wake_plan()
 
-        def covered(key: Any) -> bool:
-            return bool(key[0] == token_namespace) == (source == TOKEN_NAMESPACE_SOURCE)
+    def secrets_forbidden(self, namespace: str, message: str) -> None:
+        """The list was refused (403): the users naming that namespace say why."""
+        if namespace not in self.unreadable:
+            log.warning("may not read Secrets in %s (no grant there): %s", namespace, message)
+            self.unreadable[namespace] = message
+            self.wake_plan()
 
-        since = self._list_started.get(source, 0)
-        if self.store.forget_unlisted(SECRETS, keys, since, where=covered):
+    def secrets_unwatched(self, namespace: str) -> None:
+        """No user names that namespace any more: forget what its watch brought."""
+        self._list_started.pop(namespace, None)
+        self.unreadable.pop(namespace, None)
+        if self.store.forget_unlisted(SECRETS, set(), self.store.sequence, where=_in(namespace)):
             self.wake_plan()
 
     def node_changed(self) -> None:
@@ -111,6 +134,9 @@ class Intake:
             self._wanted[old] -= 1
             if self._wanted[old] <= 0:
                 del self._wanted[old]
+            self._namespace_refs[old[0]] -= 1
+            if self._namespace_refs[old[0]] <= 0:
+                del self._namespace_refs[old[0]]
         if body is None:
             return
         try:
@@ -120,6 +146,8 @@ class Intake:
         namespace, secret, _ = secret_location(user, self.config.settings)
         self._wanted_by_user[name] = (namespace, secret)
         self._wanted[(namespace, secret)] += 1
+        if namespace != self.config.settings.token_namespace:
+            self._namespace_refs[namespace] += 1
 
     def _wanted_secrets(self) -> Counter[tuple[str, str]]:
         """Secret keys the users refer to; recounted from the store only when users changed
@@ -128,10 +156,19 @@ class Intake:
         if self._wanted_version != version:
             self._wanted_by_user.clear()
             self._wanted.clear()
+            self._namespace_refs.clear()
             for name, body in self.store.items(USERS):
                 self._want(str(name), body)
             self._wanted_version = version
         return self._wanted
+
+    def _follow_namespaces(self) -> None:
+        """Tell the Secret watches when the set of namespaces users name changed."""
+        self._wanted_secrets()
+        if self._namespaces != self._namespace_refs.keys():
+            self._namespaces = frozenset(self._namespace_refs)
+            if self.on_namespaces is not None:
+                self.on_namespaces(self._namespaces)
 
     # -- what the reconciler calls -----------------------------------------------------------
 
@@ -201,6 +238,7 @@ class Intake:
                     gone = self.store.forget_unlisted(plural, set(listed), since)
                     if gone:
                         log.info("%s deleted while unwatched: %s", plural, ", ".join(gone))
+                        self._follow_namespaces()
                     missing.update((plural, name, uid) for name, uid in listed.items())
             except KubeAuditError as error:
                 log.warning("cannot list the objects yet, will retry: %s", error)
@@ -236,3 +274,8 @@ class Intake:
             seen = current if current is not None else seen
             polls += 1
             await self.clock.sleep(self.config.manifest_poll, stop)
+
+
+def _in(namespace: str) -> Callable[[Any], bool]:
+    """Store keys of Secrets in that namespace (what its watch covers)."""
+    return lambda key: bool(key[0] == namespace)

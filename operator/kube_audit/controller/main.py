@@ -7,19 +7,17 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import kopf
 
-from kube_audit.constants import TOKEN_FOR_LABEL
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.handlers import build_registry
 from kube_audit.controller.metrics import Metrics
 from kube_audit.controller.probe import serve_readiness
 from kube_audit.controller.reconciler import NodeRuntime
-from kube_audit.controller.store import compact
-from kube_audit.kube import LABELLED_SOURCE, LISTED, LISTING, TOKEN_NAMESPACE_SOURCE, KubeApi
+from kube_audit.controller.secret_watches import SecretWatches
+from kube_audit.kube import LISTING, KubeApi
 
 log = logging.getLogger("kube_audit.operator")
 
@@ -52,9 +50,10 @@ async def run_operator(
     readiness_endpoint: str | None = None,
 ) -> None:
     """Run until ``stop`` is set or SIGTERM/SIGINT comes: kopf standalone, cluster-wide, the
-    two Secret watches and the reconciler, which stops first so that no new API write starts
-    after the signal. Raises ``CoreTaskDied`` when the reconciler or a Secret watch dies: a
-    pod whose liveness stays green while nothing reconciles would never be restarted."""
+    Secret watches (one per namespace tokens come from) and the reconciler, which stops first
+    so that no new API write starts after the signal. Raises ``CoreTaskDied`` when the
+    reconciler or a Secret watch dies: a pod whose liveness stays green while nothing
+    reconciles would never be restarted."""
     registry = build_registry(runtime, lambda: connection_info(runtime.api))
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -68,6 +67,7 @@ async def run_operator(
         log.info("%s: stopping", reason)
         stopping.set()
         watches_stop.set()
+        secret_watches.stop_all()
         runtime.api.stop_watches()
         if not kopf_stop.done():
             kopf_stop.set_result(None)
@@ -81,27 +81,6 @@ async def run_operator(
             await asyncio.sleep(0.05)
         if stop is not None:
             begin_stop("stop requested")
-
-    def secret_events(source: str) -> Callable[[str, dict[str, Any]], None]:
-        def on_secret(kind: str, obj: dict[str, Any]) -> None:
-            """Compacted here, on the watch thread: a first list of many Secrets would
-            otherwise wait in the loop's queue with all their managedFields."""
-            if kind == LISTING:
-                loop.call_soon_threadsafe(runtime.secrets_listing, source)
-            elif kind == LISTED:
-                keys = {tuple(k) for k in obj["keys"]}
-                loop.call_soon_threadsafe(runtime.secrets_listed, source, keys)
-            else:
-                loop.call_soon_threadsafe(runtime.observe_secret, kind, compact(obj))
-
-        return on_secret
-
-    def supervised_watch(source: str, **where: str) -> None:
-        try:
-            runtime.api.watch_secrets(secret_events(source), watches_stop, **where)
-        except Exception:
-            log.exception("the Secret watch (%s) crashed", source)
-            loop.call_soon_threadsafe(died, f"Secret watch ({source})")
 
     def node_events(kind: str, obj: dict[str, Any]) -> None:
         """A control-plane node came, went or changed: conditions count them."""
@@ -123,28 +102,17 @@ async def run_operator(
             log.error("the reconciler crashed", exc_info=error)
         died("reconciler")
 
-    settings = runtime.config.settings
-    threads = [
-        threading.Thread(
-            target=supervised_watch,
-            args=(TOKEN_NAMESPACE_SOURCE,),
-            kwargs={"namespace": settings.token_namespace},
-            daemon=True,
-        ),
-        threading.Thread(
-            target=supervised_watch,
-            args=(LABELLED_SOURCE,),
-            kwargs={"label_selector": TOKEN_FOR_LABEL},
-            daemon=True,
-        ),
-        threading.Thread(target=supervised_node_watch, daemon=True),
-    ]
+    secret_watches = SecretWatches(
+        runtime.api, runtime, loop, runtime.config.settings.token_namespace, died
+    )
+    runtime.intake.on_namespaces = secret_watches.follow
+    node_watch = threading.Thread(target=supervised_node_watch, daemon=True)
     existing = asyncio.all_tasks()
     watcher = asyncio.create_task(watch_stop())
     loop_task = asyncio.create_task(runtime.run(stopping))
     loop_task.add_done_callback(on_runtime_done)
-    for thread in threads:
-        thread.start()
+    secret_watches.follow(())
+    node_watch.start()
     probe = serve_readiness(readiness_endpoint, runtime.settled.is_set)
     try:
         await probe.__aenter__()

@@ -47,7 +47,9 @@ class NodeRuntime:
         self.clock = clock or SystemClock()
         self.intake = Intake(config, api, self.clock)
         self.store = self.intake.store
-        self.tokens = TokenSecrets(api, self.store, config.settings)
+        self.tokens = TokenSecrets(
+            api, self.store, config.settings, self.intake.unreadable, self.secrets_forbidden
+        )
         self.rollout = Rollout(config, api, self.clock, self.metrics, self.plan)
         self.status = StatusWriter(
             config,
@@ -71,11 +73,17 @@ class NodeRuntime:
     def observe_secret(self, event_type: str, body: Mapping[str, Any]) -> None:
         self.intake.observe_secret(event_type, body)
 
-    def secrets_listing(self, source: str) -> None:
-        self.intake.secrets_listing(source)
+    def secrets_listing(self, namespace: str) -> None:
+        self.intake.secrets_listing(namespace)
 
-    def secrets_listed(self, source: str, keys: set[tuple[str, str]]) -> None:
-        self.intake.secrets_listed(source, keys)
+    def secrets_listed(self, namespace: str, keys: set[tuple[str, str]]) -> None:
+        self.intake.secrets_listed(namespace, keys)
+
+    def secrets_forbidden(self, namespace: str, message: str) -> None:
+        self.intake.secrets_forbidden(namespace, message)
+
+    def secrets_unwatched(self, namespace: str) -> None:
+        self.intake.secrets_unwatched(namespace)
 
     def node_changed(self) -> None:
         self.intake.node_changed()
@@ -179,7 +187,11 @@ class NodeRuntime:
                     generations[source] = int(meta.get("generation") or 0)
                 yield source, body
 
-        desired = plan_desired(collect_inputs(documents()), self.config.settings)
+        desired = plan_desired(
+            collect_inputs(documents()),
+            self.config.settings,
+            unreadable=frozenset(self.intake.unreadable),
+        )
         tokens = {f"{AUDIT_USER}/{name}": digest for name, digest in desired.users.tokens}
         return Planned(desired, generations, tokens)
 

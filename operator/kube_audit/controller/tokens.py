@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import secrets as random_tokens
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from kube_audit.constants import (
@@ -27,7 +27,7 @@ from kube_audit.core.models import AuditUser, parse_audit_user
 from kube_audit.core.settings import Settings
 from kube_audit.core.status import APPLIED
 from kube_audit.core.users import secret_location
-from kube_audit.errors import InvalidInput, KubeAuditError
+from kube_audit.errors import ClusterError, InvalidInput, KubeAuditError
 from kube_audit.kube import KubeApi
 
 log = logging.getLogger("kube_audit.operator")
@@ -49,10 +49,20 @@ def valid_users(store: ObjectStore) -> Iterator[tuple[dict[str, Any], AuditUser]
 
 
 class TokenSecrets:
-    def __init__(self, api: KubeApi, store: ObjectStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        store: ObjectStore,
+        settings: Settings,
+        unreadable: Mapping[str, str],
+        on_forbidden: Callable[[str, str], None],
+    ) -> None:
         self.api = api
         self.store = store
         self.settings = settings
+        # Namespaces without a grant to read Secrets (the intake's, kept by their watches).
+        self.unreadable = unreadable
+        self.on_forbidden = on_forbidden
 
     async def ensure(self, stop: asyncio.Event) -> list[KubeAuditError]:
         """Every user's Secret present and rotated as asked; the per-user failures (the others
@@ -96,8 +106,16 @@ class TokenSecrets:
         if raw is None and ns == self.settings.token_namespace:
             found = await asyncio.to_thread(self.api.read_secret, ns, name)
             raw = found[1] if found is not None else None
-        elif raw is None:  # another namespace: only a Secret that consented, never its data first
-            raw = await asyncio.to_thread(self.api.read_consenting_secret, ns, name, user.meta.name)
+        elif raw is None and ns not in self.unreadable:
+            # Another namespace: only a Secret that consented, never its data first.
+            try:
+                raw = await asyncio.to_thread(
+                    self.api.read_consenting_secret, ns, name, user.meta.name
+                )
+            except ClusterError as error:
+                if error.status != 403:
+                    raise
+                self.on_forbidden(ns, str(error))
         if raw is not None:
             self.store.upsert(SECRETS, raw)
 

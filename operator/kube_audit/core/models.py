@@ -273,6 +273,8 @@ def problems_from_validation(obj: str, prefix: str, error: ValidationError) -> l
 # RFC 1123 subdomain, as Kubernetes checks object names and API groups (length checked apart).
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
+# A namespace's name (RFC 1123 label): lower-case letters, digits and '-', at most 63.
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def _meta(obj: Mapping[str, Any], ref_kind: str) -> tuple[Meta, list[Problem]]:

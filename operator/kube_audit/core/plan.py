@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import posixpath
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -190,9 +190,12 @@ def config_hash(files: Mapping[str, bytes], settings: Settings) -> str:
     return digest.hexdigest()
 
 
-def plan_desired(inputs: Inputs, settings: Settings) -> DesiredState:
-    """Render both files from the valid objects; invalid ones are reported and left out."""
-    resolution = resolve_users(inputs.users, inputs.secrets, settings)
+def plan_desired(
+    inputs: Inputs, settings: Settings, *, unreadable: Collection[str] = ()
+) -> DesiredState:
+    """Render both files from the valid objects; invalid ones are reported and left out.
+    ``unreadable``: namespaces whose Secrets the operator has no grant to read."""
+    resolution = resolve_users(inputs.users, inputs.secrets, settings, unreadable=unreadable)
     files: dict[str, bytes] = {}
     if resolution.records:
         files[TOKEN_FILE] = render_token_file(resolution.records)

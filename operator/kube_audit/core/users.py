@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kube_audit.constants import TOKEN_FOR_LABEL
@@ -113,7 +113,10 @@ def _group_problems(
 
 
 def _token(
-    user: AuditUser, secrets: Mapping[tuple[str, str], SecretData], settings: Settings
+    user: AuditUser,
+    secrets: Mapping[tuple[str, str], SecretData],
+    settings: Settings,
+    unreadable: Collection[str],
 ) -> tuple[str | None, Problem | None]:
     namespace, name, key = secret_location(user, settings)
     path = "spec.tokenSecretRef" if user.spec.token_secret_ref is not None else "spec"
@@ -124,6 +127,21 @@ def _token(
             path,
             f"Secret {namespace}/{name} is where the operator keeps AuditUser {owner}'s "
             "generated token: only that AuditUser uses it (name a Secret of your own)",
+        )
+    if namespace in unreadable and namespace == settings.token_namespace:
+        return None, Problem(
+            user.ref,
+            path,
+            f"kube-audit may not read Secrets in its token namespace {namespace}: its Role "
+            "there (deploy/rbac.yaml: get, list, watch, create, patch Secrets) is missing",
+        )
+    if namespace in unreadable:
+        return None, Problem(
+            user.ref,
+            path,
+            f"kube-audit may not read Secrets in namespace {namespace} (no grant there): an "
+            f"admin grants it with 'kube-audit grant-secrets {namespace} | kubectl apply -f -' "
+            "(a Role and RoleBinding in that namespace: list and watch Secrets)",
         )
     secret = secrets.get((namespace, name))
     if namespace != settings.token_namespace and (
@@ -170,6 +188,8 @@ def resolve_users(
     users: Iterable[AuditUser],
     secrets: Iterable[SecretData],
     settings: Settings,
+    *,
+    unreadable: Collection[str] = (),
 ) -> UserResolution:
     """Token records for every enabled, valid user; problems for the rest.
 
@@ -203,7 +223,7 @@ def resolve_users(
             accepted.append(user.meta.name)
             served.append((user.meta.name, ""))
             continue
-        token, problem = _token(user, by_ref, settings)
+        token, problem = _token(user, by_ref, settings, unreadable)
         if problem is not None or token is None:
             problems.extend([problem] if problem else [])
             continue

@@ -9,13 +9,12 @@ their errors), ``objects``, ``secrets``, ``watches``, ``podexec``, ``events``, `
 from kube_audit.kube.api import KubeApi
 from kube_audit.kube.kubeconfig import current_cluster, load_api_client
 from kube_audit.kube.podexec import ExecResult
-from kube_audit.kube.watches import LABELLED_SOURCE, LISTED, LISTING, TOKEN_NAMESPACE_SOURCE
+from kube_audit.kube.watches import FORBIDDEN, LISTED, LISTING
 
 __all__ = [
-    "LABELLED_SOURCE",
+    "FORBIDDEN",
     "LISTED",
     "LISTING",
-    "TOKEN_NAMESPACE_SOURCE",
     "ExecResult",
     "KubeApi",
     "current_cluster",

@@ -18,9 +18,9 @@ from kube_audit.errors import ClusterError
 from kube_audit.kube.transport import CONNECT_TIMEOUT, Transport, secret_path
 
 LISTING, LISTED = "LISTING", "LISTED"
-# The two Secret watches: every Secret of the token namespace, and Secrets elsewhere that
-# carry the token-for label (never every Secret of the cluster).
-TOKEN_NAMESPACE_SOURCE, LABELLED_SOURCE = "token-namespace", "labelled"
+# The list was refused (HTTP 403): no grant to read there. The watch goes on trying, so a
+# grant applied later is seen within MAX_WATCH_BACKOFF seconds.
+FORBIDDEN = "FORBIDDEN"
 WATCH_SETTLED = 10.0
 MAX_WATCH_BACKOFF = 15.0
 
@@ -30,7 +30,8 @@ log = logging.getLogger("kube_audit.operator")
 class Watches(Transport):
     def __init__(self, client: kubernetes.client.ApiClient, timeout: float = 30.0) -> None:
         super().__init__(client, timeout)
-        self._watches: set[Any] = set()
+        # Each open watch response with the stop flag of the watch it serves.
+        self._watches: dict[Any, threading.Event] = {}
         self._watches_lock = threading.Lock()
 
     def watch_secrets(
@@ -38,21 +39,22 @@ class Watches(Transport):
         on_event: Callable[[str, dict[str, Any]], None],
         stop: threading.Event,
         *,
-        namespace: str | None = None,
+        namespace: str,
         label_selector: str | None = None,
     ) -> None:
-        """Blocking list+watch of Secrets (of one namespace, or those matching a label
-        selector), raw JSON, until ``stop``; reconnects forever, backing off.
+        """Blocking list+watch of one namespace's Secrets (optionally only those matching a
+        label selector), raw JSON, until ``stop``; reconnects forever, backing off.
 
-        A plain watch rather than kopf's: kopf keeps per-object state for each object it sees.
-        ``on_event`` gets ("ADDED"|"MODIFIED"|"DELETED", object), and LISTING / LISTED
-        around each complete list; it must be quick. With a label selector, a Secret that
-        loses its label arrives as DELETED (the apiserver filters watches that way).
+        Always one namespace: RBAC grants Secrets per namespace, and the operator holds no
+        cluster-wide Secret access. A plain watch rather than kopf's: kopf keeps per-object
+        state for each object it sees. ``on_event`` gets ("ADDED"|"MODIFIED"|"DELETED",
+        object), LISTING / LISTED around each complete list, and FORBIDDEN ({"message": ...})
+        when the list is refused; it must be quick. With a label selector, a Secret that loses
+        its label arrives as DELETED (the apiserver filters watches that way).
         """
-        path = secret_path(namespace) if namespace else "/api/v1/secrets"
         query = {"labelSelector": label_selector}
-        what = f"Secrets in {namespace}" if namespace else f"Secrets labelled {label_selector}"
-        self._list_and_watch(what, path, query, on_event, stop)
+        what = f"Secrets in {namespace}" + (f" labelled {label_selector}" if label_selector else "")
+        self._list_and_watch(what, secret_path(namespace), query, on_event, stop)
 
     def watch_control_plane_nodes(
         self, on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event
@@ -83,6 +85,8 @@ class Watches(Transport):
             except ClusterError as error:
                 if stop.is_set():
                     return
+                if error.status == 403:
+                    on_event(FORBIDDEN, {"message": str(error)})
                 log.warning("watch %s interrupted, retrying in %.0fs: %s", what, backoff, error)
             else:
                 if stop.is_set():
@@ -142,7 +146,7 @@ class Watches(Transport):
             timeout=(CONNECT_TIMEOUT, 330),
         )
         with self._watches_lock:
-            self._watches.add(response)
+            self._watches[response] = stop
         buffer = b""
         try:
             for chunk in response.stream(65536, decode_content=True):
@@ -164,15 +168,15 @@ class Watches(Transport):
             raise ClusterError(f"watch {what}: {error}") from None
         finally:
             with self._watches_lock:
-                self._watches.discard(response)
+                self._watches.pop(response, None)
             response.release_conn()
         return version
 
-    def stop_watches(self) -> None:
+    def stop_watches(self, only: threading.Event | None = None) -> None:
         """Break the open watches at once (they would otherwise last until the server's
-        timeout)."""
+        timeout): all of them, or ``only`` those stopped by that flag (set it first)."""
         with self._watches_lock:
-            responses = list(self._watches)
+            responses = [r for r, stop in self._watches.items() if only in (None, stop)]
         for response in responses:
             with contextlib.suppress(Exception):
                 response.shutdown() if hasattr(response, "shutdown") else response.close()
