@@ -26,6 +26,9 @@ CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
 # The DaemonSet's pods (deploy/daemonset.yaml) and their one container: `who --cluster` asks them.
 OPERATOR_POD_SELECTOR = "app.kubernetes.io/name=kube-audit-operator"
 OPERATOR_CONTAINER = "operator"
+# The pod's read-only container `who --cluster` execs into: the node's audit folder read-only,
+# no ServiceAccount token, its own memory limit (never the operator's host write mounts).
+WHO_CONTAINER = "who"
 DEFAULT_INSTALL_NAMESPACE = "kube-audit"
 # On each event `who --cluster -o json` prints: the control-plane node whose apiserver wrote it.
 WHO_NODE_ANNOTATION = f"{GROUP}/node"

@@ -2,8 +2,9 @@
 
 Each kube-apiserver writes its own audit log on its own node, so the whole answer is the union of
 every node's. The question goes to each node's pod through pods/exec (``kube-audit who -o json``
-in the operator container, which mounts the node's log folder): nothing listens on the network
-for it, and the apiserver checks the caller's own right to exec there. A node that cannot be
+in its ``who`` container, which mounts only the node's log folder, read-only, and holds no
+ServiceAccount token): nothing listens on the network for it, and the apiserver checks the
+caller's own right to exec there. A node that cannot be
 asked is named, and the exit code says the answer is partial.
 """
 
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from kube_audit.constants import OPERATOR_CONTAINER
+from kube_audit.constants import WHO_CONTAINER
 from kube_audit.core.audit_query import (
     NODE_HEADER,
     NODE_WIDE_HEADER,
@@ -54,7 +55,16 @@ def plan_targets(nodes: Sequence[str], pods: Sequence[Mapping[str, Any]]) -> lis
         ]
         if running:
             newest = max(running, key=lambda p: str(p["metadata"].get("creationTimestamp") or ""))
-            targets.append(Target(node, str(newest["metadata"]["name"])))
+            name = str(newest["metadata"]["name"])
+            containers = (newest.get("spec") or {}).get("containers") or []
+            if any(c.get("name") == WHO_CONTAINER for c in containers):
+                targets.append(Target(node, name))
+            else:  # never the operator's container, with its host write mounts and token
+                why = (
+                    f"its kube-audit pod {name} has no {WHO_CONTAINER!r} container (made "
+                    "from an older DaemonSet: apply this release's install.yaml)"
+                )
+                targets.append(Target(node, None, why))
         elif candidates:
             pod = candidates[0]
             phase = (pod.get("status") or {}).get("phase") or "Unknown"
@@ -87,9 +97,7 @@ def run_who_cluster(
     answers: dict[str, list[bytes]] = {}
     with ThreadPoolExecutor(max_workers=max(1, len(askable))) as pool:
         futures = {
-            t: pool.submit(
-                api.exec_in_pod, namespace, str(t.pod), OPERATOR_CONTAINER, argv, timeout
-            )
+            t: pool.submit(api.exec_in_pod, namespace, str(t.pod), WHO_CONTAINER, argv, timeout)
             for t in askable
         }
         for target, future in futures.items():

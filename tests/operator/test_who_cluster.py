@@ -27,11 +27,15 @@ START = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def _pod(
-    name: str, node: str, phase: str = "Running", created: str = "2026-11-01T00:00:00Z"
+    name: str,
+    node: str,
+    phase: str = "Running",
+    created: str = "2026-11-01T00:00:00Z",
+    containers: tuple[str, ...] = ("operator", "who"),
 ) -> Any:
     return {
         "metadata": {"name": name, "creationTimestamp": created},
-        "spec": {"nodeName": node},
+        "spec": {"nodeName": node, "containers": [{"name": c} for c in containers]},
         "status": {"phase": phase},
     }
 
@@ -54,7 +58,7 @@ class Pods:
     def exec_in_pod(
         self, namespace: str, pod: str, container: str, argv: list[str], timeout: float
     ) -> ExecResult:
-        assert container == "operator" and timeout == 30
+        assert container == "who" and timeout == 30, "the read-only container, never the operator's"
         self.asked.append((pod, argv))
         if pod in self.broken:
             return self.broken[pod]
@@ -180,3 +184,13 @@ def test_the_newest_running_pod_of_a_node_is_asked() -> None:
         ],
     )
     assert [(t.node, t.pod) for t in targets] == [("cp-1", "new")]
+
+
+def test_a_pod_without_the_who_container_is_not_asked(pods: Pods) -> None:
+    """A pod from an older DaemonSet has only the operator container, with its host write
+    mounts and ServiceAccount token: it is named, never exec'd into."""
+    pods.pods[1] = _pod("ka-2", "cp-2", containers=("operator",))
+    code, _, err = _ask(pods, Query())
+    assert code == "partial answer: 2 of 3 control-plane node(s) answered"
+    assert "cp-2: not asked: its kube-audit pod ka-2 has no 'who' container" in err
+    assert "ka-2" not in [pod for pod, _ in pods.asked]

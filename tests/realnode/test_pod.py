@@ -19,9 +19,10 @@ from tests.controlplane.test_job import is_ready, status_of, token_of, who, whoa
 from tests.realnode.cluster import NAMESPACE, Real, wait_operator_ready
 
 
-def _container_spec(real: Real, pod: dict[str, Any]) -> dict[str, Any]:
-    """The OCI runtime spec containerd gave runc for the pod's container."""
-    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+def _container_spec(real: Real, pod: dict[str, Any], name: str = "operator") -> dict[str, Any]:
+    """The OCI runtime spec containerd gave runc for one of the pod's containers."""
+    (status,) = [s for s in pod["status"]["containerStatuses"] if s["name"] == name]
+    container_id = status["containerID"].split("://", 1)[1]
     info = json.loads(real.node.ctr("containers", "info", container_id).stdout)
     return dict(info["Spec"])
 
@@ -102,6 +103,19 @@ def test_who_in_cluster_mode_through_the_real_kubelets_exec(real: Real) -> None:
     events = wait_for("the admin's create found through exec", found, 60, 2)
     assert events[0]["annotations"]["kube-audit.io/node"] == node.name
     assert events[0]["user"]["username"] == "kubernetes-admin"
+    # Asked in the pod's who container: the audit folder read-only, no ServiceAccount token.
+    pod = real.operator_pod()
+    mounts = {m["destination"]: m for m in _container_spec(real, pod, "who")["mounts"]}
+    audit = mounts["/host/var/log/kubernetes/audit"]
+    assert "ro" in audit["options"], audit
+    assert not [d for d in mounts if d.startswith(("/var/run/secrets", "/run/secrets"))], mounts
+    assert not [d for d in mounts if d.startswith("/host/etc")], "no host write mount"
+    operator = {m["destination"] for m in _container_spec(real, pod)["mounts"]}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in operator, operator
+    listed = cp.kubectl("exec", "-n", NAMESPACE, pod["metadata"]["name"], "-c", "who", "--",
+                        "kube-audit", "who", "--output=json", "--name", "who-real",
+                        check=False)  # fmt: skip
+    assert listed.returncode == 0 and "who-real" in listed.stdout, listed.stderr
 
 
 def test_the_flow_of_a_user(real: Real, tmp_path: Path) -> None:

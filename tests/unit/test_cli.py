@@ -3,6 +3,11 @@ for every operator flag, one clear error (never a traceback) for a malformed var
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +107,27 @@ def test_a_broken_kubeconfig_is_one_line_exit_6(
     err = capsys.readouterr().err
     assert str(config) in err and "not valid YAML" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_standby_ends_at_once_on_sigterm() -> None:
+    """The who container's PID 1: a SIGTERM it ignored would hold the pod for its whole grace
+    period (420 s). Sent once the process waits (its blocked-signal mask shows it)."""
+    kube_audit = str(Path(sys.executable).parent / "kube-audit")
+    process = subprocess.Popen([kube_audit, "standby"])
+    try:
+        term = 1 << (signal.SIGTERM - 1)
+        status = Path(f"/proc/{process.pid}/status")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            blocked = next(
+                (int(line.split()[1], 16) for line in status.read_text().splitlines()
+                 if line.startswith("SigBlk:")), 0,
+            )  # fmt: skip
+            if blocked & term:
+                break
+            assert process.poll() is None, process.returncode
+            os.sched_yield()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()

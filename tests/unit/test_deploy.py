@@ -127,7 +127,8 @@ def test_daemonset(objects: list[dict[str, Any]]) -> None:
     assert {t["key"] for t in pod["tolerations"]} >= {"node-role.kubernetes.io/control-plane"}
     assert pod["hostNetwork"] is True and pod["priorityClassName"] == "system-node-critical"
     assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
-    (container,) = pod["containers"]
+    container, reader = pod["containers"]
+    assert container["name"] == "operator" and reader["name"] == "who"
     security = container["securityContext"]
     assert security["privileged"] is False and security["capabilities"]["drop"] == ["ALL"]
     assert security["allowPrivilegeEscalation"] is False
@@ -351,3 +352,35 @@ def test_flux_health_check_exprs_on_every_state_the_operator_writes(kind: str) -
     assert _flux(kind, fixed) == "InProgress", (
         "an invalid object fixed by the user is not Failed for the generation before"
     )
+
+
+@needs_kubectl
+def test_who_cluster_execs_into_a_read_only_container_without_a_token(
+    objects: list[dict[str, Any]],
+) -> None:
+    """Issue 20 item 6: an auditor's exec lands where only the audit folder is, read-only,
+    with no ServiceAccount token and a memory limit of its own; the operator keeps its token
+    through the same projected volume kubelet would have mounted."""
+    pod = _one(objects, "DaemonSet")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "operator"
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    operator, reader = spec["containers"]
+    assert reader["command"] == ["kube-audit", "standby"]
+    assert reader["volumeMounts"] == [
+        {"name": "audit-log", "mountPath": "/host/var/log/kubernetes/audit", "readOnly": True}
+    ]
+    assert reader["resources"]["limits"]["memory"] == "256Mi"
+    security = reader["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == [
+        "ALL"
+    ]
+    assert security["allowPrivilegeEscalation"] is False and security["privileged"] is False
+    token = {m["name"]: m for m in operator["volumeMounts"]}["kube-api-access"]
+    assert token == {"name": "kube-api-access", "readOnly": True,
+                     "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}  # fmt: skip
+    volume = {v["name"]: v for v in spec["volumes"]}["kube-api-access"]["projected"]
+    sources = {next(iter(s)): s for s in volume["sources"]}
+    assert sources["serviceAccountToken"]["serviceAccountToken"]["path"] == "token"
+    assert sources["configMap"]["configMap"]["name"] == "kube-root-ca.crt"
+    assert volume["defaultMode"] == 0o644

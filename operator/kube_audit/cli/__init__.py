@@ -26,6 +26,7 @@ COMMANDS = {
     "node": "node",
     "operator": "operator",
     "who": "who",
+    "standby": "who",
     "kubeconfig": "cluster",
     "status": "cluster",
     "completion": "completion",

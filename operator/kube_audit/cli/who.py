@@ -4,6 +4,7 @@ control-plane node's."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +112,17 @@ def _request_timeout(given: str | None, problems: list[Problem]) -> float:
     return seconds
 
 
+def cmd_standby(args: argparse.Namespace) -> int:
+    """The ``who`` container's main process: nothing but waiting, so ``who --cluster`` has a
+    running container to exec into. Ends at once on SIGTERM: as PID 1 a signal without a
+    handler is ignored, and the pod would wait out its long grace period. Blocked and waited
+    for, so one arriving at any moment is never missed."""
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signal.sigwait(signals)
+    return 0
+
+
 def _at(now: datetime) -> Any:
     return lambda value: parse_time(value, now)
 
@@ -141,9 +153,9 @@ def add_parsers(sub: Any) -> None:
     cmd.add_argument(
         "--cluster",
         action="store_true",
-        help="ask every control-plane node's kube-audit pod through the API (needs get/list "
-        "on Nodes and Pods, create on pods/exec in the operator's namespace); exits 7 with a "
-        "warning per node when some node could not be asked",
+        help="ask every control-plane node's kube-audit pod through the API (its read-only "
+        "who container; needs list on Nodes and Pods, create on pods/exec in the operator's "
+        "namespace); exits 7 with a warning per node when some node could not be asked",
     )
     cmd.add_argument(
         "--operator-namespace",
@@ -178,3 +190,8 @@ def add_parsers(sub: Any) -> None:
         'apiserver wrote it (with --cluster, its node in annotations["kube-audit.io/node"])',
     )
     cmd.set_defaults(func=cmd_who)
+    standby = sub.add_parser(
+        "standby",
+        help="wait for SIGTERM: the pod's read-only who container, which who --cluster execs into",
+    )
+    standby.set_defaults(func=cmd_standby)
