@@ -362,6 +362,54 @@ def test_the_memory_limit_kills_without_writing(real: Real) -> None:
     _settled(real)
 
 
+def test_kubeadm_upgrade_node_is_not_disturbed_and_our_flags_come_back(real: Real) -> None:
+    """Issue 20 item 11: ``kubeadm upgrade node`` (the same version: kubeadm rewrites the
+    manifest from its own configuration, dropping our flags, and waits for kubelet to run the
+    new apiserver) with the operator running: kubeadm succeeds within its own timeouts, the
+    operator sees the rewrite and applies again, and a person's token works afterwards."""
+    cp, node = real.cp, real.node
+    wait_operator_ready(cp)
+    _add_user(real, "gina")
+    _works(real, "gina")
+    _settled(real)
+    before = node.manifest.read_bytes()
+    assert b"--token-auth-file=" in before
+    started = time.monotonic()
+    seen: list[tuple[float, bool]] = [(0.0, True)]
+    done = threading.Event()
+
+    def follow() -> None:
+        """When the manifest lost our flags (kubeadm's rewrite) and had them again."""
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                ours = b"--token-auth-file=" in node.manifest.read_bytes()
+                if ours != seen[-1][1]:
+                    seen.append((time.monotonic() - started, ours))
+            done.wait(0.2)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        upgrade = node.kubeadm(
+            "upgrade", "node", "--certificate-renewal=false", "--etcd-upgrade=false",
+            "--skip-phases=preflight,addon/coredns,addon/kube-proxy", "--v=1", timeout=900,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        wait_for("our flags back in the manifest", lambda: seen[-1][1], 180, 1)
+    finally:
+        done.set()
+        follower.join(5)
+    out = upgrade.stdout + upgrade.stderr
+    assert len(seen) >= 3 and not seen[1][1], f"kubeadm never rewrote the manifest: {seen}"
+    dropped, back = seen[1][0], seen[-1][0]
+    _works(real, "gina")
+    wait_operator_ready(cp)
+    _settled(real)
+    steps = [line for line in out.splitlines() if "upgrade/" in line or "apiserver" in line]
+    print(f"kubeadm upgrade node: exit 0 after {took:.1f}s; our flags dropped at {dropped:.1f}s, "
+          f"back at {back:.1f}s (transitions {seen}); kubeadm said:\n" + "\n".join(steps[-25:]))  # fmt: skip
+
+
 def test_uninstall_as_the_docs_say(real: Real) -> None:
     """docs/uninstall.md, step by step, with the image users have: the DaemonSet deleted,
     ``kubectl debug node/… --profile=sysadmin`` runs ``kube-audit node uninstall`` on the node
