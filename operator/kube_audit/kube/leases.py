@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kube_audit.constants import NODE_LEASE_PREFIX
-from kube_audit.errors import Conflict, NotFound
+from kube_audit.errors import NotFound
 from kube_audit.kube.transport import MERGE_PATCH, Transport, drain, lease_path
 
 
@@ -18,30 +18,15 @@ class Leases(Transport):
             return None
 
     def create_lease(self, namespace: str, body: Mapping[str, Any]) -> bool:
-        try:
-            drain(
-                self._send(
-                    f"create Lease {namespace}", "POST", lease_path(namespace), body=dict(body)
-                )
-            )
-        except Conflict:
-            return False
-        return True
+        return self._write_unless_conflict(
+            f"create Lease {namespace}", "POST", lease_path(namespace), body=dict(body)
+        )
 
     def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
         """Replace with the body's resourceVersion as precondition; False on a lost race."""
-        try:
-            drain(
-                self._send(
-                    f"replace Lease {namespace}/{name}",
-                    "PUT",
-                    lease_path(namespace, name),
-                    body=dict(body),
-                )
-            )
-        except Conflict:
-            return False
-        return True
+        return self._write_unless_conflict(
+            f"replace Lease {namespace}/{name}", "PUT", lease_path(namespace, name), body=dict(body)
+        )
 
     def node_records(self, namespace: str) -> dict[str, dict[str, str]]:
         """Node name -> the annotations of its node Lease (what it runs, its last outcome)."""

@@ -9,7 +9,7 @@ from typing import Any
 from kube_audit.constants import ROTATED_FOR, TOKEN_FOR_LABEL, TOKEN_LABEL
 from kube_audit.core.models import SecretData, parse_secret
 from kube_audit.errors import ClusterError, Conflict, InvalidInput, NotFound
-from kube_audit.kube.transport import MERGE_PATCH, Transport, drain, secret_path
+from kube_audit.kube.transport import MERGE_PATCH, Transport, secret_path
 
 
 class Secrets(Transport):
@@ -86,16 +86,10 @@ class Secrets(Transport):
             "metadata": {"resourceVersion": resource_version, "annotations": {ROTATED_FOR: nonce}},
             "data": {"token": base64.b64encode(token.encode()).decode()},
         }
-        try:
-            drain(
-                self._send(
-                    f"rotate Secret {namespace}/{name}",
-                    "PATCH",
-                    secret_path(namespace, name),
-                    body=body,
-                    content_type=MERGE_PATCH,
-                )
-            )
-        except Conflict:
-            return False
-        return True
+        return self._write_unless_conflict(
+            f"rotate Secret {namespace}/{name}",
+            "PATCH",
+            secret_path(namespace, name),
+            body=body,
+            content_type=MERGE_PATCH,
+        )

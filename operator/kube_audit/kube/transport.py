@@ -129,6 +129,15 @@ class Transport:
             raise Conflict(message, 409)
         raise ClusterError(message, response.status)
 
+    def _write_unless_conflict(self, what: str, method: str, path: str, **kwargs: Any) -> bool:
+        """A write guarded by the server (a create, a resourceVersion precondition): False when
+        another writer was first (409), the caller then reads again and decides."""
+        try:
+            drain(self._send(what, method, path, **kwargs))
+        except Conflict:
+            return False
+        return True
+
     def _json(self, what: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """A request whose answer is one JSON object."""
         data = drain(self._send(what, method, path, **kwargs))
