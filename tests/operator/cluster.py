@@ -43,11 +43,11 @@ import kubernetes.client
 from kmock._internal import enums, k8s, references, rendering
 
 from kube_audit.constants import GROUP, VERSION
+from tests.contract import OPERATOR_USER
 
 # The credentials the emulator accepts, as "Authorization: Bearer <it>".
 ADMIN_TOKEN = "emulator-admin-token-0123456789abcdef"
 OPERATOR_TOKEN = "emulator-operator-token-0123456789abcd"
-OPERATOR_USER = "system:serviceaccount:kube-audit:kube-audit"
 
 CRDS = {
     "auditusers": ("AuditUser", "audituser", {"au"}),

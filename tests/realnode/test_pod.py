@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.contract import OPERATOR_USER
 from tests.controlplane.cluster import KUBE_AUDIT, ROOT, wait_for
 from tests.controlplane.test_job import is_ready, status_of, token_of, who, whoami
 from tests.realnode.cluster import NAMESPACE, Real, wait_operator_ready
@@ -182,7 +183,7 @@ def test_a_token_secret_elsewhere_needs_that_namespaces_grant(real: Real) -> Non
     AuditUser says how to grant it; after ``kube-audit grant-secrets team | kubectl apply -f -``
     the token works, and the pod was not restarted for it."""
     cp = real.cp
-    operator = "system:serviceaccount:kube-audit:kube-audit"
+    operator = OPERATOR_USER
     can_i = cp.kubectl("auth", "can-i", "list", "secrets", "--all-namespaces", "--as", operator,
                        check=False)  # fmt: skip
     assert can_i.stdout.strip() == "no", can_i.stdout

@@ -268,4 +268,7 @@ def test_grant_secrets_prints_one_role_and_binding_per_namespace(
     assert {s["namespace"] for d in docs[1::2] for s in d["subjects"]} == {"ops"}
     assert main(["grant-secrets", "Team_A"]) == 1
     err = capsys.readouterr().err
-    assert "'Team_A': is not a namespace name (RFC 1123 label)" in err and "Traceback" not in err
+    assert "grant-secrets: NAMESPACE: 'Team_A' is not a namespace name (RFC 1123 label)" in err
+    assert "Traceback" not in err
+    assert main(["grant-secrets", "team-a", "--install-namespace", "Ops"]) == 1
+    assert "grant-secrets: --install-namespace: 'Ops' is not" in capsys.readouterr().err

@@ -54,10 +54,6 @@ class SecretWatches:
         self._running: dict[str, threading.Event] = {}
         self._stopped = False
 
-    @property
-    def namespaces(self) -> frozenset[str]:
-        return frozenset(self._running)
-
     def follow(self, namespaces: Collection[str]) -> None:
         """Watch the token namespace and exactly these; stop the watches of the others."""
         if self._stopped:

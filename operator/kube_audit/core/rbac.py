@@ -28,9 +28,10 @@ def render_secrets_grant(
     namespaces: Sequence[str], install_namespace: str = DEFAULT_INSTALL_NAMESPACE
 ) -> str:
     """A Role and RoleBinding per namespace, for the operator's ServiceAccount."""
+    given = [("NAMESPACE", name) for name in namespaces]
     problems = [
-        Problem(f"namespace {name!r}", "", "is not a namespace name (RFC 1123 label)")
-        for name in (*namespaces, install_namespace)
+        Problem("grant-secrets", field, f"{name!r} is not a namespace name (RFC 1123 label)")
+        for field, name in (*given, ("--install-namespace", install_namespace))
         if not DNS_LABEL.match(name)
     ]
     if problems:
