@@ -10,12 +10,29 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
+from kube_audit.agent.health import Expectation, HealthCheck, mirror_pod_verdict
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import apply_node, hold_of, read_state, rollback_node
-from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
+from kube_audit.agent.node import (
+    WRITER_WAIT,
+    apply_node,
+    hold_of,
+    kubelet_behind,
+    read_state,
+    rollback_node,
+)
+from kube_audit.core.manifest import (
+    HASH_ANNOTATION,
+    config_hash_of,
+    flag_value,
+    parse_manifest,
+    render_manifest,
+    unpatch_manifest,
+)
 from kube_audit.core.plan import DesiredState
 from kube_audit.errors import RolledBack
 from tests.agent.conftest import FakeNode, desired, health
@@ -23,6 +40,10 @@ from tests.agent.conftest import FakeNode, desired, health
 
 def _running(layout: HostLayout) -> str:
     return config_hash_of(parse_manifest(layout.manifest.read_text())) or ""
+
+
+def _running_of(manifest: bytes) -> str:
+    return config_hash_of(parse_manifest(manifest.decode())) or ""
 
 
 def _tokens(layout: HostLayout) -> bytes:
@@ -161,3 +182,59 @@ def test_an_admins_rollback_stands_until_the_objects_change(
     assert apply_node(layout, third, health(url), retry_failed=False).outcome == "applied"
     back = apply_node(layout, second, health(url), retry_failed=False)
     assert back.outcome == "applied", "the objects changed since: the content may come back"
+
+
+def _mirror_pod(config_hash: str, started: float, ready: bool = True) -> dict[str, Any]:
+    """kubelet's mirror pod of kube-apiserver as the API returns it."""
+    stamp = datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "metadata": {"annotations": {HASH_ANNOTATION: config_hash} if config_hash else {}},
+        "status": {
+            "containerStatuses": [{"ready": ready, "state": {"running": {"startedAt": stamp}}}]
+        },
+    }
+
+
+def test_a_manifest_another_writer_just_wrote_waits_until_kubelet_runs_it(
+    layout: HostLayout,
+) -> None:
+    """kubeadm upgrade writes its manifest and waits for the mirror pod's hash to change: put
+    ours back before kubelet ran kubeadm's and the hash never changes, so kubeadm fails. The
+    agent says why it waits; once the mirror pod shows an apiserver started after that write
+    (or the write is older than kubeadm's own 5 minutes), it may write."""
+    apply_node(layout, desired("alice"), None)
+    ours = layout.manifest.read_bytes()
+    kubeadms = render_manifest(unpatch_manifest(parse_manifest(ours.decode())))
+    layout.manifest.write_text(kubeadms)
+    written = layout.manifest.stat().st_mtime
+    pod = {"now": _mirror_pod(_running_of(ours), written - 60)}  # the instance before kubeadm's
+    asked: list[Expectation] = []
+
+    def instance(want: Expectation) -> tuple[bool | None, str]:
+        asked.append(want)
+        return mirror_pod_verdict(pod["now"], want)
+
+    check = HealthCheck(url="", instance=instance)
+    why = kubelet_behind(layout, check, now=written + 12)
+    assert why is not None and "written 12s ago by another writer (kubeadm upgrade?)" in why
+    assert "mirror pod runs config" in why, why
+    assert asked == [Expectation("", written)], "kubeadm's manifest carries no hash of ours"
+    assert kubelet_behind(layout, check, now=written + WRITER_WAIT + 1) is None, "not for ever"
+    pod["now"] = _mirror_pod("", written + 3, ready=False)
+    assert "not ready yet" in (kubelet_behind(layout, check, now=written + 20) or "")
+    pod["now"] = _mirror_pod("", written + 3)
+    assert kubelet_behind(layout, check, now=written + 25) is None
+    assert layout.manifest.read_text() == kubeadms, "only reads"
+
+
+def test_nothing_waits_where_the_api_cannot_tell_or_the_wait_is_ours(layout: HostLayout) -> None:
+    apply_node(layout, desired("alice"), None)
+    written = layout.manifest.stat().st_mtime
+    assert kubelet_behind(layout, None, now=written + 1) is None
+    no_api = HealthCheck(url="", instance=lambda want: (None, "cannot read the mirror pod"))
+    assert kubelet_behind(layout, no_api, now=written + 1) is None
+    behind = HealthCheck(url="", instance=lambda want: (False, "the new container is not ready"))
+    assert kubelet_behind(layout, behind, now=written + 1) is not None
+    state = read_state(layout)
+    layout.state_file.write_text(json.dumps({**state, "pending": "abc", "pendingSince": 1.0}))
+    assert kubelet_behind(layout, behind, now=written + 1) is None, "the apply resumes its own"

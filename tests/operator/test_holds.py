@@ -4,9 +4,13 @@ transient is not marked for the other nodes, and a held node says so (report and
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
+from kube_audit.agent.layout import HostLayout
 from kube_audit.constants import FAILED_ANNOTATION
-from kube_audit.core.status import APPLIED, BLOCKED, ROLLED_BACK
+from kube_audit.controller.rollout import KUBELET_POLL
+from kube_audit.core.manifest import parse_manifest, render_manifest, unpatch_manifest
+from kube_audit.core.status import APPLIED, BLOCKED, PENDING, ROLLED_BACK
 from tests.agent.conftest import desired
 from tests.clock import ManualClock
 from tests.operator.conftest import Harness, RolloutNode
@@ -61,3 +65,26 @@ async def test_a_crash_on_another_node_does_not_hold_a_deletion_here(harness: Ha
     outcome, message, _ = await here.converge(desired("alice"))
     assert outcome == APPLIED, message
     assert b"bob" not in here.tokens()
+
+
+async def test_a_manifest_kubelet_does_not_run_yet_is_left_to_its_writer(harness: Harness) -> None:
+    """kubeadm upgrade rewrote the manifest (our flags gone) and waits for kubelet to run it:
+    the rollout does not write ours back until the mirror pod shows kubeadm's instance running,
+    says why (Pending, looked at again in a few seconds), and keeps no Lease meanwhile."""
+    clock = ManualClock()
+    node = RolloutNode(harness, "cp-1", clock, desired("alice"))
+    assert (await node.converge())[0] == APPLIED
+    manifest = HostLayout.discover(node.config.host_root, node.config.settings).manifest
+    kubeadms = render_manifest(unpatch_manifest(parse_manifest(manifest.read_text())))
+    manifest.write_text(kubeadms)
+    clock.wall = datetime.fromtimestamp(manifest.stat().st_mtime + 4, UTC)
+    node.health.instance = lambda want: (False, "mirror pod runs config 0123456789abcdef")
+    report = await node.rollout.converge(asyncio.Event())
+    assert report.outcome == PENDING and not report.permanent
+    assert "written 4s ago by another writer (kubeadm upgrade?)" in report.message, report.message
+    assert report.retry_at == clock.now().timestamp() + KUBELET_POLL
+    assert manifest.read_text() == kubeadms
+    assert not await asyncio.to_thread(node.rollout.lease.holds)
+    node.health.instance = lambda want: (True, "mirror pod shows the instance started after")
+    assert (await node.converge())[0] == APPLIED
+    assert b"alice" in node.tokens()

@@ -43,6 +43,9 @@ from kube_audit.core.retry import Failure, Hold, plan_hold
 from kube_audit.errors import HostError, ManifestError, NodeConfigError, RolledBack
 
 KEEP_BACKUPS = 10
+# kubeadm waits this long (5 minutes) for kubelet to run a manifest it wrote, then restores its
+# backup; a little more, so a rewrite kubelet never runs does not hold us back for ever.
+WRITER_WAIT = 330.0
 FILE_FLAGS = {"--token-auth-file": TOKEN_FILE, "--audit-policy-file": POLICY_FILE}
 
 Outcome = Literal["unchanged", "applied", "rolled-back", "held", "uninstalled"]
@@ -196,6 +199,35 @@ def needs_change(layout: HostLayout, desired: DesiredState) -> bool:
     subdir = _subdir_of(layout, new)
     files_ok = subdir is None or hostfs.read_folder(layout.host(subdir)) == dict(desired.files)
     return new != current.manifest or not files_ok
+
+
+def kubelet_behind(layout: HostLayout, health: HealthCheck | None, now: float) -> str | None:
+    """Why the manifest must not be rewritten yet (None: it may): someone else wrote it, less
+    than ``WRITER_WAIT`` ago, and kubelet does not run it yet.
+
+    ``kubeadm upgrade`` writes its manifest and waits for the mirror pod's config hash to
+    change. Writing ours back before kubelet has run kubeadm's gives the mirror pod the hash it
+    had before: kubeadm never sees a change, gives up after 5 minutes and fails the upgrade.
+    Only the API can tell (the mirror pod); without it, nothing is held. An unfinished wait of
+    our own is not someone else's write: the apply resumes it."""
+    if health is None or health.instance is None or read_state(layout).get("pending"):
+        return None
+    signature = hostfs.file_signature(layout.manifest)
+    if signature is None:
+        return None
+    written = signature[1] / 1e9
+    age = now - written
+    if not 0 <= age <= WRITER_WAIT:
+        return None
+    running = config_hash_of(_read_current(layout).manifest) or ""
+    verdict, how = health.instance(Expectation(running, written))
+    if verdict is not False:
+        return None
+    return (
+        f"waiting for kubelet to run the kube-apiserver manifest written {age:.0f}s ago by "
+        f"another writer (kubeadm upgrade?): {how}; kube-audit applies once it runs (at most "
+        f"{WRITER_WAIT:.0f}s after the write), so that writer sees its own restart"
+    )
 
 
 def plan_node(layout: HostLayout, desired: DesiredState) -> str:
@@ -671,6 +703,10 @@ class NodeAgent:
         """Why this node does not apply ``desired`` now (an earlier failure of that content,
         not yet due for a retry, or an admin's rollback); None if it may."""
         return hold_of(self.layout, desired, self.wall())
+
+    def kubelet_behind(self) -> str | None:
+        """Why the manifest must wait for kubelet before it is rewritten (see the function)."""
+        return kubelet_behind(self.layout, self.health, self.wall())
 
     def removes_identities_only(self, desired: DesiredState) -> bool:
         """Going to ``desired`` only takes identities away: no failure elsewhere holds it."""

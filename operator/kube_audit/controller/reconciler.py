@@ -24,6 +24,7 @@ from kube_audit.controller.rollout import NodeReport, Planned, Rollout
 from kube_audit.controller.status import StatusWriter
 from kube_audit.controller.tokens import TokenSecrets
 from kube_audit.core.plan import collect_inputs, plan_desired
+from kube_audit.core.status import PENDING
 from kube_audit.errors import ClusterError, KubeAuditError
 from kube_audit.kube import KubeApi
 
@@ -153,7 +154,8 @@ class NodeRuntime:
                         wait = report.retry_at - self.clock.now().timestamp()
                         self.intake.plan_again_in(wait)
                     if report.permanent or report.retry_at is not None:
-                        self.metrics.failures.inc()
+                        if report.outcome != PENDING:
+                            self.metrics.failures.inc()
                         continue  # shown on the objects; wait for a change, the retry, the resync
                 else:
                     _raise_if_any(await self.status.update_conditions(stop))

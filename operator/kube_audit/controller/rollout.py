@@ -26,7 +26,7 @@ from kube_audit.controller.health import node_agent
 from kube_audit.controller.lease import LeaseLock
 from kube_audit.controller.metrics import Metrics
 from kube_audit.core.plan import DesiredState
-from kube_audit.core.status import APPLIED, BLOCKED, ROLLED_BACK
+from kube_audit.core.status import APPLIED, BLOCKED, PENDING, ROLLED_BACK
 from kube_audit.errors import (
     ClusterError,
     KubeAuditError,
@@ -39,6 +39,8 @@ from kube_audit.kube import KubeApi
 
 log = logging.getLogger("kube_audit.operator")
 MARK_ATTEMPTS = 5
+# How often to look again while kubelet has not yet run a manifest someone else wrote.
+KUBELET_POLL = 5.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Rollout:
         self._unmarked: str | None = None
         self._logged_live: str | None = None
         self._logged_hold: str | None = None
+        self._logged_behind = False
 
     def _agent(self) -> NodeAgent:
         return node_agent(self.config, self.api, lambda: self.clock.now().timestamp())
@@ -228,6 +231,19 @@ class Rollout:
                 tokens=planned.tokens,
             )
 
+        try:
+            behind = await asyncio.to_thread(agent.kubelet_behind)
+        except Exception:
+            await self._release()
+            raise
+        if behind is not None:
+            await self._release()
+            if not self._logged_behind:
+                log.info("%s: %s", holder, behind)
+            self._logged_behind = True
+            waiting = report(PENDING, behind)
+            return replace(waiting, retry_at=self.clock.now().timestamp() + KUBELET_POLL)
+        self._logged_behind = False
         marks = failed_configs(await asyncio.to_thread(self.lease.annotation, FAILED_ANNOTATION))
         if desired.config_hash in marks and not await asyncio.to_thread(
             agent.removes_identities_only, desired
