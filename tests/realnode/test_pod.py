@@ -237,11 +237,20 @@ def _works(real: Real, name: str, timeout: float = 300) -> None:
 
 
 def _settled(real: Real) -> None:
-    """Nothing pending on the node: no apply waiting, no temporary file left by a rename."""
+    """Nothing pending on the node: no apply waiting, no temporary file left by a rename.
+
+    A person's token works as soon as the new apiserver serves; the agent records the apply as
+    verified only once kubelet's mirror pod shows the new container ready, which on a loaded
+    machine comes later. So wait, but no longer than the agent's own health timeout (180 s)
+    and a margin: a wait still pending after that would be a bug."""
     node = real.node
     state_file = node.tree / "var/lib/kube-audit/state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    assert not state.get("pending"), state
+
+    def verified() -> bool:
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        return not state.get("pending")
+
+    wait_for("the agent's apply verified (nothing pending in state.json)", verified, 240, 1)
     leftovers = [p.name for p in node.manifest.parent.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
     config = node.tree / "etc/kubernetes/kube-audit"
@@ -367,7 +376,9 @@ def test_kubeadm_upgrade_node_is_not_disturbed_and_our_flags_come_back(real: Rea
     """Issue 20 item 11: ``kubeadm upgrade node`` (the same version: kubeadm rewrites the
     manifest from its own configuration, dropping our flags, and waits for kubelet to run the
     new apiserver) with the operator running: kubeadm succeeds within its own timeouts, the
-    operator sees the rewrite and applies again, and a person's token works afterwards."""
+    operator sees the rewrite and applies again once kubelet runs kubeadm's manifest (written
+    back earlier, the mirror pod's hash never changes and kubeadm fails after 5 minutes), and a
+    person's token works afterwards."""
     cp, node = real.cp, real.node
     wait_operator_ready(cp)
     _add_user(real, "gina")
@@ -396,7 +407,8 @@ def test_kubeadm_upgrade_node_is_not_disturbed_and_our_flags_come_back(real: Rea
             "--skip-phases=preflight,addon/coredns,addon/kube-proxy", "--v=1", timeout=900,
         )  # fmt: skip
         took = time.monotonic() - started
-        wait_for("our flags back in the manifest", lambda: seen[-1][1], 180, 1)
+        # The operator writes once kubelet runs kubeadm's manifest, at most 330 s after it.
+        wait_for("our flags back in the manifest", lambda: seen[-1][1], 330, 1)
     finally:
         done.set()
         follower.join(5)
@@ -437,5 +449,19 @@ def test_uninstall_as_the_docs_say(real: Real) -> None:
     cp.kubectl("delete", pod)
     assert list(node.audit_log_dir.glob("audit*.log")), "audit logs are kept"
     node.wait_ready(180)
-    cp.kubectl("delete", "-k", str(real.overlay), "--ignore-not-found", "--wait=true", timeout=300)
-    assert cp.kubectl("get", "crd", "auditusers.kube-audit.io", check=False).returncode != 0
+    cp.kubectl("delete", "-k", str(real.overlay), "--ignore-not-found", "--wait=false")
+    # The namespace goes when kube-controller-manager's namespace controller has emptied it;
+    # after the apiserver restarts of this tier, kubelet may hold that pod in its crash
+    # back-off (up to 5 minutes) first. The docs' command waits as long as that takes; here
+    # the wait is bounded, and a failure shows the pods (tests/realnode/conftest.py).
+    gone = (
+        f"namespace/{NAMESPACE}",
+        "crd/auditusers.kube-audit.io",
+        "crd/auditpolicies.kube-audit.io",
+    )
+    wait_for(
+        f"namespace {NAMESPACE} and the CRDs gone",
+        lambda: not cp.kubectl("get", *gone, "--ignore-not-found", "-o", "name").stdout.strip(),
+        600,
+        3,
+    )
