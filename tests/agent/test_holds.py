@@ -206,7 +206,8 @@ def test_a_manifest_another_writer_just_wrote_waits_until_kubelet_runs_it(
     ours = layout.manifest.read_bytes()
     kubeadms = render_manifest(unpatch_manifest(parse_manifest(ours.decode())))
     layout.manifest.write_text(kubeadms)
-    written = layout.manifest.stat().st_mtime
+    # in ns, as the agent reads it: the float st_mtime may differ from it in the last bit
+    written = layout.manifest.stat().st_mtime_ns / 1e9
     pod = {"now": _mirror_pod(_running_of(ours), written - 60)}  # the instance before kubeadm's
     asked: list[Expectation] = []
 
@@ -229,7 +230,7 @@ def test_a_manifest_another_writer_just_wrote_waits_until_kubelet_runs_it(
 
 def test_nothing_waits_where_the_api_cannot_tell_or_the_wait_is_ours(layout: HostLayout) -> None:
     apply_node(layout, desired("alice"), None)
-    written = layout.manifest.stat().st_mtime
+    written = layout.manifest.stat().st_mtime_ns / 1e9
     assert kubelet_behind(layout, None, now=written + 1) is None
     no_api = HealthCheck(url="", instance=lambda want: (None, "cannot read the mirror pod"))
     assert kubelet_behind(layout, no_api, now=written + 1) is None
