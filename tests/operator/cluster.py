@@ -195,6 +195,8 @@ class Cluster(kmock.KubernetesEmulator):
     list_delay: dict[str, float] = attrs.field(factory=dict)
     # Every collection read of Secrets (path and query): what the operator asks to see.
     secret_reads: list[str] = attrs.field(factory=list)
+    # Every list served: (plural, the limit asked, the items sent), to see that lists are paged.
+    list_pages: list[tuple[str, int, int]] = attrs.field(factory=list)
     # Namespaces where OPERATOR_TOKEN may read and write Secrets (its Roles).
     secret_grants: set[str] = attrs.field(factory=lambda: {"kube-audit"})
 
@@ -453,6 +455,7 @@ class Cluster(kmock.KubernetesEmulator):
                 if start + limit < len(items):
                     meta["continue"] = str(start + limit)
                 items = items[start : start + limit]
+            self.list_pages.append((request.resource.plural, limit, len(items)))
             return {"metadata": meta, "items": copy.deepcopy(items)}
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:

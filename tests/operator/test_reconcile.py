@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from kube_audit.controller import handlers
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.main import CoreTaskDied, run_operator
 from kube_audit.controller.reconciler import NodeRuntime
@@ -241,3 +242,26 @@ def test_a_rotation_that_failed_is_not_ready(harness: Harness) -> None:
     harness.annotate("auditusers", "alice", {"kube-audit.io/rotate-token": "2026-12-04"})
     eventually(lambda: _ready(harness, "auditusers", "alice"), what="Ready once it is live")
     assert _records(node)["alice"][0] == _token(harness, "alice")
+
+
+def test_a_restart_reads_the_users_page_by_page(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kopf lists a whole resource in one response unless told a chunk size: at a restart with
+    10,000 AuditUsers that one list was the operator's memory peak (issue 20, item 9). Pages of
+    ``LIST_CHUNK`` (2 here, 500 in the field) still deliver every user."""
+    monkeypatch.setattr(handlers, "LIST_CHUNK", 2)
+    harness.add_control_plane("cp-1")
+    names = [f"user-{i}" for i in range(5)]
+    for name in names:
+        harness.apply_user(name)
+    node = harness.start("cp-1")
+    eventually(lambda: set(_records(node)) == set(names), what="all five users live")
+    assert harness.cluster.cluster is not None
+    pages = [
+        (limit, n)
+        for plural, limit, n in harness.cluster.cluster.list_pages
+        if plural == "auditusers"
+    ]
+    assert all(limit > 0 for limit, _ in pages), f"a list of every user at once: {pages}"
+    assert [n for limit, n in pages if limit == 2][:3] == [2, 2, 1], pages

@@ -20,6 +20,7 @@ from kube_audit.controller.reconciler import NodeRuntime
 from kube_audit.errors import KubeAuditError
 
 log = logging.getLogger("kube_audit.operator")
+LIST_CHUNK = 500
 
 
 def to_kopf_error(error: KubeAuditError) -> kopf.PermanentError | kopf.TemporaryError:
@@ -40,6 +41,9 @@ def operator_settings(settings: kopf.OperatorSettings, api_retry: float = 10.0) 
     settings.peering.standalone = True
     # Per-object workers exit soon after their last event: 10,000 objects, bounded memory.
     settings.queueing.idle_timeout = 1.0
+    # kopf lists everything in one response unless told otherwise: at a restart with 10,000
+    # AuditUsers that one list, decoded at once, was the operator's memory peak.
+    settings.watching.chunk_size = LIST_CHUNK
 
 
 def build_registry(runtime: NodeRuntime, login: Any) -> kopf.OperatorRegistry:
