@@ -16,7 +16,7 @@ CP_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
 	-X k8s.io/component-base/version.gitTreeState=clean
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test unit lint bench demo crds clean controlplane haproxy image node-tools
+.PHONY: help setup test unit lint bench demo crds clean controlplane haproxy image node-tools gitops-health
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install the project with its test extras
 
 test: setup lint ## lint, build the real programs and the image where Go is, run every test
-	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory controlplane haproxy node-tools; \
+	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory controlplane haproxy node-tools gitops-health; \
 	   if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory image; \
 	   else echo "make test: not root: no image is built and the real node tests (tests/realnode) will skip"; fi; \
 	 else echo "make test: no Go on PATH: the control-plane and real node tests will skip"; fi
@@ -56,6 +56,12 @@ controlplane: ## build kube-apiserver, etcd, kubeadm, kube-controller-manager, k
 	@mkdir -p $(CP_BIN)
 	cd $(CP_SRC) && GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
 	  $(GO) build -trimpath -ldflags '$(CP_LDFLAGS)' -o $(abspath $(CP_BIN))/ ./cmd/...
+
+gitops-health: ## build Flux's kstatus and Argo CD's Lua health check as one judge for tests/gitops (Go 1.26+)
+	@if $(GO) version | grep -Eq 'go1\.(2[6-9]|[3-9][0-9])'; then \
+	   cd tests/gitops && GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
+	   $(GO) build -trimpath -o $(abspath build/gitops/bin)/gitops-health ./health; \
+	 else echo "gitops-health: needs Go 1.26+, found $$($(GO) version): tests/gitops will skip"; fi
 
 unit: setup ## only the fast pure-core tests
 	$(BIN)/python -m pytest tests/unit
