@@ -57,7 +57,7 @@ controlplane: ## build kube-apiserver, etcd, kubeadm, kube-controller-manager, k
 	cd $(CP_SRC) && GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
 	  $(GO) build -trimpath -ldflags '$(CP_LDFLAGS)' -o $(abspath $(CP_BIN))/ ./cmd/...
 
-gitops-health: ## build Flux's kstatus and Argo CD's Lua health check as one judge for tests/gitops (Go 1.26+)
+gitops-health: ## build Flux's kstatus and CEL evaluator and Argo CD's Lua health check as one judge for tests/gitops (Go 1.26+)
 	@if $(GO) version | grep -Eq 'go1\.(2[6-9]|[3-9][0-9])'; then \
 	   cd tests/gitops && GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
 	   $(GO) build -trimpath -o $(abspath build/gitops/bin)/gitops-health ./health; \

@@ -3,7 +3,8 @@
 tests/unit checks the same states with Python stand-ins (cel-python for Flux's
 ``healthCheckExprs``, lupa for Argo CD's Lua). Here the judges are the Go code the GitOps tools
 run: Flux's kstatus ``status.Compute`` (what Flux uses when no expression is configured, the
-default) and deploy/argocd/health.lua under gopher-lua with the libraries Argo CD gives a health
+default), Flux's CEL status evaluator on deploy/flux's ``healthCheckExprs``, and
+deploy/argocd/health.lua under gopher-lua with the libraries Argo CD gives a health
 customization. ``make gitops-health`` builds them as one program (tests/gitops/health).
 """
 
@@ -29,7 +30,7 @@ from kube_audit.core.status import (
     compute_conditions,
     node_entry,
 )
-from tests.unit.test_deploy import LUA, _flux, _health
+from tests.unit.test_deploy import FLUX, LUA, _flux, _health
 
 ROOT = Path(__file__).resolve().parents[2]
 JUDGE = ROOT / "build/gitops/bin/gitops-health"
@@ -58,11 +59,13 @@ def _judge_available() -> None:
 
 
 def judge(objects: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Flux's and Argo CD's verdict on each object, from the built program."""
+    """Flux's (kstatus, and the expressions) and Argo CD's verdict on each object."""
     _judge_available()
     run = subprocess.run(
         [str(JUDGE)],
-        input=json.dumps({"lua": LUA, "objects": objects}),
+        input=json.dumps(
+            {"lua": LUA, "healthCheckExprs": FLUX["healthCheckExprs"], "objects": objects}
+        ),
         capture_output=True,
         text=True,
         timeout=60,
@@ -138,6 +141,7 @@ def test_flux_and_argo_cd_judge_every_state_as_documented(kind: str) -> None:
     verdicts = judge([obj for _, obj, _ in states])
     for (what, obj, (flux, argo)), verdict in zip(states, verdicts, strict=True):
         assert (verdict["kstatus"], verdict["argo"]) == (flux, argo), (what, verdict)
+        assert verdict["fluxExprs"] == flux, ("with deploy/flux's healthCheckExprs", what, verdict)
         conditions = {c["type"]: c for c in obj["status"]["conditions"]}
         if (flux, argo) == FAILED:
             stalled = conditions["Stalled"]["message"]
@@ -146,18 +150,22 @@ def test_flux_and_argo_cd_judge_every_state_as_documented(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["AuditUser", "AuditPolicy"])
 def test_the_stand_ins_of_the_unit_tier_agree_with_the_real_judges(kind: str) -> None:
-    """cel-python on deploy/flux's expressions and lupa on the Lua give what Flux's kstatus and
-    gopher-lua give, state by state: the fast unit tests test what the tools do."""
+    """cel-python on deploy/flux's expressions and lupa on the Lua give what Flux's CEL
+    evaluator and gopher-lua give, state by state: the fast unit tests test what the tools do."""
     states = _states(kind)
     for (what, obj, _), verdict in zip(states, judge([o for _, o, _ in states]), strict=True):
-        assert _flux(kind, obj) == verdict["kstatus"], what
+        assert _flux(kind, obj) == verdict["fluxExprs"], what
         assert _health(obj) == (verdict["argo"], verdict["argoMessage"]), what
 
 
 def test_without_the_status_default_flux_reads_a_new_object_as_done() -> None:
     """Why the CRDs default ``status``: an object with no status at all is Current to kstatus,
     so Flux's ``wait: true`` passed before kube-audit had looked at it. The real apiserver fills
-    the default (tests/controlplane, test_controlplane.py)."""
+    the default on every read (tests/controlplane, test_controlplane.py), so no client sees
+    this state."""
     [bare] = judge([_object("AuditUser", 1, None)])
     assert bare["kstatus"] == "Current", bare
+    # With the expressions, Flux's evaluator cannot even resolve ``status`` there: an error,
+    # which kstatus's generic reader turns into Unknown, so Flux waits (never Current either).
+    assert bare["fluxExprs"].startswith("error: ") and "status.conditions" in bare["fluxExprs"]
     assert bare["argo"] == "Progressing", "Argo CD's check never relied on the default"

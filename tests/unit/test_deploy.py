@@ -317,8 +317,13 @@ FLUX = yaml.safe_load((REPO / "deploy/flux/health-check-exprs.yaml").read_text()
 
 
 def _flux(kind: str, obj: dict[str, Any]) -> str:
-    """Flux's order: failed, then current; neither is InProgress."""
+    """Flux's order (RFC 0009, ``StatusEvaluator``): InProgress while ``status.observedGeneration``
+    differs from the generation, then failed, then current; neither is InProgress. tests/gitops
+    checks this stand-in against Flux's own evaluator."""
     [check] = [c for c in FLUX["healthCheckExprs"] if c["kind"] == kind]
+    observed = (obj.get("status") or {}).get("observedGeneration")
+    if observed is not None and observed != (obj.get("metadata") or {}).get("generation"):
+        return "InProgress"
     env = celpy.Environment()
     activation = {k: celpy.json_to_cel(obj.get(k, {})) for k in ("metadata", "spec", "status")}
     for verdict in ("failed", "current"):

@@ -2,10 +2,12 @@
 // Flux's kstatus (github.com/fluxcd/cli-utils, the fork kustomize-controller's health checks
 // use) and Argo CD's Lua health check run in gopher-lua with the libraries Argo CD opens for a
 // health customization from argocd-cm (package, base, table; Argo CD's reduced os library is not
-// loaded, so a script using os fails here, which is stricter than Argo CD).
+// loaded, so a script using os fails here, which is stricter than Argo CD), and a Kustomization's
+// healthCheckExprs through Flux's own CEL status evaluator (github.com/fluxcd/pkg/runtime/cel).
 //
-// Input (stdin): {"lua": "<script>", "objects": [<object>, ...]}.
-// Output (stdout): one JSON line per object: {"kstatus", "kstatusMessage", "argo", "argoMessage"}.
+// Input (stdin): {"lua": "<script>", "healthCheckExprs": [...], "objects": [<object>, ...]}.
+// Output (stdout): one JSON line per object:
+// {"kstatus", "kstatusMessage", "fluxExprs", "argo", "argoMessage"}.
 package main
 
 import (
@@ -16,18 +18,22 @@ import (
 	"time"
 
 	"github.com/fluxcd/cli-utils/pkg/kstatus/status"
+	"github.com/fluxcd/pkg/apis/kustomize"
+	fluxcel "github.com/fluxcd/pkg/runtime/cel"
 	lua "github.com/yuin/gopher-lua"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
 
 type input struct {
-	Lua     string                   `json:"lua"`
-	Objects []map[string]interface{} `json:"objects"`
+	Lua              string                        `json:"lua"`
+	HealthCheckExprs []kustomize.CustomHealthCheck `json:"healthCheckExprs"`
+	Objects          []map[string]interface{}      `json:"objects"`
 }
 
 type verdict struct {
 	Kstatus        string `json:"kstatus"`
 	KstatusMessage string `json:"kstatusMessage"`
+	FluxExprs      string `json:"fluxExprs"`
 	Argo           string `json:"argo"`
 	ArgoMessage    string `json:"argoMessage"`
 }
@@ -50,6 +56,7 @@ func main() {
 		} else {
 			v.Kstatus, v.KstatusMessage = result.Status.String(), result.Message
 		}
+		v.FluxExprs = fluxExprs(obj, in.HealthCheckExprs)
 		v.Argo, v.ArgoMessage = argoHealth(obj, in.Lua)
 		if err := out.Encode(v); err != nil {
 			fmt.Fprintln(os.Stderr, "gitops-health: writing stdout:", err)
@@ -80,6 +87,27 @@ func normalize(value interface{}) interface{} {
 		return f
 	}
 	return value
+}
+
+// fluxExprs is the Kustomization's verdict with healthCheckExprs ("none" where no expression
+// names the object's kind: kstatus decides then).
+func fluxExprs(obj map[string]interface{}, checks []kustomize.CustomHealthCheck) string {
+	u := &unstructured.Unstructured{Object: obj}
+	for _, check := range checks {
+		if check.APIVersion != u.GetAPIVersion() || check.Kind != u.GetKind() {
+			continue
+		}
+		evaluator, err := fluxcel.NewStatusEvaluator(&check.HealthCheckExpressions)
+		if err != nil {
+			return "error: " + err.Error()
+		}
+		result, err := evaluator.Evaluate(context.Background(), u)
+		if err != nil {
+			return "error: " + err.Error()
+		}
+		return result.Status.String()
+	}
+	return "none"
 }
 
 func argoHealth(obj map[string]interface{}, script string) (string, string) {
