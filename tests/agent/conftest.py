@@ -50,8 +50,11 @@ def make_host(root: Path, version: str = "v1.31", static_pod_path: str | None = 
     return root
 
 
-def desired(*names: str, policy: bool = True, marker: str = "") -> DesiredState:
-    """Users ``names`` (token ``tok-<name><marker>``), and one policy unless told otherwise."""
+def desired(
+    *names: str, policy: bool = True, marker: str = "", level: str = "Metadata"
+) -> DesiredState:
+    """Users ``names`` (token ``tok-<name><marker>``), and one policy (its rule at ``level``)
+    unless told otherwise."""
     objs: list[Any] = []
     for name in names:
         objs += [
@@ -59,7 +62,7 @@ def desired(*names: str, policy: bool = True, marker: str = "") -> DesiredState:
             token_secret(f"audituser-{name}", long_token(f"tok-{name}{marker}")),
         ]
     if policy:
-        objs.append(audit_policy("dev", rules=[{"level": "Metadata", "userGroups": ["developer"]}]))
+        objs.append(audit_policy("dev", rules=[{"level": level, "userGroups": ["developer"]}]))
     return plan_desired(collect_inputs([(f"t#{i}", o) for i, o in enumerate(objs)]), Settings())
 
 

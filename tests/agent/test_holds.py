@@ -23,6 +23,7 @@ from kube_audit.agent.node import (
     hold_of,
     kubelet_behind,
     read_state,
+    revocation_of,
     rollback_node,
 )
 from kube_audit.core.manifest import (
@@ -33,7 +34,7 @@ from kube_audit.core.manifest import (
     render_manifest,
     unpatch_manifest,
 )
-from kube_audit.core.plan import DesiredState
+from kube_audit.core.plan import POLICY_FILE, DesiredState
 from kube_audit.errors import RolledBack
 from tests.agent.conftest import FakeNode, desired, health
 
@@ -111,6 +112,47 @@ def test_a_deletion_is_retried_even_after_the_apiserver_crashed_with_it(
         layout, alice_only, health(url), retry_failed=False, wall=lambda: _later(301)
     )
     assert result.outcome == "applied" and b"bob" not in _tokens(layout)
+
+
+def _policy(layout: HostLayout) -> bytes:
+    path = flag_value(parse_manifest(layout.manifest.read_text()), "--audit-policy-file") or ""
+    return layout.host(path).read_bytes()
+
+
+def test_a_refused_policy_does_not_hold_back_a_deletion(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """The content that deletes bob carries a policy the apiserver refuses: it is rolled back
+    and held, and the deletion goes on the running config by itself (its policy, one
+    restart); nothing is left to take away after that."""
+    node, url = fake_node
+    before = desired("alice", "bob")
+    apply_node(layout, before, health(url))
+    refused = desired("alice", level="RequestResponse")
+    assert _fail_once(layout, node, url, refused, crash=True).crashed
+    assert revocation_of(layout, before, _later(1)) is None, "nothing to take away"
+    step = revocation_of(layout, refused, _later(1))
+    assert step is not None and step.config_hash == desired("alice").config_hash
+    result = apply_node(layout, step, health(url), retry_failed=False)
+    assert result.outcome == "applied" and result.restarted
+    assert b"bob" not in _tokens(layout) and b"alice" in _tokens(layout)
+    assert _policy(layout) == before.files[POLICY_FILE], "the policy that ran before"
+    assert hold_of(layout, refused, _later(10**6)) is not None, "the policy change stays held"
+    assert revocation_of(layout, refused, _later(1)) is None
+
+
+def test_no_revocation_step_over_an_admins_rollback(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """An admin rolled back from the content that removed bob: the step would be that very
+    content, so it is held as the admin left it."""
+    _node, url = fake_node
+    both, alice_only = desired("alice", "bob"), desired("alice")
+    apply_node(layout, both, health(url))
+    apply_node(layout, alice_only, health(url))
+    rollback_node(layout, health(url))
+    assert revocation_of(layout, alice_only, _later(1)) is None
+    assert b"bob" in _tokens(layout)
 
 
 def test_a_transient_failure_is_retried_with_back_off(

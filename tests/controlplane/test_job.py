@@ -301,6 +301,25 @@ def test_a_config_the_apiserver_refuses_is_rolled_back(job: Job) -> None:
     assert "--audit-policy-file" not in node.manifest.read_text()
     assert isinstance(whoami(cp, alice), dict), "the previous config runs again"
 
+    # A person deleted while the refused policy is still in the cluster (issue 20, item 2):
+    # the content without them carries that policy, so it is refused too; their token still
+    # goes, taken away on the running config by itself.
+    leaver = token_of(cp, "burst-199")
+    before = job.operator.log.stat().st_size
+    cp.kubectl("delete", "audituser", "burst-199")
+    wait_for(
+        "burst-199's token to stop working while the policy is refused",
+        lambda: isinstance(whoami(cp, leaver), str),
+        timeout=420,
+        interval=2,
+    )
+    node.wait_ready()
+    assert "--audit-policy-file" not in node.manifest.read_text(), "the running config's"
+    assert isinstance(whoami(cp, alice), dict)
+    said = job.operator.log.read_text()[before:]
+    assert "taking away on their own the identities it removes" in said, said[-3000:]
+    assert failed() is not None, "the policy change itself stays rolled back"
+
     log.rmdir()
     saved.rename(log)
     cp.kubectl(

@@ -15,7 +15,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from kube_audit.agent.health import HealthCheck, HealthOutcome
+from kube_audit.agent.health import Expectation, HealthCheck, HealthOutcome
 from kube_audit.agent.layout import HostLayout
 from kube_audit.constants import CONTROL_PLANE_LABEL
 from kube_audit.controller.config import OperatorConfig
@@ -43,12 +43,15 @@ class RecordingHealth(HealthCheck):
     ready: Callable[[], bool] = lambda: True
     # Not ready: answering 500 (True, may be transient) or never answering (False, a crash).
     transient: bool = False
+    # Config hashes the apiserver does not start with, whatever ``ready`` says.
+    refused: set[str] = field(default_factory=set)
 
     def wait_ready(self, require_restart: bool = True, expect: object = None) -> HealthOutcome:
         start = time.monotonic()
         time.sleep(self.seconds)
         self.journal.append((self.node, start, time.monotonic()))
-        ok = self.ready()
+        wanted = expect.config_hash if isinstance(expect, Expectation) else None
+        ok = self.ready() and wanted not in self.refused
         if ok:
             return HealthOutcome(True, "ready")
         if self.transient:

@@ -9,7 +9,12 @@ from datetime import UTC, datetime
 from kube_audit.agent.layout import HostLayout
 from kube_audit.constants import FAILED_ANNOTATION
 from kube_audit.controller.rollout import KUBELET_POLL
-from kube_audit.core.manifest import parse_manifest, render_manifest, unpatch_manifest
+from kube_audit.core.manifest import (
+    config_hash_of,
+    parse_manifest,
+    render_manifest,
+    unpatch_manifest,
+)
 from kube_audit.core.status import APPLIED, BLOCKED, PENDING, ROLLED_BACK
 from tests.agent.conftest import desired
 from tests.clock import ManualClock
@@ -65,6 +70,51 @@ async def test_a_crash_on_another_node_does_not_hold_a_deletion_here(harness: Ha
     outcome, message, _ = await here.converge(desired("alice"))
     assert outcome == APPLIED, message
     assert b"bob" not in here.tokens()
+
+
+async def test_a_refused_policy_does_not_keep_a_deleted_persons_token(harness: Harness) -> None:
+    """Before: while the refused policy stayed in the cluster, deleting bob gave a content that
+    carried it; tried, refused, rolled back, held, and bob's token stayed for good."""
+    clock = ManualClock()
+    node = RolloutNode(harness, "cp-1", clock, desired("alice", "bob"))
+    assert (await node.converge())[0] == APPLIED
+    bad = [desired(*people, level="RequestResponse") for people in (("alice", "bob"), ("alice",))]
+    node.health.refused = {d.config_hash for d in bad}
+    outcome, message, _ = await node.converge(bad[0])
+    assert outcome == ROLLED_BACK and "never answered" in message
+    outcome, message, _ = await node.converge(bad[1])
+    assert outcome == ROLLED_BACK and "never answered" in message, "the next content is tried"
+    assert b"bob" in node.tokens()
+    outcome, message, permanent = await node.converge()
+    assert outcome == ROLLED_BACK and permanent, message
+    assert "identities it removes were taken away on their own" in message
+    assert b"bob" not in node.tokens() and b"alice" in node.tokens()
+    layout = HostLayout.discover(node.config.host_root, node.config.settings)
+    running = parse_manifest(layout.manifest.read_text())
+    assert config_hash_of(running) == desired("alice").config_hash, "the policy that runs"
+    assert node.held() == 1, "the policy change itself is still held"
+    outcome, message, _ = await node.converge()
+    assert outcome == ROLLED_BACK and "until the inputs change" in message
+    assert "taken away" not in message, "nothing more to take away"
+    node.health.refused = set()
+    assert (await node.converge(desired("alice", level="Request")))[0] == APPLIED
+
+
+async def test_a_crash_elsewhere_does_not_keep_a_deleted_persons_token_here(
+    harness: Harness,
+) -> None:
+    clock = ManualClock()
+    here = RolloutNode(harness, "cp-2", clock, desired("alice", "bob"))
+    assert (await here.converge())[0] == APPLIED
+    other = RolloutNode(harness, "cp-1", clock, desired("alice"))
+    bad = desired("alice", level="RequestResponse")
+    assert await asyncio.to_thread(other.rollout.lease.try_acquire)
+    assert await other.rollout._mark_failed(bad.config_hash)
+    await asyncio.to_thread(other.rollout.lease.release)
+    outcome, message, _ = await here.converge(bad)
+    assert outcome == BLOCKED and "crashed with this configuration on another node" in message
+    assert "taken away on their own" in message and b"bob" not in here.tokens()
+    assert here.health.journal, "one restart, for the revocation"
 
 
 async def test_a_manifest_kubelet_does_not_run_yet_is_left_to_its_writer(harness: Harness) -> None:

@@ -7,7 +7,13 @@ from dataclasses import replace
 import pytest
 
 from kube_audit.core.manifest import Manifest, parse_manifest
-from kube_audit.core.plan import DesiredState, plan_manifest, removes_identities_only
+from kube_audit.core.plan import (
+    TOKEN_FILE,
+    DesiredState,
+    plan_manifest,
+    plan_revocation,
+    removes_identities_only,
+)
 from kube_audit.core.retry import Failure, plan_hold, retry_delay
 from kube_audit.core.settings import Settings
 from tests.agent.conftest import desired
@@ -94,3 +100,59 @@ def test_changed_settings_are_not_only_a_revocation() -> None:
 def test_an_unpatched_node_has_nothing_to_revoke() -> None:
     base = parse_manifest(kubeadm_manifest_text("v1.31"))
     assert not removes_identities_only(base, {}, "", desired("alice"))
+
+
+def test_a_held_change_s_revocations_go_on_the_running_config() -> None:
+    """A refused policy and bob's deletion in one content: bob's line leaves on its own, the
+    running policy stays, and the step is a revocation (no failure mark holds it back)."""
+    before = desired("alice", "bob", "carol")
+    manifest, files = _running(before)
+    held = desired("alice", "carol", level="RequestResponse")
+    step = plan_revocation(manifest, files, before.config_hash, held)
+    assert step is not None
+    assert step.files[TOKEN_FILE] == desired("alice", "carol").files[TOKEN_FILE]
+    assert step.config_hash == desired("alice", "carol").config_hash, "the running policy"
+    assert removes_identities_only(manifest, files, before.config_hash, step)
+    again = plan_revocation(manifest, files, before.config_hash, held)
+    assert again == step, "pure: the same step for the same input"
+
+
+def test_a_changed_line_leaves_too_and_nothing_is_added() -> None:
+    """A rotated token (or new groups) is not granted on the running policy, and the old line
+    is not kept: the node never grants more than either config."""
+    before = desired("alice", "bob")
+    manifest, files = _running(before)
+    held = replace(
+        desired("alice", "bob", "dave", level="None"),
+        files={
+            **desired("alice", "bob", "dave", level="None").files,
+            TOKEN_FILE: desired("alice").files[TOKEN_FILE]
+            + desired("bob", marker="-new").files[TOKEN_FILE],
+        },
+    )
+    step = plan_revocation(manifest, files, before.config_hash, held)
+    assert step is not None and step.files[TOKEN_FILE] == desired("alice").files[TOKEN_FILE]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "why"),
+    [
+        (desired("alice", "bob", "dave", level="None"), "nothing is taken away"),
+        (replace(desired("alice"), settings=Settings(log_maxage=90)), "the settings changed"),
+    ],
+)
+def test_no_revocation_step_without_a_removal_on_the_same_settings(
+    wanted: DesiredState, why: str
+) -> None:
+    before = desired("alice", "bob")
+    manifest, files = _running(before)
+    assert plan_revocation(manifest, files, before.config_hash, wanted) is None, why
+    base = parse_manifest(kubeadm_manifest_text("v1.31"))
+    assert plan_revocation(base, {}, "", wanted) is None, "an unpatched node runs no tokens"
+
+
+def test_the_last_person_gone_without_a_policy_unpatches() -> None:
+    before = desired("alice", policy=False)
+    manifest, files = _running(before)
+    step = plan_revocation(manifest, files, before.config_hash, desired(level="None"))
+    assert step is not None and step.files == {} and step.config_hash == ""

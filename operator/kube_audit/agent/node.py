@@ -37,6 +37,7 @@ from kube_audit.core.plan import (
     TOKEN_FILE,
     DesiredState,
     plan_manifest,
+    plan_revocation,
     removes_identities_only,
 )
 from kube_audit.core.retry import Failure, Hold, plan_hold
@@ -142,6 +143,18 @@ def _hold(
 def hold_of(layout: HostLayout, desired: DesiredState, now: float) -> Hold | None:
     """Why the operator must not apply ``desired`` on this node now (None: it may); reads only."""
     return _hold(read_state(layout), _read_current(layout), desired, now)
+
+
+def revocation_of(layout: HostLayout, desired: DesiredState, now: float) -> DesiredState | None:
+    """What the operator applies while ``desired`` is held here: the running config without
+    the identities ``desired`` takes away (see ``plan_revocation``); None if there is none, or
+    it is held itself (its own failure, retried with back-off). Reads only."""
+    current = _read_current(layout)
+    running = config_hash_of(current.manifest) or ""
+    step = plan_revocation(current.manifest, current.files, running, desired)
+    if step is None or _hold(read_state(layout), current, step, now) is not None:
+        return None
+    return step
 
 
 def _write_state(layout: HostLayout, state: dict[str, Any]) -> None:
@@ -703,6 +716,10 @@ class NodeAgent:
         """Why this node does not apply ``desired`` now (an earlier failure of that content,
         not yet due for a retry, or an admin's rollback); None if it may."""
         return hold_of(self.layout, desired, self.wall())
+
+    def revocation(self, desired: DesiredState) -> DesiredState | None:
+        """The identities ``desired`` takes away, on their own, while it is held here."""
+        return revocation_of(self.layout, desired, self.wall())
 
     def kubelet_behind(self) -> str | None:
         """Why the manifest must wait for kubelet before it is rewritten (see the function)."""

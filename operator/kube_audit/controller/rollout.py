@@ -6,7 +6,8 @@ the config hash recorded on it if the new apiserver crashed with the config: the
 never try that config (a change that only removes identities excepted). A failure that may be
 transient is not recorded there: this node retries it with back-off (``core.retry``). The
 Lease is renewed during the apply and kept when the apply is interrupted, so no second
-apiserver restarts while this one is down.
+apiserver restarts while this one is down. While a config is held back (a refused AuditPolicy
+in it), the identities it takes away are taken away on their own (``core.plan.plan_revocation``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kube_audit.controller.health import node_agent
 from kube_audit.controller.lease import LeaseLock
 from kube_audit.controller.metrics import Metrics
 from kube_audit.core.plan import DesiredState
+from kube_audit.core.retry import Hold
 from kube_audit.core.status import APPLIED, BLOCKED, PENDING, ROLLED_BACK
 from kube_audit.errors import (
     ClusterError,
@@ -72,6 +74,17 @@ class NodeReport:
     retry_at: float | None = None
     # The plan's token fingerprints (see ``Planned.tokens``).
     tokens: Mapping[str, str] = field(default_factory=dict)
+
+
+def held_by(report: NodeReport, hold: Hold) -> NodeReport:
+    """A node that does not apply the plan now: why, and whether and when it tries again."""
+    return replace(
+        report,
+        outcome=BLOCKED if hold.by_admin else ROLLED_BACK,
+        message=hold.message,
+        permanent=hold.retry_at is None,
+        retry_at=hold.retry_at,
+    )
 
 
 def failed_configs(value: str | None) -> list[str]:
@@ -148,13 +161,18 @@ class Rollout:
             agent = await asyncio.to_thread(self._agent)
             change = await asyncio.to_thread(agent.needs_change, desired)
             hold = await asyncio.to_thread(agent.hold, desired) if change else None
+            revocation = (
+                await asyncio.to_thread(agent.revocation, desired)
+                if hold is not None and not hold.by_admin
+                else None
+            )
         except (ManifestError, NodeConfigError) as error:
             self.metrics.blocked.set(1)
             log.error("%s: blocked: %s", self.config.node_name, error)
             return report(BLOCKED, str(error), permanent=True)
         self.metrics.blocked.set(0)
         self.metrics.held.set(1 if hold is not None else 0)
-        if not change or hold is not None:
+        if not change or (hold is not None and revocation is None):
             await self._settle_lease()
         if not change:
             if self._logged_live != desired.config_hash:
@@ -165,13 +183,11 @@ class Rollout:
                     desired.config_hash[:16] or "(none)",
                 )
             return report(APPLIED, "live")
-        if hold is not None:
+        if hold is not None and revocation is None:
             if self._logged_hold != hold.message:
                 self._logged_hold = hold.message
                 log.warning("%s: held: %s", self.config.node_name, hold.message)
-            outcome = BLOCKED if hold.by_admin else ROLLED_BACK
-            held = report(outcome, hold.message, permanent=hold.retry_at is None)
-            return replace(held, retry_at=hold.retry_at)
+            return held_by(report(ROLLED_BACK, hold.message), hold)
         stopped = report(BLOCKED, "operator stopping")
         del desired, planned
         return await self._rollout(agent, stop) or stopped
@@ -245,17 +261,37 @@ class Rollout:
             return replace(waiting, retry_at=self.clock.now().timestamp() + KUBELET_POLL)
         self._logged_behind = False
         marks = failed_configs(await asyncio.to_thread(self.lease.annotation, FAILED_ANNOTATION))
-        if desired.config_hash in marks and not await asyncio.to_thread(
+        held: NodeReport | None = None
+        hold = await asyncio.to_thread(agent.hold, desired)
+        if hold is not None:
+            held = held_by(report(ROLLED_BACK, hold.message), hold)
+        elif desired.config_hash in marks and not await asyncio.to_thread(
             agent.removes_identities_only, desired
         ):
-            await self._release()
-            return report(
+            held = report(
                 BLOCKED,
                 "rollout stopped: the new kube-apiserver crashed with this configuration on "
                 "another node",
             )
+        target = desired
+        if held is not None:
+            revocation = (
+                await asyncio.to_thread(agent.revocation, desired)
+                if hold is None or not hold.by_admin
+                else None
+            )
+            if revocation is None:
+                await self._release()
+                return held
+            target = revocation
+            log.warning(
+                "%s: %s; taking away on their own the identities it removes (config %s)",
+                holder,
+                held.message,
+                target.config_hash[:16] or "(none)",
+            )
         try:
-            result = await asyncio.to_thread(self._apply_renewing, agent, desired)
+            result = await asyncio.to_thread(self._apply_renewing, agent, target)
         except asyncio.CancelledError:
             # The apply goes on in its thread: this node is restarting. Releasing now would let
             # the next node restart too (two apiservers down). The next pod on this node
@@ -304,6 +340,12 @@ class Rollout:
         if result.restarted:
             self.metrics.restarts.inc()
         log.info("%s: %s", holder, result.message)
+        if held is not None:
+            message = (
+                f"{held.message}; meanwhile the identities it removes were taken away on their "
+                f"own: {result.message}"
+            )
+            return replace(held, message=message, changed_node=True)
         return replace(report(APPLIED, result.message), changed_node=True)
 
     def _apply_renewing(self, agent: NodeAgent, desired: DesiredState) -> NodeResult:

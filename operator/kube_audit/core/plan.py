@@ -248,3 +248,30 @@ def removes_identities_only(
     if plan_manifest(current, as_running) != current:
         return False
     return set(wanted.splitlines()) <= set(running_tokens.splitlines())
+
+
+def plan_revocation(
+    current: Manifest, current_files: Mapping[str, bytes], running_hash: str, desired: DesiredState
+) -> DesiredState | None:
+    """What the node may run while ``desired`` is held back by a failure: the running config
+    with every token line ``desired`` no longer has taken out, and nothing else changed.
+
+    A refused AuditPolicy must not keep a deleted or disabled person's token live: the held
+    content carries that policy, this one does not. A line ``desired`` changed (new groups, a
+    new token) goes too, so the node never grants more than either config. None when nothing
+    would be taken away, or the settings changed (the running config cannot be rebuilt)."""
+    running_tokens = current_files.get(TOKEN_FILE)
+    if not running_hash or running_tokens is None:
+        return None
+    wanted = set(desired.files.get(TOKEN_FILE, b"").splitlines())
+    kept = b"".join(
+        line for line in running_tokens.splitlines(keepends=True) if line.rstrip(b"\r\n") in wanted
+    )
+    if kept == running_tokens:
+        return None
+    files = {name: data for name, data in current_files.items() if name != TOKEN_FILE}
+    if kept:
+        files[TOKEN_FILE] = kept
+    step_hash = config_hash(files, desired.settings) if files else ""
+    step = replace(desired, files=files, config_hash=step_hash)
+    return step if removes_identities_only(current, current_files, running_hash, step) else None
