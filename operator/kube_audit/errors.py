@@ -51,6 +51,14 @@ class ManifestError(KubeAuditError):
     exit_code = 3
 
 
+class RewrittenDuringWait(ManifestError):
+    """Someone else (a kubeadm upgrade) rewrote the manifest while we waited for our new
+    apiserver: theirs is kept, and nothing is known to have failed, so nothing is held; ours
+    goes back on once kubelet runs theirs."""
+
+    retryable = True
+
+
 class NodeConfigError(KubeAuditError):
     """The node's own configuration (the kubelet config) cannot be used; fix it on the node."""
 

@@ -15,9 +15,9 @@ from kube_audit.agent.health import (
     mirror_pod_verdict,
 )
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import apply_node, needs_change, read_state, rollback_node
+from kube_audit.agent.node import apply_node, hold_of, needs_change, read_state, rollback_node
 from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
-from kube_audit.errors import ManifestError, RolledBack
+from kube_audit.errors import ManifestError, RewrittenDuringWait, RolledBack
 from tests.agent.conftest import FakeNode, desired, health
 from tests.conftest import kubeadm_manifest_text
 
@@ -162,7 +162,9 @@ def test_killed_during_the_rollbacks_own_wait_leaves_the_failure_recorded(
 def test_no_rollback_over_a_manifest_someone_else_wrote_during_the_wait(
     layout: HostLayout,
 ) -> None:
-    """kubeadm upgrade rewrites the manifest while we wait: keep theirs, do not restore ours."""
+    """kubeadm upgrade rewrites the manifest while we wait: keep theirs, do not restore ours,
+    and record no failure: theirs cut our instance short, ours is applied again at once (before:
+    held for 2 minutes as if it had failed, and reported Blocked)."""
     apply_node(layout, desired("alice"), None)
     upgraded = kubeadm_manifest_text("v1.31").replace("v1.31.0", "v1.32.0")
 
@@ -172,10 +174,14 @@ def test_no_rollback_over_a_manifest_someone_else_wrote_during_the_wait(
 
     check = HealthCheck(url="http://127.0.0.1:9/readyz")
     object.__setattr__(check, "wait_ready", wait)
-    with pytest.raises(ManifestError, match="rewritten by someone else"):
-        apply_node(layout, desired("alice", "bob"), check)
+    ours = desired("alice", "bob")
+    with pytest.raises(RewrittenDuringWait, match="rewritten by someone else"):
+        apply_node(layout, ours, check)
     assert layout.manifest.read_text() == upgraded
-    assert read_state(layout)["pending"] is None
+    state = read_state(layout)
+    assert state["pending"] is None and not state.get("failures"), state
+    assert hold_of(layout, ours, now=10.0) is None
+    assert apply_node(layout, ours, None, retry_failed=False).outcome == "applied"
 
 
 def test_manual_rollback_goes_back_not_to_and_fro(layout: HostLayout) -> None:

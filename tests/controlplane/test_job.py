@@ -410,3 +410,52 @@ def test_the_admission_guard_cannot_be_switched_off_by_deleting_its_configmap(jo
     assert "kube-audit-no-system-identities" in denied.stderr, denied.stderr
     cp.kubectl("delete", "-k", str(ROOT / "deploy/admission"), "--ignore-not-found")
     wait_for("writes to be admitted without the guard", lambda: write(eve).returncode == 0)
+
+
+def test_a_hardened_apiserver_takes_changes_without_a_rollback(job: Job, tmp_path: Path) -> None:
+    """CIS 1.2.1 (``--anonymous-auth=false``), with kubelet's probes as tcpSocket by a kubeadm
+    patch (anonymous httpGet probes would fail there; docs/install.md): /readyz answers 401 to
+    an anonymous request, the operator proves each new apiserver with its own credentials and
+    the mirror pod, and a change goes through with one restart and no rollback (issue 20,
+    item 1). Last in the file: the node stays hardened."""
+    cp, node = job.cp, job.node
+    cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": "hardy"}}])
+    # Ready: the operator's own wait for that restart is over, so kubeadm's rewrite below is
+    # not one that cuts it short (that case: tests/operator/test_holds.py).
+    wait_ready(cp, "auditusers", ["hardy"], timeout=300)
+    hardy = token_of(cp, "hardy")
+    assert isinstance(whoami(cp, hardy), dict)
+
+    init, cluster = yaml.safe_load_all(node.kubeadm_config.read_text())
+    args = cluster.setdefault("apiServer", {}).setdefault("extraArgs", [])
+    args.append({"name": "anonymous-auth", "value": "false"})
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    tcp = {"httpGet": None, "tcpSocket": {"host": node.address, "port": node.port}}
+    probes = {p: tcp for p in ("livenessProbe", "readinessProbe", "startupProbe")}
+    (patches / "kube-apiserver+strategic.yaml").write_text(
+        yaml.safe_dump({"spec": {"containers": [{"name": "kube-apiserver", **probes}]}})
+    )
+    init["patches"] = {"directory": str(patches)}
+    config = tmp_path / "hardened.yaml"
+    config.write_text(yaml.safe_dump_all([init, cluster], sort_keys=False))
+    before = job.operator.log.stat().st_size
+    node.kubeadm("init", "phase", "control-plane", "apiserver", "--config", str(config))
+    assert "--anonymous-auth=false" in node.manifest.read_text()
+    wait_for(
+        "hardy's token on the hardened apiserver",
+        lambda: isinstance(whoami(cp, hardy), dict),
+        420,
+        2,
+    )
+    assert node.readyz() == 401, "anonymous requests are refused"
+    manifest = node.manifest.read_text()
+    assert "--anonymous-auth=false" in manifest and "--token-auth-file" in manifest
+
+    mark = job.mark()
+    cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": "hardy-2"}}])
+    wait_ready(cp, "auditusers", ["hardy-2"], timeout=300)
+    assert isinstance(whoami(cp, token_of(cp, "hardy-2")), dict)
+    assert job.restarts_since(mark) == 1, node.records()[mark:]
+    said = job.operator.log.read_text()[before:]
+    assert "rolled back" not in said and "blocked" not in said, said[-4000:]

@@ -117,6 +117,29 @@ async def test_a_crash_elsewhere_does_not_keep_a_deleted_persons_token_here(
     assert here.health.journal, "one restart, for the revocation"
 
 
+async def test_a_rewrite_during_the_wait_is_no_failure(harness: Harness) -> None:
+    """kubeadm rewrote the manifest while our new apiserver was being waited for (seen on the
+    real control plane): not rolled back over, no failure recorded, Pending (not Blocked), and
+    our config goes on again at the next look."""
+    clock = ManualClock()
+    node = RolloutNode(harness, "cp-1", clock, desired("alice"))
+    assert (await node.converge())[0] == APPLIED
+    manifest = HostLayout.discover(node.config.host_root, node.config.settings).manifest
+
+    def kubeadm_writes() -> bool:
+        manifest.write_text(render_manifest(unpatch_manifest(parse_manifest(manifest.read_text()))))
+        return False
+
+    node.health.ready, node.health.transient = kubeadm_writes, True
+    outcome, message, permanent = await node.converge(desired("alice", "bob"))
+    assert outcome == PENDING and "rewritten by someone else" in message and not permanent
+    assert node.held() == 0 and node.metrics.blocked._value.get() == 0
+    node.health.ready = lambda: True
+    outcome, message, _ = await node.converge()
+    assert outcome == APPLIED, message
+    assert b"bob" in node.tokens()
+
+
 async def test_a_manifest_kubelet_does_not_run_yet_is_left_to_its_writer(harness: Harness) -> None:
     """kubeadm upgrade rewrote the manifest (our flags gone) and waits for kubelet to run it:
     the rollout does not write ours back until the mirror pod shows kubeadm's instance running,

@@ -41,7 +41,13 @@ from kube_audit.core.plan import (
     removes_identities_only,
 )
 from kube_audit.core.retry import Failure, Hold, plan_hold
-from kube_audit.errors import HostError, ManifestError, NodeConfigError, RolledBack
+from kube_audit.errors import (
+    HostError,
+    ManifestError,
+    NodeConfigError,
+    RewrittenDuringWait,
+    RolledBack,
+)
 
 KEEP_BACKUPS = 10
 # kubeadm waits this long (5 minutes) for kubelet to run a manifest it wrote, then restores its
@@ -496,10 +502,6 @@ def _roll_back_failed(
     restored one unverified.
     """
     reason, crashed = outcome.reason, outcome.crashed
-    state = _record(
-        _record_failure(state, failed_hash, crashed=crashed, reason=reason, at=wall()),
-        lastRollback=now(),
-    )
     current = _read_current(layout)
     ours = (
         current.text == written
@@ -507,13 +509,19 @@ def _roll_back_failed(
         else (config_hash_of(current.manifest) or "") == failed_hash
     )
     if not ours:
+        # Their write cut our instance short: no failure of our config is known, none recorded.
         _write_state(layout, _record(state, pending=None, pendingSince=None))
-        raise ManifestError(
+        raise RewrittenDuringWait(
             f"new kube-apiserver for config {failed_hash[:16]} was not ready ({reason}), but "
             f"{layout.manifest} was rewritten by someone else during the wait (a kubeadm "
             f"upgrade?; image now {_image(current.manifest)}): not rolling back over it. The "
-            f"previous manifest stays in {layout.backups}; the next apply patches the new one"
+            f"previous manifest stays in {layout.backups}; the config is applied again on the "
+            "new one once kubelet runs it"
         )
+    state = _record(
+        _record_failure(state, failed_hash, crashed=crashed, reason=reason, at=wall()),
+        lastRollback=now(),
+    )
     backups = hostfs.list_dirs(layout.backups)
     if not backups:
         _write_state(layout, _record(state, pending=None, pendingSince=None))

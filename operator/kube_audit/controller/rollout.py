@@ -35,6 +35,7 @@ from kube_audit.errors import (
     ManifestError,
     NodeConfigError,
     Problem,
+    RewrittenDuringWait,
     RolledBack,
 )
 from kube_audit.kube import KubeApi
@@ -172,8 +173,10 @@ class Rollout:
             return report(BLOCKED, str(error), permanent=True)
         self.metrics.blocked.set(0)
         self.metrics.held.set(1 if hold is not None else 0)
-        if not change or (hold is not None and revocation is None):
+        if not change or hold is not None:
             await self._settle_lease()
+        if self._unmarked is not None:
+            revocation = None  # the failure mark first: the other nodes must not try that config
         if not change:
             if self._logged_live != desired.config_hash:
                 self._logged_live = desired.config_hash
@@ -193,8 +196,9 @@ class Rollout:
         return await self._rollout(agent, stop) or stopped
 
     async def _settle_lease(self) -> None:
-        """Nothing to apply here: record a failure mark still owed, and give back a Lease in
-        our name (a pod of this node killed mid-rollout left it; the other nodes wait)."""
+        """Nothing to apply here (or only a held content's revocations): record a failure mark
+        still owed, and give back a Lease in our name (a pod of this node killed mid-rollout
+        left it; the other nodes wait)."""
         if self._unmarked is not None and not await self._mark_failed(self._unmarked):
             return
         if self._holding or not self._checked_stale:
@@ -309,6 +313,11 @@ class Rollout:
             if not error.crashed or await self._mark_failed(error.failed_hash):
                 await self._release()
             return replace(report(ROLLED_BACK, str(error)), changed_node=True)
+        except RewrittenDuringWait as error:
+            await self._release()
+            log.warning("%s: %s", holder, error)
+            waiting = replace(report(PENDING, str(error)), changed_node=True)
+            return replace(waiting, retry_at=self.clock.now().timestamp() + KUBELET_POLL)
         except (ManifestError, NodeConfigError) as error:
             await self._release()
             self.metrics.blocked.set(1)
