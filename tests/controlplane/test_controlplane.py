@@ -184,3 +184,67 @@ def test_the_sync_check_lists_metadata_only(cp: ControlPlane) -> None:
     finally:
         for user in users:
             cp.kubectl("delete", "audituser", user["metadata"]["name"], "--ignore-not-found")
+
+
+def test_the_exec_guard_holds_people_to_the_who_container(cp: ControlPlane) -> None:
+    """deploy/exec-guard on the real kube-apiserver. CONNECT admission runs before the pod is
+    looked up, so exec into a pod that does not exist tells admitted (404) from denied (403);
+    an ephemeral container needs a pod, one that no node runs."""
+    cp.kubectl("apply", "-f", str(ROOT / "deploy/namespace.yaml"))
+    guard = str(ROOT / "deploy/exec-guard")
+
+    def connect(what: str, container: str, namespace: str = "kube-audit") -> str:
+        query = "command=true&stdout=true" + (f"&container={container}" if container else "")
+        path = f"/api/v1/namespaces/{namespace}/pods/no-such-pod/{what}?{query}"
+        result = cp.kubectl("create", "--raw", path, "-f", "-", stdin="", check=False)
+        assert result.returncode != 0, result.stdout
+        return result.stderr
+
+    cp.kubectl("apply", "-k", guard)
+    try:
+        denied = wait_for(
+            "the guard to deny exec into the operator container",
+            lambda: "kube-audit-exec-who-only" in (said := connect("exec", "kube-audit")) and said,
+            timeout=60,
+            interval=1,
+        )
+        assert "only the read-only `who` container" in denied, denied
+        assert "kube-audit-exec-who-only" in connect("exec", ""), "the default container"
+        assert "kube-audit-exec-who-only" in connect("attach", "kube-audit")
+        for admitted in (connect("exec", "who"), connect("exec", "x", namespace="default")):
+            assert "not found" in admitted and "kube-audit-exec-who-only" not in admitted
+        meta = {"name": "exec-guard-target", "namespace": "kube-audit"}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": meta,
+            "spec": {
+                "nodeName": "no-such-node",
+                "serviceAccountName": meta["name"],  # the tier runs no ServiceAccount controller
+                "automountServiceAccountToken": False,
+                "containers": [{"name": "kube-audit", "image": "registry.invalid/none"}],
+            },
+        }
+        cp.apply([{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}, pod])
+        debug = cp.kubectl(
+            "debug",
+            "-n",
+            "kube-audit",
+            "exec-guard-target",
+            "--image=registry.invalid/debug",
+            "--target=kube-audit",
+            check=False,
+        )
+        assert debug.returncode != 0 and "no ephemeral containers" in debug.stderr, debug.stderr
+    finally:
+        cp.kubectl("delete", "-k", guard, "--ignore-not-found")
+        cp.kubectl(
+            "delete",
+            "pod,serviceaccount",
+            "-n",
+            "kube-audit",
+            "exec-guard-target",
+            "--ignore-not-found",
+            "--grace-period=0",
+            "--force",
+        )

@@ -175,6 +175,18 @@ def test_admission_policy_builds() -> None:
     assert kinds == ["ConfigMap", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
 
 
+@needs_kubectl
+def test_exec_guard_builds_for_the_kube_audit_namespace() -> None:
+    docs = {o["kind"]: o for o in _build("deploy/exec-guard")}
+    assert sorted(docs) == ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    namespaces = docs["ValidatingAdmissionPolicy"]["spec"]["matchConstraints"]["namespaceSelector"]
+    ours = yaml.safe_load((REPO / "deploy/namespace.yaml").read_text())["metadata"]["name"]
+    assert namespaces["matchLabels"] == {"kubernetes.io/metadata.name": ours}
+    ds = yaml.safe_load((REPO / "deploy/daemonset.yaml").read_text())
+    containers = [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]]
+    assert "who" in containers, "the one container the guard lets people exec into"
+
+
 def test_dockerfile_runs_the_daemonsets_entry_point() -> None:
     text = (REPO / "Dockerfile").read_text()
     entry = next(line for line in text.splitlines() if line.startswith("ENTRYPOINT"))
