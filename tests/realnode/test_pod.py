@@ -118,6 +118,28 @@ def test_who_in_cluster_mode_through_the_real_kubelets_exec(real: Real) -> None:
                         check=False)  # fmt: skip
     assert listed.returncode == 0 and "who-real" in listed.stdout, listed.stderr
 
+    # deploy/exec-guard: who --cluster still gets in; the operator container (root on the node)
+    # no longer does, for anyone.
+    guard = str(ROOT / "deploy/exec-guard")
+    cp.kubectl("apply", "-k", guard)
+    try:
+        name = pod["metadata"]["name"]
+        denied = wait_for(
+            "the exec guard to deny the operator container",
+            lambda: (
+                "kube-audit-exec-who-only"
+                in cp.kubectl(
+                    "exec", "-n", NAMESPACE, name, "-c", "operator", "--", "true", check=False
+                ).stderr
+            ),
+            60,
+            1,
+        )
+        assert denied
+        assert found(), "kube-audit who --cluster through the guard"
+    finally:
+        cp.kubectl("delete", "-k", guard, "--ignore-not-found")
+
 
 def test_the_flow_of_a_user(real: Real, tmp_path: Path) -> None:
     """What the kind suite did, on the real node: a person's write in the audit log under her
