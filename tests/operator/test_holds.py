@@ -100,6 +100,34 @@ async def test_a_refused_policy_does_not_keep_a_deleted_persons_token(harness: H
     assert (await node.converge(desired("alice", level="Request")))[0] == APPLIED
 
 
+async def test_a_failure_mark_still_owed_goes_before_the_revocation(harness: Harness) -> None:
+    """The crash could not be marked on the Lease yet (API down): the node keeps the Lease and
+    applies nothing, not even the revocation, until the mark is recorded; the other nodes must
+    not restart into that config meanwhile."""
+    clock = ManualClock()
+    node = RolloutNode(harness, "cp-1", clock, desired("alice", "bob"))
+    assert (await node.converge())[0] == APPLIED
+    bad = desired("alice", level="RequestResponse")
+    node.health.refused = {bad.config_hash}
+    owed: list[str] = []
+
+    async def api_down(config_hash: str) -> bool:
+        owed.append(config_hash)
+        node.rollout._unmarked = config_hash
+        return False
+
+    real_mark = node.rollout._mark_failed
+    node.rollout._mark_failed = api_down  # type: ignore[method-assign]
+    outcome, _, _ = await node.converge(bad)
+    assert outcome == ROLLED_BACK and owed == [bad.config_hash]
+    outcome, message, _ = await node.converge()
+    assert outcome == ROLLED_BACK and "taken away" not in message and b"bob" in node.tokens()
+    node.rollout._mark_failed = real_mark  # type: ignore[method-assign]
+    outcome, message, _ = await node.converge()
+    assert "taken away on their own" in message and b"bob" not in node.tokens()
+    assert bad.config_hash in (node.rollout.lease.annotation(FAILED_ANNOTATION) or "")
+
+
 async def test_a_crash_elsewhere_does_not_keep_a_deleted_persons_token_here(
     harness: Harness,
 ) -> None:
