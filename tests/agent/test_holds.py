@@ -153,6 +153,10 @@ def test_no_revocation_step_over_an_admins_rollback(
     rollback_node(layout, health(url))
     assert revocation_of(layout, alice_only, _later(1)) is None
     assert b"bob" in _tokens(layout)
+    other = desired("alice", level="Request")  # bob gone and a new policy: not that content
+    apply_node(layout, other, health(url))
+    rollback_node(layout, health(url))
+    assert revocation_of(layout, other, _later(1)) is None, "the admin's rollback stands whole"
 
 
 def test_a_transient_failure_is_retried_with_back_off(

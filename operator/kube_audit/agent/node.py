@@ -152,13 +152,18 @@ def hold_of(layout: HostLayout, desired: DesiredState, now: float) -> Hold | Non
 
 
 def revocation_of(layout: HostLayout, desired: DesiredState, now: float) -> DesiredState | None:
-    """What the operator applies while ``desired`` is held here: the running config without
-    the identities ``desired`` takes away (see ``plan_revocation``); None if there is none, or
-    it is held itself (its own failure, retried with back-off). Reads only."""
-    current = _read_current(layout)
+    """What the operator applies while ``desired`` is held (here, or by a crash on another
+    node): the running config without the identities ``desired`` takes away (see
+    ``plan_revocation``). None if there is none, if it is held itself (its own failure,
+    retried with back-off), or if an admin's rollback holds ``desired``: that stands whole, the
+    revocation could be the very content rolled back from. Reads only."""
+    state, current = read_state(layout), _read_current(layout)
+    held = _hold(state, current, desired, now)
+    if held is not None and held.by_admin:
+        return None
     running = config_hash_of(current.manifest) or ""
     step = plan_revocation(current.manifest, current.files, running, desired)
-    if step is None or _hold(read_state(layout), current, step, now) is not None:
+    if step is None or _hold(state, current, step, now) is not None:
         return None
     return step
 

@@ -163,9 +163,7 @@ class Rollout:
             change = await asyncio.to_thread(agent.needs_change, desired)
             hold = await asyncio.to_thread(agent.hold, desired) if change else None
             revocation = (
-                await asyncio.to_thread(agent.revocation, desired)
-                if hold is not None and not hold.by_admin
-                else None
+                await asyncio.to_thread(agent.revocation, desired) if hold is not None else None
             )
         except (ManifestError, NodeConfigError) as error:
             self.metrics.blocked.set(1)
@@ -279,11 +277,7 @@ class Rollout:
             )
         target = desired
         if held is not None:
-            revocation = (
-                await asyncio.to_thread(agent.revocation, desired)
-                if hold is None or not hold.by_admin
-                else None
-            )
+            revocation = await asyncio.to_thread(agent.revocation, desired)
             if revocation is None:
                 await self._release()
                 return held
