@@ -11,9 +11,11 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from kube_audit.constants import ROLLOUT_LEASE
 from tests.contract import OPERATOR_USER
 from tests.controlplane.cluster import KUBE_AUDIT, ROOT, wait_for
 from tests.controlplane.test_job import is_ready, status_of, token_of, who, whoami
@@ -305,16 +307,45 @@ class ContainerFollower(threading.Thread):
             time.sleep(0.5)
 
 
+class LeaseSampler(threading.Thread):
+    """The rollout Lease's renewTime, read once a second until ``follower`` sees the old
+    container end, and the wall-clock time of the last read the API did not answer (this
+    node's apiserver restarting)."""
+
+    def __init__(self, real: Real, follower: ContainerFollower) -> None:
+        super().__init__(daemon=True)
+        self.cp = real.cp
+        self.follower = follower
+        self.renewed: list[float] = []
+        self.last_down: float | None = None
+
+    def run(self) -> None:
+        while self.follower.ended is None:
+            asked = time.time()
+            read = self.cp.kubectl("-n", NAMESPACE, "get", "lease", ROLLOUT_LEASE, "-o",
+                                   "jsonpath={.spec.renewTime}", check=False, timeout=10)  # fmt: skip
+            if self.follower.ended is not None:
+                break  # the next pod may hold it now
+            if read.returncode != 0:
+                self.last_down = asked
+            elif read.stdout:
+                self.renewed.append(datetime.fromisoformat(read.stdout).timestamp())
+            time.sleep(1)
+
+
 def test_a_daemonset_update_mid_apply_is_graceful(real: Real) -> None:
     """kubelet's SIGTERM arrives while the pod waits for the apiserver it restarted (a
     DaemonSet update): the process ends by itself within terminationGracePeriodSeconds, the
-    node's next pod comes up Ready, and the change it was applying works."""
+    node's next pod comes up Ready, and the change it was applying works. All the while the
+    rollout Lease is renewed: after SIGTERM, through the apiserver's restart, until the apply
+    returns (else it lapses and another node restarts its apiserver too)."""
     cp = real.cp
     wait_operator_ready(cp)
     old = real.operator_pod()
     grace = old["spec"]["terminationGracePeriodSeconds"]
     follower = ContainerFollower(real, old)
     follower.start()
+    lease = LeaseSampler(real, follower)
     before = real.node.manifest.read_bytes()
     _add_user(real, "erin")
     wait_for("the agent switching the manifest", lambda: _changed_manifest(real, before), 120, 0.1)
@@ -323,7 +354,10 @@ def test_a_daemonset_update_mid_apply_is_graceful(real: Real) -> None:
     cp.kubectl("-n", NAMESPACE, "patch", "daemonset", "kube-audit", "--type=merge", "-p",
                json.dumps({"spec": {"template": {"metadata": {"annotations": {
                    "kube-audit.io/test-roll": "1"}}}}}))  # fmt: skip
+    signalled_at = time.time()
+    lease.start()
     follower.join(grace + 30)
+    lease.join(15)
     assert follower.ended is not None, f"the old pod still runs {grace + 30}s after SIGTERM"
     took = follower.ended - signalled
     out = follower.text
@@ -332,12 +366,22 @@ def test_a_daemonset_update_mid_apply_is_graceful(real: Real) -> None:
     assert "Traceback" not in out, out[-3000:]
     # kubelet kills only when the grace period is over: ending well before, it ended by itself.
     assert took < grace - 30, f"{took:.0f}s: killed at the end of its grace period?"
+    assert lease.last_down is not None, "the API never stopped answering: no restart seen"
+    assert lease.last_down > signalled_at
+    late = [t for t in lease.renewed if t > lease.last_down]
+    assert late, (
+        f"rollout Lease last renewed {max(lease.renewed, default=0) - signalled_at:+.1f}s from "
+        f"SIGTERM; the apiserver answered again after {lease.last_down - signalled_at:.1f}s"
+    )
     wait_operator_ready(cp)
     assert real.operator_pod()["metadata"]["name"] != old["metadata"]["name"]
     _works(real, "erin")
     _settled(real)
     tail = "\n".join(out.splitlines()[-6:])
-    print(f"old pod's process ended {took:.1f}s after the update; its log ends:\n{tail}")
+    print(
+        f"old pod's process ended {took:.1f}s after the update, rollout Lease last renewed "
+        f"{max(late) - signalled_at:.1f}s after it; its log ends:\n{tail}"
+    )
 
 
 def test_a_container_killed_mid_apply_leaves_nothing_half_written(real: Real) -> None:

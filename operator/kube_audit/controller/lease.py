@@ -17,6 +17,8 @@ from kube_audit.controller.clock import Clock, micro_time
 from kube_audit.errors import ClusterError
 from kube_audit.kube import KubeApi
 
+RENEW_AT_MOST_EVERY = 5.0
+
 
 @dataclass
 class _Observed:
@@ -43,8 +45,10 @@ class LeaseLock:
         self.name = name
         self.holder = holder
         self.duration = duration
-        # How often a held Lease is renewed during an apply.
-        self.renew_interval = duration / 3
+        # How often a held Lease is renewed during an apply: a third of its duration, and at
+        # least every RENEW_AT_MOST_EVERY seconds, so that a renewal refused while this node's
+        # apiserver restarts is tried again as soon as it is back, not minutes later.
+        self.renew_interval = min(duration / 3, RENEW_AT_MOST_EVERY)
         self._observed: _Observed | None = None
 
     def _expired(self, lease: dict[str, Any]) -> bool:
