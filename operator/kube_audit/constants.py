@@ -33,6 +33,15 @@ DEFAULT_INSTALL_NAMESPACE = "kube-audit"
 # On each event `who --cluster -o json` prints: the control-plane node whose apiserver wrote it.
 WHO_NODE_ANNOTATION = f"{GROUP}/node"
 
+# Webhook mode: kube-apiserver asks https://127.0.0.1:AUTHN_WEBHOOK_PORT/authenticate who holds a
+# token (the pod is on the host network; not a port kubeadm's components use).
+AUTHN_WEBHOOK_PORT = 6441
+AUTHN_WEBHOOK_PATH = "/authenticate"
+# kubeadm's cluster CA and the client certificate kube-apiserver presents to kubelets: the
+# webhook answers only that certificate (host paths; kube-apiserver's flags may name others).
+KUBEADM_CLIENT_CA = "/etc/kubernetes/pki/ca.crt"
+KUBEADM_APISERVER_CLIENT_CERT = "/etc/kubernetes/pki/apiserver-kubelet-client.crt"
+
 # One node restarts its apiserver at a time: the holder of this Lease.
 ROLLOUT_LEASE = "kube-audit-rollout"
 # Config hashes that failed on some node (newest last, comma-separated), on the rollout Lease.

@@ -84,6 +84,16 @@ class HostLayout:
         return self.state_dir / "state.json"
 
     @property
+    def identity_snapshot(self) -> Path:
+        """Webhook mode: the people, tokens as digests, that ``authn-webhook`` answers from."""
+        return self.state_dir / "identities.json"
+
+    @property
+    def webhook_dir(self) -> Path:
+        """Webhook mode: its own CA and serving certificate (only the webhook reads them)."""
+        return self.state_dir / "authn-webhook"
+
+    @property
     def lock_file(self) -> Path:
         return self.state_dir / "lock"
 

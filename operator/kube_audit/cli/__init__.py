@@ -27,6 +27,7 @@ COMMANDS = {
     "operator": "operator",
     "who": "who",
     "standby": "who",
+    "authn-webhook": "authn",
     "kubeconfig": "cluster",
     "status": "cluster",
     "completion": "completion",

@@ -1,0 +1,96 @@
+"""``kube-audit authn-webhook``: the TokenReview webhook of webhook mode, as its own process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from kube_audit.agent.authn_webhook import AuthnWebhook, WebhookFiles
+from kube_audit.agent.layout import HostLayout
+from kube_audit.cli.common import host_flags
+from kube_audit.cli.env import env_str
+from kube_audit.constants import (
+    AUTHN_WEBHOOK_PORT,
+    KUBEADM_APISERVER_CLIENT_CERT,
+    KUBEADM_CLIENT_CA,
+)
+from kube_audit.core.settings import Settings
+from kube_audit.errors import HostError
+
+log = logging.getLogger(__name__)
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:6441")
+    return host.strip("[]"), int(port)
+
+
+def files_of(args: argparse.Namespace) -> WebhookFiles:
+    layout = HostLayout.discover(Path(args.host_root), Settings(), args.kubelet_config)
+    return WebhookFiles(
+        snapshot=layout.identity_snapshot,
+        serving_cert=layout.webhook_dir / "serving.crt",
+        serving_key=layout.webhook_dir / "serving.key",
+        client_ca=layout.host(args.client_ca),
+        client_cert=layout.host(args.client_cert),
+    )
+
+
+def cmd_authn_webhook(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM. Signals are blocked in every thread and waited for here, so one
+    arriving at any moment stops the server, never a request half-answered."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        webhook = AuthnWebhook(files_of(args), args.listen)
+    except OSError as error:
+        raise HostError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {error}") from None
+    server = threading.Thread(target=webhook.serve, name="authn-webhook", daemon=True)
+    server.start()
+    log.info("answering TokenReviews on https://%s:%d", *args.listen)
+    received = signal.sigwait(signals)
+    log.info("%s: stopping", signal.Signals(received).name)
+    webhook.shutdown()
+    server.join()
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    cmd = sub.add_parser(
+        "authn-webhook",
+        parents=[host_flags(from_env=True)],
+        help="serve kube-apiserver's TokenReviews from this node's identity snapshot",
+        description="Webhook mode's authenticator: answers TokenReviews (v1 and v1beta1) from "
+        "the identity snapshot the node agent keeps under ROOT/var/lib/kube-audit, only to the "
+        "client presenting kube-apiserver's own client certificate; re-reads the snapshot and "
+        "the certificates within a second of a change.",
+    )
+    cmd.add_argument(
+        "--listen",
+        type=_listen,
+        default=env_str("KUBE_AUDIT_AUTHN_LISTEN", f"127.0.0.1:{AUTHN_WEBHOOK_PORT}"),
+        metavar="HOST:PORT",
+        help=f"where to serve (default 127.0.0.1:{AUTHN_WEBHOOK_PORT}, or "
+        "$KUBE_AUDIT_AUTHN_LISTEN)",
+    )
+    cmd.add_argument(
+        "--client-ca",
+        default=KUBEADM_CLIENT_CA,
+        metavar="PATH",
+        help=f"CA of the client certificate answered, a host path (default {KUBEADM_CLIENT_CA})",
+    )
+    cmd.add_argument(
+        "--client-cert",
+        default=KUBEADM_APISERVER_CLIENT_CERT,
+        metavar="PATH",
+        help="the one client certificate answered: kube-apiserver's, a host path (default "
+        f"{KUBEADM_APISERVER_CLIENT_CERT})",
+    )
+    cmd.set_defaults(func=cmd_authn_webhook)

@@ -1,0 +1,156 @@
+"""Identities for the TokenReview webhook: the snapshot the node agent keeps, and the answers.
+
+In webhook mode kube-apiserver asks us, with a TokenReview, who holds a bearer token. The node
+agent writes the people it would have put in the token file as a snapshot; the webhook answers
+from it. The snapshot holds tokens only as SHA-256 digests: a copy of the file (a backup, a
+support bundle) gives nobody a credential. A lookup by digest compares digests, never tokens,
+so a timing difference could tell at most a prefix of a SHA-256 digest, of no use to find a
+token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+from kube_audit.core.tokens import TokenRecord, name_problem
+from kube_audit.core.users import is_privileged_group
+from kube_audit.errors import KubeAuditError
+
+SNAPSHOT_API_VERSION = "kube-audit.io/v1alpha1"
+SNAPSHOT_KIND = "IdentitySnapshot"
+# The versions of TokenReview kube-apiserver may send (--authentication-token-webhook-version);
+# the answer is in the version asked.
+REVIEW_VERSIONS = ("authentication.k8s.io/v1", "authentication.k8s.io/v1beta1")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+class Identity(NamedTuple):
+    username: str
+    uid: str
+    groups: tuple[str, ...]
+
+
+class SnapshotError(KubeAuditError):
+    """The identity snapshot cannot be read; the webhook keeps answering from the last good one."""
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def render_identity_snapshot(records: Iterable[TokenRecord]) -> bytes:
+    """The snapshot of ``records``: sorted by person, so the same people give the same bytes."""
+    identities = [
+        {"sha256": token_digest(token), "username": username, "uid": uid, "groups": list(groups)}
+        for username, uid, groups, token in sorted(records)
+    ]
+    document = {"apiVersion": SNAPSHOT_API_VERSION, "kind": SNAPSHOT_KIND, "identities": identities}
+    return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def _identity(index: int, entry: Any) -> tuple[str, Identity]:
+    where = f"identities[{index}]"
+    if not isinstance(entry, dict):
+        raise SnapshotError(f"identity snapshot: {where}: must be an object")
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise SnapshotError(f"identity snapshot: {where}.sha256: must be 64 lower-case hex digits")
+    values: dict[str, str] = {}
+    for key in ("username", "uid"):
+        value = entry.get(key)
+        if not isinstance(value, str):
+            raise SnapshotError(f"identity snapshot: {where}.{key}: must be a string")
+        problem = name_problem(value)
+        if problem:
+            raise SnapshotError(f"identity snapshot: {where}.{key}: {problem}")
+        values[key] = value
+    groups = entry.get("groups", [])
+    if not isinstance(groups, list):
+        raise SnapshotError(f"identity snapshot: {where}.groups: must be a list")
+    for n, group in enumerate(groups):
+        problem = name_problem(group, is_group=True) if isinstance(group, str) else "not a string"
+        if problem:
+            raise SnapshotError(f"identity snapshot: {where}.groups[{n}]: {problem}")
+    return digest, Identity(values["username"], values["uid"], tuple(groups))
+
+
+def parse_identity_snapshot(data: bytes) -> dict[str, Identity]:
+    """Identities by token digest; a snapshot that is not exactly what we write is refused whole,
+    never half-used."""
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SnapshotError(f"identity snapshot: not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise SnapshotError("identity snapshot: must be a JSON object")
+    if (document.get("apiVersion"), document.get("kind")) != (SNAPSHOT_API_VERSION, SNAPSHOT_KIND):
+        raise SnapshotError(
+            f"identity snapshot: apiVersion/kind must be {SNAPSHOT_API_VERSION}/{SNAPSHOT_KIND}, "
+            f"not {document.get('apiVersion')}/{document.get('kind')}"
+        )
+    entries = document.get("identities")
+    if not isinstance(entries, list):
+        raise SnapshotError("identity snapshot: identities: must be a list")
+    identities: dict[str, Identity] = {}
+    for index, entry in enumerate(entries):
+        digest, identity = _identity(index, entry)
+        if digest in identities:
+            raise SnapshotError(
+                f"identity snapshot: identities[{index}].sha256: the token of "
+                f"{identities[digest].username} again (one token, one person)"
+            )
+        identities[digest] = identity
+    return identities
+
+
+class ReviewAnswer(NamedTuple):
+    """The HTTP status and JSON body the webhook sends back."""
+
+    status: int
+    body: dict[str, Any]
+
+
+def _bad_request(message: str) -> ReviewAnswer:
+    return ReviewAnswer(400, {"error": message})
+
+
+def review_token(identities: Mapping[str, Identity] | None, body: bytes) -> ReviewAnswer:
+    """kube-apiserver's question, answered.
+
+    An unknown token: ``authenticated: false``, which the apiserver caches for its TTL. Nothing
+    loaded yet: ``status.error``, which it never caches, so the answer after the first load is
+    not held back. A ``system:`` group or kubeadm's admin group is never given, whatever the
+    snapshot says: an identity from us is never one of the cluster's own.
+    """
+    try:
+        review = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return _bad_request("the body is not JSON")
+    if not isinstance(review, dict):
+        return _bad_request("the body is not a TokenReview object")
+    api_version = review.get("apiVersion")
+    if api_version not in REVIEW_VERSIONS or review.get("kind") != "TokenReview":
+        return _bad_request(
+            f"expected a TokenReview of {' or '.join(REVIEW_VERSIONS)}, "
+            f"got {review.get('kind')} {api_version}"
+        )
+    spec = review.get("spec")
+    token = spec.get("token") if isinstance(spec, dict) else None
+    if not isinstance(token, str):
+        return _bad_request("spec.token must be a string")
+    status: dict[str, Any]
+    if identities is None:
+        status = {"authenticated": False, "error": "kube-audit: identities not loaded yet"}
+    else:
+        found = identities.get(token_digest(token)) if token else None
+        if found is None:
+            status = {"authenticated": False}
+        else:
+            groups = [g for g in found.groups if not is_privileged_group(g)]
+            user = {"username": found.username, "uid": found.uid, "groups": groups}
+            status = {"authenticated": True, "user": user}
+    return ReviewAnswer(200, {"apiVersion": api_version, "kind": "TokenReview", "status": status})

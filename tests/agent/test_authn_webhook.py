@@ -1,0 +1,328 @@
+"""``kube-audit authn-webhook`` over real TLS on loopback: who it answers, what it answers, and
+what it does when the snapshot or the certificates change under it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kube_audit.agent.authn_webhook import AuthnWebhook, WebhookFiles
+from kube_audit.agent.pki import KeyPair, generate_ca, issue, needs_renewal, not_after
+from kube_audit.core.identities import render_identity_snapshot
+from kube_audit.core.tokens import TokenRecord
+from tests.controlplane.cluster import KUBE_AUDIT
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+ALICE = TokenRecord("alice", "u-alice", ("dev", "system:masters"), "a" * 43)
+BOB = TokenRecord("bob", "u-bob", (), "b" * 43)
+
+
+@dataclass
+class Pki:
+    webhook_ca: KeyPair
+    cluster_ca: KeyPair
+    apiserver: KeyPair  # the apiserver's client certificate, signed by the cluster CA
+    other_client: KeyPair  # signed by the cluster CA too, but not the apiserver's
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    webhook_ca = generate_ca(NOW)
+    cluster_ca = generate_ca(NOW, "kubernetes")
+    return Pki(
+        webhook_ca,
+        cluster_ca,
+        issue(cluster_ca, NOW, common_name="kube-apiserver-kubelet-client", client=True),
+        issue(cluster_ca, NOW, common_name="someone-else", client=True),
+    )
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Replaced, not rewritten in place: how the node agent and kubeadm write."""
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+@pytest.fixture
+def files(tmp_path: Path, pki: Pki) -> WebhookFiles:
+    serving = issue(
+        pki.webhook_ca, datetime.now(UTC), common_name="kube-audit", hosts=("127.0.0.1",)
+    )
+    paths = WebhookFiles(
+        snapshot=tmp_path / "identities.json",
+        serving_cert=tmp_path / "serving.crt",
+        serving_key=tmp_path / "serving.key",
+        client_ca=tmp_path / "ca.crt",
+        client_cert=tmp_path / "apiserver-kubelet-client.crt",
+    )
+    _write(paths.serving_cert, serving.cert)
+    _write(paths.serving_key, serving.key)
+    _write(paths.client_ca, pki.cluster_ca.cert)
+    _write(paths.client_cert, pki.apiserver.cert)
+    _write(paths.snapshot, render_identity_snapshot([ALICE]))
+    return paths
+
+
+@pytest.fixture
+def webhook(files: WebhookFiles) -> Iterator[AuthnWebhook]:
+    server = AuthnWebhook(files, ("127.0.0.1", 0))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    thread.join(10)
+
+
+def _client(webhook: AuthnWebhook, pki: Pki, tmp_path: Path, who: KeyPair | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=pki.webhook_ca.cert.decode())
+    if who is not None:
+        cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+        cert.write_bytes(who.cert)
+        key.write_bytes(who.key)
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def _ask(
+    webhook: AuthnWebhook, context: ssl.SSLContext, token: str, path: str = "/authenticate"
+) -> tuple[int, dict[str, Any]]:
+    review = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": token},
+    }
+    connection = http.client.HTTPSConnection("127.0.0.1", webhook.port, context=context, timeout=10)
+    try:
+        connection.request("POST", path, json.dumps(review), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_the_apiservers_certificate_gets_answers(
+    webhook: AuthnWebhook, pki: Pki, tmp_path: Path
+) -> None:
+    apiserver = _client(webhook, pki, tmp_path, pki.apiserver)
+    status, body = _ask(webhook, apiserver, ALICE.token)
+    assert status == 200
+    assert body["status"] == {
+        "authenticated": True,
+        "user": {"username": "alice", "uid": "u-alice", "groups": ["dev"]},
+    }
+    assert _ask(webhook, apiserver, BOB.token) == (
+        200,
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "status": {"authenticated": False},
+        },
+    )
+
+
+def test_any_other_client_is_refused(webhook: AuthnWebhook, pki: Pki, tmp_path: Path) -> None:
+    """Same cluster CA but not the apiserver's certificate: 403. No certificate: 403. A
+    certificate of another CA: the handshake fails."""
+    for who in (pki.other_client, None):
+        status, body = _ask(webhook, _client(webhook, pki, tmp_path, who), ALICE.token)
+        assert (status, body) == (
+            403,
+            {"error": "only kube-apiserver's client certificate is answered"},
+        )
+    stranger = issue(
+        generate_ca(NOW), NOW, common_name="kube-apiserver-kubelet-client", client=True
+    )
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _ask(webhook, _client(webhook, pki, tmp_path, stranger), ALICE.token)
+    assert "kube_audit_authn_refused_clients_total 2.0" in _metrics(webhook, pki, tmp_path)
+
+
+def _metrics(webhook: AuthnWebhook, pki: Pki, tmp_path: Path) -> str:
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", webhook.port, context=_client(webhook, pki, tmp_path, None), timeout=10
+    )
+    connection.request("GET", "/metrics")
+    return connection.getresponse().read().decode()
+
+
+def test_a_new_snapshot_is_answered_from_once_refreshed(
+    webhook: AuthnWebhook, files: WebhookFiles, pki: Pki, tmp_path: Path
+) -> None:
+    apiserver = _client(webhook, pki, tmp_path, pki.apiserver)
+    _write(files.snapshot, render_identity_snapshot([BOB]))
+    webhook.refresh()  # what the server's own thread does once a second
+    assert _ask(webhook, apiserver, BOB.token)[1]["status"]["authenticated"] is True
+    assert _ask(webhook, apiserver, ALICE.token)[1]["status"] == {"authenticated": False}
+
+
+def test_a_corrupt_snapshot_keeps_the_last_good_one_and_says_so(
+    webhook: AuthnWebhook,
+    files: WebhookFiles,
+    pki: Pki,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    apiserver = _client(webhook, pki, tmp_path, pki.apiserver)
+    _write(files.snapshot, b'{"apiVersion": "kube-audit.io/v1alpha1", "kind": "IdentitySnapshot"')
+    webhook.refresh()
+    assert "not JSON" in caplog.text and "keeping the last good one" in caplog.text
+    assert _ask(webhook, apiserver, ALICE.token)[1]["status"]["authenticated"] is True
+    assert "kube_audit_authn_snapshot_errors_total 1.0" in _metrics(webhook, pki, tmp_path)
+
+
+def test_before_any_snapshot_the_answer_is_an_error_and_healthz_says_not_loaded(
+    files: WebhookFiles, pki: Pki, tmp_path: Path
+) -> None:
+    files.snapshot.unlink()
+    server = AuthnWebhook(files, ("127.0.0.1", 0))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        status, body = _ask(server, _client(server, pki, tmp_path, pki.apiserver), ALICE.token)
+        assert status == 200 and "not loaded yet" in body["status"]["error"]
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", server.port, context=_client(server, pki, tmp_path, None), timeout=10
+        )
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().status == 503
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def test_renewed_certificates_are_used_without_a_restart(
+    webhook: AuthnWebhook, files: WebhookFiles, pki: Pki, tmp_path: Path
+) -> None:
+    """kubeadm renews the apiserver's client certificate (the new one is pinned, the old one
+    refused); the node agent renews the serving certificate (new handshakes present it)."""
+    renewed = issue(pki.cluster_ca, NOW, common_name="kube-apiserver-kubelet-client", client=True)
+    _write(files.client_cert, renewed.cert)
+    serving = issue(
+        pki.webhook_ca, datetime.now(UTC), common_name="kube-audit", hosts=("127.0.0.1",)
+    )
+    _write(files.serving_cert, serving.cert)
+    _write(files.serving_key, serving.key)
+    webhook.refresh()
+    assert _ask(webhook, _client(webhook, pki, tmp_path, pki.apiserver), ALICE.token)[0] == 403
+    assert _ask(webhook, _client(webhook, pki, tmp_path, renewed), ALICE.token)[0] == 200
+    with socket.create_connection(("127.0.0.1", webhook.port), timeout=10) as raw:
+        context = _client(webhook, pki, tmp_path, None)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            presented = tls.getpeercert(binary_form=True)
+    assert presented == ssl.PEM_cert_to_DER_cert(serving.cert.decode())
+
+
+def test_a_slow_or_silent_client_does_not_hold_up_the_others(
+    webhook: AuthnWebhook, pki: Pki, tmp_path: Path
+) -> None:
+    with socket.create_connection(("127.0.0.1", webhook.port), timeout=10):
+        status, _ = _ask(webhook, _client(webhook, pki, tmp_path, pki.apiserver), ALICE.token)
+    assert status == 200
+
+
+def test_a_serving_certificate_is_renewed_well_before_its_end_and_when_not_ours(pki: Pki) -> None:
+    serving = issue(pki.webhook_ca, NOW, common_name="kube-audit", hosts=("127.0.0.1",))
+    assert not needs_renewal(serving.cert, pki.webhook_ca.cert, NOW)
+    assert needs_renewal(
+        serving.cert, pki.webhook_ca.cert, not_after(serving.cert) - timedelta(days=89)
+    )
+    assert needs_renewal(serving.cert, pki.cluster_ca.cert, NOW), "signed by another CA"
+    assert needs_renewal(None, pki.webhook_ca.cert, NOW)
+    assert needs_renewal(b"garbage", pki.webhook_ca.cert, NOW)
+
+
+def _host_root(root: Path, pki: Pki) -> Path:
+    """A host tree laid out as the node agent and kubeadm leave it in webhook mode."""
+    (root / "etc/kubernetes/pki").mkdir(parents=True)
+    (root / "var/lib/kube-audit/authn-webhook").mkdir(parents=True)
+    serving = issue(
+        pki.webhook_ca, datetime.now(UTC), common_name="kube-audit", hosts=("127.0.0.1",)
+    )
+    _write(root / "var/lib/kube-audit/authn-webhook/serving.crt", serving.cert)
+    _write(root / "var/lib/kube-audit/authn-webhook/serving.key", serving.key)
+    _write(root / "var/lib/kube-audit/identities.json", render_identity_snapshot([ALICE]))
+    _write(root / "etc/kubernetes/pki/ca.crt", pki.cluster_ca.cert)
+    _write(root / "etc/kubernetes/pki/apiserver-kubelet-client.crt", pki.apiserver.cert)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_command_serves_from_the_host_tree_and_stops_on_sigterm(
+    pki: Pki, tmp_path: Path
+) -> None:
+    root = _host_root(tmp_path / "host", pki)
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            str(KUBE_AUDIT),
+            "authn-webhook",
+            "--host-root",
+            str(root),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        context = ssl.create_default_context(cadata=pki.webhook_ca.cert.decode())
+        (root / "c.crt").write_bytes(pki.apiserver.cert)
+        (root / "c.key").write_bytes(pki.apiserver.key)
+        context.load_cert_chain(root / "c.crt", root / "c.key")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection = http.client.HTTPSConnection(
+                    "127.0.0.1", port, context=context, timeout=10
+                )
+                review = {"apiVersion": "authentication.k8s.io/v1beta1", "kind": "TokenReview",
+                          "spec": {"token": ALICE.token}}  # fmt: skip
+                connection.request("POST", "/authenticate", json.dumps(review))
+                answer = json.loads(connection.getresponse().read())
+                break
+            except ConnectionRefusedError:
+                assert process.poll() is None and time.monotonic() < deadline, process.stdout
+                time.sleep(0.1)
+        assert answer["apiVersion"] == "authentication.k8s.io/v1beta1"
+        assert answer["status"]["user"]["username"] == "alice"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, out
+    assert "1 identities loaded" in out and "SIGTERM: stopping" in out, out
+
+
+def test_the_command_names_a_missing_client_ca(pki: Pki, tmp_path: Path) -> None:
+    root = _host_root(tmp_path / "host", pki)
+    (root / "etc/kubernetes/pki/ca.crt").unlink()
+    result = subprocess.run(
+        [str(KUBE_AUDIT), "authn-webhook", "--host-root", str(root), "--listen", "127.0.0.1:0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert f"cannot read {root}/etc/kubernetes/pki/ca.crt" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
