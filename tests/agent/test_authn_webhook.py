@@ -135,6 +135,35 @@ def test_the_apiservers_certificate_gets_answers(
     )
 
 
+def test_client_gos_query_and_a_kept_alive_connection_are_answered(
+    webhook: AuthnWebhook, pki: Pki, tmp_path: Path
+) -> None:
+    """client-go posts to ``/authenticate?timeout=30s`` and keeps the connection: a wrong path
+    answered before its body was read would leave the body to be parsed as the next request
+    (found by the real kube-apiserver)."""
+    review = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": ALICE.token},
+    }
+    context = _client(webhook, pki, tmp_path, pki.apiserver)
+    connection = http.client.HTTPSConnection("127.0.0.1", webhook.port, context=context, timeout=10)
+    try:
+        for path, status in (
+            ("/nowhere", 404),
+            ("/authenticate?timeout=30s", 200),
+            ("/authenticate", 200),
+        ):
+            connection.request("POST", path, json.dumps(review))
+            response = connection.getresponse()
+            assert response.status == status, response.read()
+            body = json.loads(response.read())
+            if status == 200:
+                assert body["status"]["user"]["username"] == "alice"
+    finally:
+        connection.close()
+
+
 def test_any_other_client_is_refused(webhook: AuthnWebhook, pki: Pki, tmp_path: Path) -> None:
     """Same cluster CA but not the apiserver's certificate: 403. No certificate: 403. A
     certificate of another CA: the handshake fails."""

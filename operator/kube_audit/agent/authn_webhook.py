@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
@@ -234,25 +235,26 @@ def _handler(webhook: AuthnWebhook) -> type[BaseHTTPRequestHandler]:
         def _json(self, status: int, body: dict[str, Any]) -> None:
             self._send(status, json.dumps(body).encode(), "application/json")
 
+        def _route(self) -> str:
+            """The path without its query: client-go asks ``/authenticate?timeout=30s``."""
+            return urlsplit(self.path).path
+
         def do_GET(self) -> None:
-            if self.path == "/healthz":
+            route = self._route()
+            if route == "/healthz":
                 loaded = webhook.source.identities is not None
                 self._send(200 if loaded else 503, b"ok\n" if loaded else b"not loaded\n",
                            "text/plain")  # fmt: skip
-            elif self.path == "/metrics":
+            elif route == "/metrics":
                 self._send(200, generate_latest(webhook.metrics.registry), "text/plain")
             else:
-                self._json(404, {"error": f"no {self.path}; TokenReviews go to POST /authenticate"})
+                self._json(
+                    404, {"error": f"no {route}; TokenReviews go to POST {AUTHN_WEBHOOK_PATH}"}
+                )
 
         def do_POST(self) -> None:
-            if self.path != AUTHN_WEBHOOK_PATH:
-                self._json(404, {"error": f"no {self.path}; TokenReviews go to POST /authenticate"})
-                return
-            if not webhook.pin.allows(self.peer):
-                webhook.metrics.refused_clients.inc()
-                self.close_connection = True
-                self._json(403, {"error": "only kube-apiserver's client certificate is answered"})
-                return
+            # The body is read before any answer: one left unread on a kept-alive connection
+            # would be taken for the client's next request.
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
@@ -261,7 +263,19 @@ def _handler(webhook: AuthnWebhook) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self._json(413, {"error": f"a TokenReview is at most {MAX_BODY} bytes here"})
                 return
-            answer = review_token(webhook.source.identities, self.rfile.read(length))
+            body = self.rfile.read(length)
+            route = self._route()
+            if route != AUTHN_WEBHOOK_PATH:
+                self._json(
+                    404, {"error": f"no {route}; TokenReviews go to POST {AUTHN_WEBHOOK_PATH}"}
+                )
+                return
+            if not webhook.pin.allows(self.peer):
+                webhook.metrics.refused_clients.inc()
+                self.close_connection = True
+                self._json(403, {"error": "only kube-apiserver's client certificate is answered"})
+                return
+            answer = review_token(webhook.source.identities, body)
             status = answer.body.get("status") or {}
             result = (
                 "invalid" if answer.status != 200
