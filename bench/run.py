@@ -2,7 +2,8 @@
 
 Render: 10,000 users and 200 policy rules under 200 ms on one core. Manifest patch. Node agent:
 a no-op apply and a full apply under 100 ms each without the health wait. Then, as their own
-processes, ``who`` against jq and grep (who_bench.py), the real control plane
+processes, ``who`` against jq and grep (who_bench.py), webhook mode's TokenReview latency and
+snapshot (webhook_bench.py), the real control plane
 (controlplane_bench.py: apply -> working token, apiserver downtime; ha_bench.py: failed requests
 through HAProxy during a rollout over three nodes, rollout time, identities missing after a
 kubeadm rewrite; realnode_bench.py: the image and its pod on the real kubelet;
@@ -122,6 +123,7 @@ def main() -> int:
     import subprocess  # noqa: PLC0415 - only for the benchmarks run as their own processes
 
     failed += subprocess.call([sys.executable, str(REPO / "bench/who_bench.py")]) != 0
+    failed += subprocess.call([sys.executable, str(REPO / "bench/webhook_bench.py")]) != 0
     if os.environ.get("BENCH_SKIP_CONTROLPLANE") != "1":
         failed += subprocess.call([sys.executable, str(REPO / "bench/controlplane_bench.py")]) != 0
         failed += subprocess.call([sys.executable, str(REPO / "bench/ha_bench.py")]) != 0
