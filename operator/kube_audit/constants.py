@@ -41,6 +41,7 @@ AUTHN_WEBHOOK_PATH = "/authenticate"
 # webhook answers only that certificate (host paths; kube-apiserver's flags may name others).
 KUBEADM_CLIENT_CA = "/etc/kubernetes/pki/ca.crt"
 KUBEADM_APISERVER_CLIENT_CERT = "/etc/kubernetes/pki/apiserver-kubelet-client.crt"
+KUBEADM_APISERVER_CLIENT_KEY = "/etc/kubernetes/pki/apiserver-kubelet-client.key"
 
 # One node restarts its apiserver at a time: the holder of this Lease.
 ROLLOUT_LEASE = "kube-audit-rollout"

@@ -76,6 +76,10 @@ class LockBusy(HostError):
     """Another writer holds the host lock."""
 
 
+class WebhookNotAnswering(HostError):
+    """Webhook mode waits: the node's authn-webhook does not answer yet."""
+
+
 class RolledBack(KubeAuditError):
     """The new apiserver never became ready; the previous good state was restored.
     ``crashed``: it never answered (it does not start with that config), so the other nodes

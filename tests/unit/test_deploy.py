@@ -127,7 +127,7 @@ def test_daemonset(objects: list[dict[str, Any]]) -> None:
     assert {t["key"] for t in pod["tolerations"]} >= {"node-role.kubernetes.io/control-plane"}
     assert pod["hostNetwork"] is True and pod["priorityClassName"] == "system-node-critical"
     assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
-    container, reader = pod["containers"]
+    container, reader, _ = pod["containers"]
     assert container["name"] == "operator" and reader["name"] == "who"
     security = container["securityContext"]
     assert security["privileged"] is False and security["capabilities"]["drop"] == ["ALL"]
@@ -382,7 +382,7 @@ def test_who_cluster_execs_into_a_read_only_container_without_a_token(
     assert pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "operator"
     spec = pod["spec"]
     assert spec["automountServiceAccountToken"] is False
-    operator, reader = spec["containers"]
+    operator, reader, _ = spec["containers"]
     assert reader["command"] == ["kube-audit", "standby"]
     assert reader["volumeMounts"] == [
         {"name": "audit-log", "mountPath": "/host/var/log/kubernetes/audit", "readOnly": True}
@@ -401,3 +401,29 @@ def test_who_cluster_execs_into_a_read_only_container_without_a_token(
     assert sources["serviceAccountToken"]["serviceAccountToken"]["path"] == "token"
     assert sources["configMap"]["configMap"]["name"] == "kube-root-ca.crt"
     assert volume["defaultMode"] == 0o644
+
+
+def test_the_authn_webhook_runs_apart_with_read_only_mounts_and_no_token(
+    objects: list[dict[str, Any]],
+) -> None:
+    """Issue 21: the webhook keeps answering when the operator crashes; it can write nothing on
+    the host, holds no API credential, and reads the apiserver's client certificate, never
+    its key."""
+    spec = _one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    webhook = {c["name"]: c for c in spec["containers"]}["authn-webhook"]
+    command = webhook["command"]
+    assert build_parser().parse_args(command[1:]).command == "authn-webhook"
+    mounts = {m["mountPath"]: m for m in webhook["volumeMounts"]}
+    assert all(m.get("readOnly") for m in mounts.values()), mounts
+    assert set(mounts) == {"/host/var/lib/kube-audit", "/host/etc/kubernetes/pki/ca.crt",
+                           "/host/etc/kubernetes/pki/apiserver-kubelet-client.crt"}  # fmt: skip
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    paths = {volumes[m["name"]]["hostPath"]["path"] for m in mounts.values()}
+    assert not any(path.endswith(".key") for path in paths)
+    assert webhook["resources"]["limits"]["memory"]
+    security = webhook["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == [
+        "ALL"
+    ]
+    assert spec["automountServiceAccountToken"] is False
+    assert not any("serviceaccount" in m for m in mounts)

@@ -20,9 +20,11 @@ from typing import Any, Literal
 from kube_audit import hostfs
 from kube_audit.agent.health import Expectation, HealthCheck, HealthOutcome
 from kube_audit.agent.layout import MANIFEST_NAME, HostLayout
+from kube_audit.agent.webhook_files import remove_identities, webhook_answers, write_identities
 from kube_audit.constants import KEEP_FAILED
 from kube_audit.core.diff import render_plan
 from kube_audit.core.manifest import (
+    WEBHOOK_CONFIG_FLAG,
     Manifest,
     apiserver_container,
     apiserver_identity,
@@ -47,6 +49,7 @@ from kube_audit.errors import (
     NodeConfigError,
     RewrittenDuringWait,
     RolledBack,
+    WebhookNotAnswering,
 )
 
 KEEP_BACKUPS = 10
@@ -56,6 +59,8 @@ WRITER_WAIT = 330.0
 FILE_FLAGS = {"--token-auth-file": TOKEN_FILE, "--audit-policy-file": POLICY_FILE}
 
 Outcome = Literal["unchanged", "applied", "rolled-back", "held", "uninstalled"]
+# Why the node's authn-webhook cannot take over identities yet (None: it can).
+WebhookProbe = Callable[[HostLayout], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,10 @@ def plan_node(layout: HostLayout, desired: DesiredState) -> str:
         policy_new=desired.files.get(POLICY_FILE),
         tokens_old=current.files.get(TOKEN_FILE),
         tokens_new=desired.files.get(TOKEN_FILE),
+        identities_old=hostfs.read_optional(layout.identity_snapshot)
+        if desired.webhook_mode
+        else None,
+        identities_new=desired.identities if desired.webhook_mode else None,
     )
 
 
@@ -325,6 +334,38 @@ def _record(state: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return {**state, **changes}
 
 
+def _wall_datetime(wall: Callable[[], float]) -> datetime:
+    return datetime.fromtimestamp(wall(), UTC)
+
+
+def publish_identities(
+    layout: HostLayout, desired: DesiredState, wall: Callable[[], float] = time.time
+) -> list[str]:
+    """The webhook's snapshot and certificates brought to ``desired`` on their own: in webhook
+    mode this is the whole of an identity change, never held back by a failure of a policy."""
+    with hostfs.host_lock(layout.lock_file):
+        return write_identities(layout, desired, _wall_datetime(wall))
+
+
+def _check_webhook_takes_over(
+    layout: HostLayout, current: Manifest, new: Manifest, probe: WebhookProbe | None
+) -> None:
+    """A manifest that switches the apiserver to webhook mode is written only once the node's
+    webhook answers: else every person would be refused from the restart on."""
+    if probe is None or flag_value(new, WEBHOOK_CONFIG_FLAG) is None:
+        return
+    if flag_value(current, WEBHOOK_CONFIG_FLAG) == flag_value(new, WEBHOOK_CONFIG_FLAG):
+        return
+    why = probe(layout)
+    if why is not None:
+        raise WebhookNotAnswering(
+            f"kube-apiserver is not switched to webhook mode yet: this node's authn-webhook "
+            f"does not answer ({why}), and every person's token would be refused from the "
+            "restart on. Is the DaemonSet's authn-webhook container running? Retried; the node "
+            "keeps its token file meanwhile"
+        )
+
+
 def apply_node(
     layout: HostLayout,
     desired: DesiredState,
@@ -333,13 +374,16 @@ def apply_node(
     retry_failed: bool = True,
     now: Callable[[], str] = _now,
     wall: Callable[[], float] = time.time,
+    webhook_probe: WebhookProbe | None = webhook_answers,
 ) -> NodeResult:
     """Bring the node to ``desired``; roll back if the new apiserver never gets ready.
 
     ``retry_failed`` False (the operator): content held by an earlier failure or by an admin's
-    rollback is not tried (see ``core.retry``); True (an admin by hand): it is."""
+    rollback is not tried (see ``core.retry``); True (an admin by hand): it is.
+    ``webhook_probe`` None: a switch to webhook mode does not wait for the webhook."""
     with hostfs.host_lock(layout.lock_file):
         _cleanup_temporaries(layout)
+        write_identities(layout, desired, _wall_datetime(wall))
         resumed = _resume_pending(layout, health, now=now, wall=wall)
         current = _read_current(layout)
         state = read_state(layout)
@@ -359,6 +403,7 @@ def apply_node(
         if not retry_failed and (hold := _hold(state, current, desired, wall())):
             return NodeResult("held", target_hash, hold.message)
         _refuse_rootless_without_chown(new)
+        _check_webhook_takes_over(layout, current.manifest, new, webhook_probe)
         _backup(layout, current)
         _write_config(layout, subdir, dict(desired.files))
         if desired.files.get(POLICY_FILE) is not None:
@@ -676,6 +721,7 @@ def uninstall_node(layout: HostLayout, health: HealthCheck | None) -> NodeResult
                     )
         hostfs.remove_tree(layout.config_dir)
         hostfs.remove_tree(layout.state_file)
+        remove_identities(layout)
         kept = "".join(
             f"; {what} kept in {folder}"
             for what, folder in (("audit logs", layout.log_dir), ("backups", layout.backups))
@@ -721,6 +767,10 @@ class NodeAgent:
     health: HealthCheck | None
     # Wall-clock seconds: when a failure happened and when its retry is due.
     wall: Callable[[], float] = time.time
+    webhook_probe: WebhookProbe | None = webhook_answers
+
+    def publish_identities(self, desired: DesiredState) -> list[str]:
+        return publish_identities(self.layout, desired, self.wall)
 
     def needs_change(self, desired: DesiredState) -> bool:
         return needs_change(self.layout, desired)
@@ -748,7 +798,14 @@ class NodeAgent:
         return str(value) if value else None
 
     def apply(self, desired: DesiredState) -> NodeResult:
-        return apply_node(self.layout, desired, self.health, retry_failed=False, wall=self.wall)
+        return apply_node(
+            self.layout,
+            desired,
+            self.health,
+            retry_failed=False,
+            wall=self.wall,
+            webhook_probe=self.webhook_probe,
+        )
 
     def resume(self) -> NodeResult | None:
         return resume_node(self.layout, self.health)

@@ -23,6 +23,9 @@ from kube_audit.errors import HostError
 
 log = logging.getLogger(__name__)
 
+# How often the serving certificate is looked for before the node agent has written it.
+WAIT_POLL = 1.0
+
 
 def _listen(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
@@ -48,8 +51,19 @@ def cmd_authn_webhook(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    files = files_of(args)
+    if not files.serving_cert.exists():
+        log.info(
+            "waiting for %s: the node agent (the operator container) writes it on its first apply",
+            files.serving_cert,
+        )
+    while not (files.serving_cert.exists() and files.serving_key.exists()):
+        early = signal.sigtimedwait(signals, WAIT_POLL)
+        if early is not None:
+            log.info("%s: stopping", signal.Signals(early.si_signo).name)
+            return 0
     try:
-        webhook = AuthnWebhook(files_of(args), args.listen)
+        webhook = AuthnWebhook(files, args.listen)
     except OSError as error:
         raise HostError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {error}") from None
     server = threading.Thread(target=webhook.serve, name="authn-webhook", daemon=True)

@@ -4,6 +4,7 @@ groups built once (argparse parents) with their environment fallbacks."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 from kube_audit import hostfs
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG
 from kube_audit.cli.env import env_bool, env_int, env_list, env_str
-from kube_audit.core.settings import Settings
+from kube_audit.core.settings import IDENTITY_MODES, IdentityMode, Settings
 from kube_audit.errors import InvalidInput, Problem
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 _YAML_SUFFIXES = (".yaml", ".yml", ".json")
 ROTATION = (("maxage", "days"), ("maxbackup", "files"), ("maxsize", "MB"))
+GO_DURATION = re.compile(r"0|(?:[0-9]+(?:\.[0-9]*)?(?:ns|us|µs|ms|s|m|h))+")
 
 
 def input_files(paths: Sequence[str], problems: list[Problem]) -> list[Path]:
@@ -74,6 +76,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_maxbackup=getattr(args, "audit_log_maxbackup", Settings.log_maxbackup),
         log_maxsize=getattr(args, "audit_log_maxsize", Settings.log_maxsize),
         log_compress=bool(getattr(args, "audit_log_compress", False)),
+        identity_mode=getattr(args, "identity_mode", Settings.identity_mode),
+        webhook_cache_ttl=getattr(args, "webhook_cache_ttl", Settings.webhook_cache_ttl),
     )
 
 
@@ -160,6 +164,54 @@ def rotation_flags(from_env: bool) -> argparse.ArgumentParser:
         default=env_bool("KUBE_AUDIT_LOG_COMPRESS") if from_env else False,
         help="gzip rotated audit logs (kube-apiserver --audit-log-compress; `who` reads .gz; "
         "default off" + (", or $KUBE_AUDIT_LOG_COMPRESS=true)" if from_env else ")"),
+    )
+    return parent
+
+
+def _identity_mode(value: str) -> IdentityMode:
+    """A type, not ``choices``: argparse checks a default (here from the environment) only so."""
+    for mode in IDENTITY_MODES:
+        if value == mode:
+            return mode
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not an identity mode: use {' or '.join(IDENTITY_MODES)}"
+    )
+
+
+def _go_duration(value: str) -> str:
+    if not GO_DURATION.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a Go duration (e.g. 10s, 1m30s) as kube-apiserver's "
+            "--authentication-token-webhook-cache-ttl takes it"
+        )
+    return value
+
+
+def identity_flags(from_env: bool) -> argparse.ArgumentParser:
+    """How identities reach kube-apiserver; the operator reads ``KUBE_AUDIT_IDENTITY_MODE``
+    and ``KUBE_AUDIT_WEBHOOK_CACHE_TTL`` too."""
+    parent = argparse.ArgumentParser(add_help=False)
+    mode = env_str("KUBE_AUDIT_IDENTITY_MODE", Settings.identity_mode) if from_env else None
+    parent.add_argument(
+        "--identity-mode",
+        type=_identity_mode,
+        metavar="{" + ",".join(IDENTITY_MODES) + "}",
+        default=mode or Settings.identity_mode,
+        help="token-file: kube-apiserver's --token-auth-file, a restart per identity change; "
+        "webhook: the node's authn-webhook answers TokenReviews, no restart per identity change "
+        f"(default {Settings.identity_mode}"
+        + (", or $KUBE_AUDIT_IDENTITY_MODE)" if from_env else ")"),
+    )
+    ttl = env_str("KUBE_AUDIT_WEBHOOK_CACHE_TTL", Settings.webhook_cache_ttl) if from_env else None
+    parent.add_argument(
+        "--webhook-cache-ttl",
+        type=_go_duration,
+        default=ttl or Settings.webhook_cache_ttl,
+        metavar="DURATION",
+        help="webhook mode: kube-apiserver's --authentication-token-webhook-cache-ttl, the "
+        "longest a removed person's token may still be accepted, plus 10 s (default "
+        f"{Settings.webhook_cache_ttl}"
+        + (", or $KUBE_AUDIT_WEBHOOK_CACHE_TTL)" if from_env else ")"),
     )
     return parent
 

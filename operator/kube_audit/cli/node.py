@@ -19,6 +19,7 @@ from kube_audit.agent.node import (
 from kube_audit.cli.common import (
     guard_flags,
     host_flags,
+    identity_flags,
     input_flags,
     rotation_flags,
     settings_from_args,
@@ -105,7 +106,12 @@ def add_parsers(sub: Any) -> None:
         dest="node_command", required=True, metavar="COMMAND"
     )
     host = host_flags(from_env=False)
-    inputs = [input_flags(), guard_flags(), rotation_flags(from_env=False)]
+    inputs = [
+        input_flags(),
+        guard_flags(),
+        rotation_flags(from_env=False),
+        identity_flags(from_env=False),
+    ]
     wait = _wait_flags()
     commands: list[tuple[str, Any, str, list[argparse.ArgumentParser]]] = [
         (

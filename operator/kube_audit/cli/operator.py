@@ -13,6 +13,7 @@ from kube_audit.cli.common import (
     cluster_flags,
     guard_flags,
     host_flags,
+    identity_flags,
     rotation_flags,
     settings_from_args,
 )
@@ -64,7 +65,13 @@ def _seconds(cmd: argparse.ArgumentParser, name: str, env: str, text: str) -> No
 def add_parsers(sub: Any) -> None:
     cmd = sub.add_parser(
         "operator",
-        parents=[host_flags(from_env=True), cluster_flags(), guard_flags(), rotation_flags(True)],
+        parents=[
+            host_flags(from_env=True),
+            cluster_flags(),
+            guard_flags(),
+            rotation_flags(True),
+            identity_flags(True),
+        ],
         help="run the operator (the DaemonSet's process)",
         description="Watch AuditUser and AuditPolicy objects and apply them to this node. "
         "Every flag falls back to an environment variable, named in its help.",

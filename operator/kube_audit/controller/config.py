@@ -8,6 +8,8 @@ from pathlib import Path
 
 from kube_audit.agent.health import HealthCheck
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
+from kube_audit.agent.node import WebhookProbe
+from kube_audit.agent.webhook_files import webhook_answers
 from kube_audit.core.settings import Settings
 
 
@@ -34,6 +36,8 @@ class OperatorConfig:
     manifest_poll: float = 2.0
     retry_backoff: float = 5.0
     health_factory: Callable[[HostLayout], HealthCheck | None] | None = None
+    # Whether this node's authn-webhook answers, asked before a switch to webhook mode.
+    webhook_probe: WebhookProbe | None = webhook_answers
 
     @property
     def rollout_lease_seconds(self) -> int:

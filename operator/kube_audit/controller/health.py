@@ -27,7 +27,7 @@ def node_agent(config: OperatorConfig, api: KubeApi, wall: Callable[[], float]) 
         if check is not None:
             check.instance = _mirror_pod_proof(api, config.node_name)
             check.credentials = api.bearer_token
-    return NodeAgent(layout, check, wall)
+    return NodeAgent(layout, check, wall, config.webhook_probe)
 
 
 def _mirror_pod_proof(api: KubeApi, node: str) -> InstanceCheck:

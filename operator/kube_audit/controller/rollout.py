@@ -160,6 +160,10 @@ class Rollout:
 
         try:
             agent = await asyncio.to_thread(self._agent)
+            published = await asyncio.to_thread(agent.publish_identities, desired)
+            if published:
+                log.info("%s: authn-webhook files written: %s", self.config.node_name,
+                         ", ".join(published))  # fmt: skip
             change = await asyncio.to_thread(agent.needs_change, desired)
             hold = await asyncio.to_thread(agent.hold, desired) if change else None
             revocation = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 
+from kube_audit.core.identities import SnapshotError, parse_identity_snapshot
 from kube_audit.core.tokens import TokenFileError, TokenRecord, fingerprint, parse_token_file
 
 
@@ -16,6 +17,21 @@ def mask_token_file(data: bytes | None) -> list[str]:
     except TokenFileError as error:
         return [f"<unreadable token file: {error}>"]
     return [_masked(r) for r in records]
+
+
+def mask_snapshot(data: bytes | None) -> list[str]:
+    """The identity snapshot as the token file's masked lines: the same fingerprint (the
+    digest's first 12 hex digits), person, uid and groups."""
+    if not data:
+        return []
+    try:
+        identities = parse_identity_snapshot(data)
+    except SnapshotError as error:
+        return [f"<unreadable identity snapshot: {error}>"]
+    return sorted(
+        f"sha256:{digest[:12]} {i.username} uid={i.uid} groups=[{','.join(i.groups)}]"
+        for digest, i in identities.items()
+    )
 
 
 def _masked(record: TokenRecord) -> str:
@@ -44,8 +60,11 @@ def render_plan(
     policy_new: bytes | None,
     tokens_old: bytes | None,
     tokens_new: bytes | None,
+    identities_old: bytes | None = None,
+    identities_new: bytes | None = None,
 ) -> str:
-    """The whole plan as text; empty when nothing would change."""
+    """The whole plan as text; empty when nothing would change. ``identities_*``: webhook
+    mode's snapshot, where identity changes are (None: not shown)."""
     parts = [
         unified(manifest_old, manifest_new, "kube-apiserver.yaml"),
         unified(
@@ -63,4 +82,14 @@ def render_plan(
             "tokens.csv (tokens shown as fingerprints)",
         ),
     ]
+    if identities_new is not None:
+        parts.append(
+            unified(
+                "".join(f"{line}\n" for line in mask_snapshot(identities_old))
+                if identities_old is not None
+                else None,
+                "".join(f"{line}\n" for line in mask_snapshot(identities_new)),
+                "identities.json (webhook mode; tokens shown as fingerprints)",
+            )
+        )
     return "".join(p for p in parts if p)

@@ -10,12 +10,14 @@ token.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
+from kube_audit.constants import AUTHN_WEBHOOK_PATH
 from kube_audit.core.tokens import TokenRecord, name_problem
 from kube_audit.core.users import is_privileged_group
 from kube_audit.errors import KubeAuditError
@@ -154,3 +156,39 @@ def review_token(identities: Mapping[str, Identity] | None, body: bytes) -> Revi
             user = {"username": found.username, "uid": found.uid, "groups": groups}
             status = {"authenticated": True, "user": user}
     return ReviewAnswer(200, {"apiVersion": api_version, "kind": "TokenReview", "status": status})
+
+
+def render_webhook_kubeconfig(
+    ca_cert: bytes, port: int, client_cert: str, client_key: str
+) -> bytes:
+    """kube-apiserver's ``--authentication-token-webhook-config-file``: our webhook on the
+    node's loopback, trusted through its own CA only (read once, at the apiserver's start), and
+    the apiserver's client certificate as files, which it re-reads when kubeadm renews them.
+    JSON, a YAML no resolver reads differently."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "kube-audit-authn-webhook",
+                "cluster": {
+                    "server": f"https://127.0.0.1:{port}{AUTHN_WEBHOOK_PATH}",
+                    "certificate-authority-data": base64.b64encode(ca_cert).decode(),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": "kube-apiserver",
+                "user": {"client-certificate": client_cert, "client-key": client_key},
+            }
+        ],
+        "contexts": [
+            {
+                "name": "webhook",
+                "context": {"cluster": "kube-audit-authn-webhook", "user": "kube-apiserver"},
+            }
+        ],
+        "current-context": "webhook",
+    }
+    return (json.dumps(config, indent=2) + "\n").encode()

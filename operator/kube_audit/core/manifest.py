@@ -20,7 +20,8 @@ FLAGS_ANNOTATION = "kube-audit.io/patched-flags"
 CONFIG_VOLUME = "kube-audit-config"
 LOG_VOLUME = "kube-audit-log"
 CONTAINER = "kube-apiserver"
-PATH_FLAGS = ("--token-auth-file", "--audit-policy-file", "--audit-log-path")
+WEBHOOK_CONFIG_FLAG = "--authentication-token-webhook-config-file"
+PATH_FLAGS = ("--token-auth-file", "--audit-policy-file", "--audit-log-path", WEBHOOK_CONFIG_FLAG)
 # Audit backends of someone else's: dormant without a policy file, so adding ours would switch
 # them on (the webhook would start shipping events to wherever it points).
 FOREIGN_BACKEND_FLAGS = ("--audit-webhook-config-file",)
@@ -33,6 +34,9 @@ MANAGED_FLAGS = (
     "--audit-log-maxbackup",
     "--audit-log-maxsize",
     "--audit-log-compress",
+    WEBHOOK_CONFIG_FLAG,
+    "--authentication-token-webhook-version",
+    "--authentication-token-webhook-cache-ttl",
 )
 
 Manifest = dict[str, Any]
@@ -52,6 +56,9 @@ class ManifestConfig:
     log_maxbackup: int = 10
     log_maxsize: int = 100
     log_compress: bool = False
+    # Webhook mode: the kubeconfig that points kube-apiserver at the node's authn-webhook.
+    webhook_config: str | None = None
+    webhook_cache_ttl: str = "10s"
 
     def flags(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -66,6 +73,10 @@ class ManifestConfig:
             out["--audit-log-maxsize"] = str(self.log_maxsize)
             if self.log_compress:
                 out["--audit-log-compress"] = "true"
+        if self.webhook_config:
+            out[WEBHOOK_CONFIG_FLAG] = self.webhook_config
+            out["--authentication-token-webhook-version"] = "v1"  # the default is v1beta1
+            out["--authentication-token-webhook-cache-ttl"] = self.webhook_cache_ttl
         return out
 
 
@@ -238,8 +249,8 @@ def patch_manifest(manifest: Manifest, config: ManifestConfig) -> Manifest:
     """Set our flags, mount our folders and stamp the content hash; idempotent.
 
     Patching starts from the unpatched manifest, so ``patch(patch(x)) == patch(x)`` and
-    ``unpatch(patch(x)) == x`` hold by construction. With no token file and no policy there is
-    nothing to set and the result is the unpatched manifest.
+    ``unpatch(patch(x)) == x`` hold by construction. With nothing to set (no token file, no
+    policy, not webhook mode) the result is the unpatched manifest.
     """
     base = unpatch_manifest(manifest)
     flags = config.flags()

@@ -11,6 +11,7 @@ from typing import Any
 
 from kube_audit.constants import API_VERSION, AUDIT_POLICY, AUDIT_USER
 from kube_audit.core import yamlio
+from kube_audit.core.identities import render_identity_snapshot
 from kube_audit.core.manifest import Manifest, ManifestConfig, patch_manifest
 from kube_audit.core.models import (
     AuditPolicy,
@@ -28,6 +29,10 @@ from kube_audit.errors import InvalidInput, Problem
 
 TOKEN_FILE = "tokens.csv"
 POLICY_FILE = "audit-policy.yaml"
+# Webhook mode: in the config folder itself, not in a content folder. It embeds this node's own
+# webhook CA, so it differs per node and stays out of the content hash the nodes compare; it is
+# written once, before a manifest names it.
+WEBHOOK_KUBECONFIG = "authn-webhook.kubeconfig"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,13 @@ class DesiredState:
     policies_accepted: tuple[str, ...]
     problems: tuple[Problem, ...]
     settings: Settings = field(default_factory=Settings)
+    # The people of ``files``' token file, tokens as digests: what the authn-webhook answers
+    # from. Kept in both modes, so a switch to webhook mode finds it answering already.
+    identities: bytes = b""
+
+    @property
+    def webhook_mode(self) -> bool:
+        return self.settings.identity_mode == "webhook"
 
     @property
     def config_subdir(self) -> str:
@@ -76,6 +88,10 @@ class DesiredState:
             log_maxbackup=s.log_maxbackup,
             log_maxsize=s.log_maxsize,
             log_compress=s.log_compress,
+            webhook_config=posixpath.join(s.config_dir, WEBHOOK_KUBECONFIG)
+            if self.webhook_mode
+            else None,
+            webhook_cache_ttl=s.webhook_cache_ttl,
         )
 
 
@@ -184,6 +200,8 @@ def config_hash(files: Mapping[str, bytes], settings: Settings) -> str:
     )
     if s.log_compress:  # only when on: the hash of every existing config stays what it was
         digest.update(b"compress\0")
+    if s.identity_mode == "webhook":  # likewise
+        digest.update(f"webhook\0{s.webhook_cache_ttl}\0".encode())
     for name in sorted(files):
         digest.update(f"{name}\0{len(files[name])}\0".encode())
         digest.update(files[name])
@@ -197,14 +215,18 @@ def plan_desired(
     ``unreadable``: namespaces whose Secrets the operator has no grant to read."""
     resolution = resolve_users(inputs.users, inputs.secrets, settings, unreadable=unreadable)
     files: dict[str, bytes] = {}
-    if resolution.records:
+    webhook = settings.identity_mode == "webhook"
+    if resolution.records and not webhook:
         files[TOKEN_FILE] = render_token_file(resolution.records)
     policy = render_audit_policy(inputs.policies)
     if policy is not None:
         files[POLICY_FILE] = policy
     return DesiredState(
         files=files,
-        config_hash=config_hash(files, settings) if files else "",
+        # Webhook mode is managed with no people and no policy too: the first person then
+        # needs no restart.
+        config_hash=config_hash(files, settings) if files or webhook else "",
+        identities=render_identity_snapshot(resolution.records),
         users=resolution,
         policies_accepted=tuple(p.meta.name for p in inputs.policies),
         problems=tuple(

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+IdentityMode = Literal["token-file", "webhook"]
+IDENTITY_MODES: tuple[IdentityMode, ...] = ("token-file", "webhook")
 
 
 @dataclass(frozen=True)
@@ -20,3 +24,9 @@ class Settings:
     token_namespace: str = "kube-audit"
     allowed_system_groups: frozenset[str] = field(default_factory=frozenset)
     allowed_system_users: frozenset[str] = field(default_factory=frozenset)
+    # How identities reach kube-apiserver: its --token-auth-file (a restart per change) or the
+    # node-local TokenReview webhook (no restart per change).
+    identity_mode: IdentityMode = "token-file"
+    # --authentication-token-webhook-cache-ttl: how long a refused or removed token may still
+    # be answered from the apiserver's cache (a Go duration).
+    webhook_cache_ttl: str = "10s"

@@ -1,0 +1,212 @@
+"""Webhook mode on a host tree: the node agent writes what the authn-webhook answers from and
+what points kube-apiserver at it; identity changes never touch the manifest; a switch waits
+for the webhook; the real webhook serves what the agent wrote."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kube_audit.agent import pki
+from kube_audit.agent.authn_webhook import AuthnWebhook, WebhookFiles
+from kube_audit.agent.layout import HostLayout
+from kube_audit.agent.node import apply_node, plan_node, publish_identities, uninstall_node
+from kube_audit.agent.webhook_files import (
+    ca_files,
+    serving_files,
+    webhook_answers,
+    webhook_kubeconfig,
+)
+from kube_audit.core.identities import parse_identity_snapshot, token_digest
+from kube_audit.core.manifest import flag_value, parse_manifest
+from kube_audit.core.plan import TOKEN_FILE, DesiredState, collect_inputs, plan_desired
+from kube_audit.core.settings import Settings
+from kube_audit.core.tokens import fingerprint
+from kube_audit.errors import WebhookNotAnswering
+from tests.agent.conftest import FakeNode, health, snapshot
+from tests.conftest import audit_policy, audit_user, long_token, token_secret
+
+WEBHOOK = Settings(identity_mode="webhook")
+NOW = datetime(2026, 12, 5, tzinfo=UTC).timestamp()
+
+
+def _desired(settings: Settings, *names: str) -> DesiredState:
+    objs: list[Any] = [audit_policy("all", rules=[{"level": "Metadata"}])]
+    for name in names:
+        objs += [
+            audit_user(name, groups=["dev"]),
+            token_secret(f"audituser-{name}", long_token(f"tok-{name}")),
+        ]
+    return plan_desired(collect_inputs([(f"t#{i}", o) for i, o in enumerate(objs)]), settings)
+
+
+def _answers(layout: HostLayout) -> str | None:
+    return None
+
+
+def _people(layout: HostLayout) -> list[str]:
+    identities = parse_identity_snapshot(layout.identity_snapshot.read_bytes())
+    return sorted(i.username for i in identities.values())
+
+
+def _apply(layout: HostLayout, desired: DesiredState, url: str, **kw: Any) -> Any:
+    kw.setdefault("webhook_probe", _answers)
+    return apply_node(layout, desired, health(url), wall=lambda: NOW, **kw)
+
+
+def _webhook_layout(layout: HostLayout) -> HostLayout:
+    return replace(layout, settings=WEBHOOK)
+
+
+def test_identity_changes_never_touch_the_manifest(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    node, url = fake_node
+    layout = _webhook_layout(layout)
+    first = _apply(layout, _desired(WEBHOOK, "alice"), url)
+    assert first.outcome == "applied" and first.restarted
+    manifest = parse_manifest(layout.manifest.read_text())
+    kubeconfig_path = flag_value(manifest, "--authentication-token-webhook-config-file")
+    assert kubeconfig_path is not None and flag_value(manifest, "--token-auth-file") is None
+    kubeconfig = json.loads(layout.host(kubeconfig_path).read_bytes())
+    ca_cert = ca_files(layout)[0].read_bytes()
+    assert kubeconfig["clusters"][0]["cluster"]["certificate-authority-data"] == (
+        __import__("base64").b64encode(ca_cert).decode()
+    )
+    assert _people(layout) == ["alice"]
+    assert layout.identity_snapshot.stat().st_mode & 0o777 == 0o600
+    assert b"tok-alice" not in layout.identity_snapshot.read_bytes()
+    manifest_text, restarts = layout.manifest.read_text(), node.probes
+    for names in (("alice", "bob"), ("bob",), ()):
+        result = _apply(layout, _desired(WEBHOOK, *names), url)
+        assert result.outcome == "unchanged" and not result.restarted, result
+        assert _people(layout) == sorted(names)
+        assert layout.manifest.read_text() == manifest_text
+    assert node.probes == restarts, "no health wait: the apiserver was never restarted"
+
+
+def test_the_snapshot_is_published_on_its_own(layout: HostLayout) -> None:
+    """What the operator does before (and whatever) the rollout decides: a held policy never
+    keeps a deleted person answered."""
+    layout = _webhook_layout(layout)
+    before = layout.manifest.read_text()
+    written = publish_identities(layout, _desired(WEBHOOK, "alice"), lambda: NOW)
+    assert set(written) == {"ca.key", "ca.crt", "serving.key", "serving.crt", "identities.json",
+                            "authn-webhook.kubeconfig"}  # fmt: skip
+    assert publish_identities(layout, _desired(WEBHOOK, "alice"), lambda: NOW) == []
+    assert publish_identities(layout, _desired(WEBHOOK), lambda: NOW) == ["identities.json"]
+    assert _people(layout) == [] and layout.manifest.read_text() == before
+
+
+def test_the_serving_certificate_is_renewed_and_the_ca_kept(layout: HostLayout) -> None:
+    """Renewed 90 days before its end, by the same CA: the apiserver, which read the CA once,
+    needs no restart."""
+    layout = _webhook_layout(layout)
+    publish_identities(layout, _desired(WEBHOOK, "alice"), lambda: NOW)
+    ca = ca_files(layout)[0].read_bytes()
+    kubeconfig = webhook_kubeconfig(layout).read_bytes()
+    cert = serving_files(layout)[0].read_bytes()
+    end = pki.not_after(cert).timestamp()
+    assert publish_identities(layout, _desired(WEBHOOK, "alice"), lambda: end - 100 * 86400) == []
+    renewed = publish_identities(layout, _desired(WEBHOOK, "alice"), lambda: end - 80 * 86400)
+    assert renewed == ["serving.key", "serving.crt"]
+    new_cert = serving_files(layout)[0].read_bytes()
+    assert not pki.needs_renewal(new_cert, ca, datetime.fromtimestamp(end, UTC))
+    assert ca_files(layout)[0].read_bytes() == ca
+    assert webhook_kubeconfig(layout).read_bytes() == kubeconfig
+
+
+def test_the_switch_waits_for_the_webhook(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """token-file to webhook is one restart, made only once the webhook answers: until then
+    the node keeps its token file and says why. After the switch the manifest names no token
+    file (the old content folder stays only for the backups a rollback would restore)."""
+    _, url = fake_node
+    assert _apply(layout, _desired(Settings(), "alice"), url).outcome == "applied"
+    token_file_mode = layout.manifest.read_text()
+    assert _people(layout) == ["alice"], "the snapshot is kept in token-file mode too"
+    layout = _webhook_layout(layout)
+    with pytest.raises(WebhookNotAnswering, match="authn-webhook container running"):
+        _apply(layout, _desired(WEBHOOK, "alice"), url, webhook_probe=lambda _: "refused")
+    assert layout.manifest.read_text() == token_file_mode
+    result = _apply(layout, _desired(WEBHOOK, "alice"), url)
+    assert result.outcome == "applied" and result.restarted
+    manifest = parse_manifest(layout.manifest.read_text())
+    assert flag_value(manifest, "--token-auth-file") is None
+    policy = flag_value(manifest, "--audit-policy-file")
+    assert policy is not None
+    assert not (layout.host(policy).parent / TOKEN_FILE).exists()
+
+
+def test_uninstall_removes_the_webhook_files(
+    layout: HostLayout, fake_node: tuple[FakeNode, str], host: Path
+) -> None:
+    _, url = fake_node
+    layout = _webhook_layout(layout)
+    _apply(layout, _desired(WEBHOOK, "alice"), url)
+    uninstall_node(layout, health(url))
+    left = snapshot(host / "var/lib/kube-audit")
+    assert not [name for name in left if "authn-webhook" in name or "identities" in name], left
+    assert not webhook_kubeconfig(layout).exists()
+
+
+@pytest.fixture
+def running_webhook(
+    layout: HostLayout, tmp_path: Path
+) -> Iterator[tuple[AuthnWebhook, HostLayout]]:
+    """The real webhook on what the agent wrote (a cluster CA of the test's own)."""
+    layout = _webhook_layout(layout)
+    publish_identities(layout, _desired(WEBHOOK, "alice"), lambda: datetime.now(UTC).timestamp())
+    cluster_ca = pki.generate_ca(datetime.now(UTC), "kubernetes")
+    client = pki.issue(cluster_ca, datetime.now(UTC), common_name="apiserver", client=True)
+    (tmp_path / "ca.crt").write_bytes(cluster_ca.cert)
+    (tmp_path / "client.crt").write_bytes(client.cert)
+    cert, key = serving_files(layout)
+    files = WebhookFiles(
+        layout.identity_snapshot, cert, key, tmp_path / "ca.crt", tmp_path / "client.crt"
+    )
+    server = AuthnWebhook(files, ("127.0.0.1", 0))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield server, layout
+    server.shutdown()
+    thread.join(10)
+
+
+def test_the_probe_passes_only_our_answering_webhook(
+    running_webhook: tuple[AuthnWebhook, HostLayout], tmp_path: Path
+) -> None:
+    server, layout = running_webhook
+    assert webhook_answers(layout, server.port) is None
+    assert server.source.identities is not None
+    assert {i.username for i in server.source.identities.values()} == {"alice"}
+    assert token_digest(long_token("tok-alice")) in server.source.identities
+    closed = partial(webhook_answers, layout, 1)(timeout=2)
+    assert closed is not None and "127.0.0.1:1" in closed
+    ca_files(layout)[0].write_bytes(pki.generate_ca(datetime.now(UTC), "other").cert)
+    impostor = webhook_answers(layout, server.port)
+    assert impostor is not None and "CERTIFICATE_VERIFY_FAILED" in impostor
+
+
+def test_the_plan_shows_identity_changes_as_fingerprints(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """``kube-audit node plan`` in webhook mode: the people the snapshot gains or loses, tokens
+    as the same fingerprints the token file's plan shows, and no manifest change."""
+    _, url = fake_node
+    layout = _webhook_layout(layout)
+    _apply(layout, _desired(WEBHOOK, "alice"), url)
+    plan = plan_node(layout, _desired(WEBHOOK, "alice", "bob"))
+    assert "--- a/identities.json (webhook mode; tokens shown as fingerprints)" in plan
+    assert f"+{fingerprint(long_token('tok-bob'))} bob uid=" in plan
+    assert "tok-bob" not in plan and "kube-apiserver.yaml" not in plan
+    assert plan_node(layout, _desired(WEBHOOK, "alice")) == ""

@@ -1,0 +1,67 @@
+"""The operator in webhook mode (issue 21), against the emulated API: identity changes reach
+the node's snapshot with no manifest change and no health wait (no apiserver restart), each
+person is Ready once served, and a policy refused on the node holds back neither a new person
+nor a deletion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kube_audit.agent.node import failures_of, read_state
+from kube_audit.core.identities import parse_identity_snapshot, token_digest
+from kube_audit.core.manifest import flag_value, parse_manifest
+from kube_audit.core.settings import Settings
+from tests.operator.conftest import Harness, SimNode, eventually
+from tests.operator.test_operator import DEV_RULES, _ready, _token
+
+WEBHOOK: dict[str, Any] = {
+    "settings": Settings(identity_mode="webhook"),
+    "webhook_probe": lambda layout: None,  # the pod's webhook container, answering
+}
+
+
+def _served(node: SimNode) -> dict[str, str]:
+    """Person -> token digest, as the node's webhook would answer."""
+    path = node.layout.identity_snapshot
+    if not path.exists():
+        return {}
+    return {i.username: digest for digest, i in parse_identity_snapshot(path.read_bytes()).items()}
+
+
+def test_identity_changes_restart_nothing(harness: Harness) -> None:
+    harness.add_control_plane("cp-1")
+    node = harness.start("cp-1", **WEBHOOK)
+    harness.apply_policy("dev", rules=DEV_RULES)
+    harness.apply_user("alice", groups=["developer"])
+    eventually(lambda: set(_served(node)) == {"alice"}, what="alice served")
+    eventually(lambda: _ready(harness, "auditusers", "alice"), what="alice Ready")
+    eventually(lambda: _ready(harness, "auditpolicies", "dev"), what="policy Ready")
+    manifest = parse_manifest(node.layout.manifest.read_text())
+    assert flag_value(manifest, "--authentication-token-webhook-config-file")
+    assert flag_value(manifest, "--token-auth-file") is None
+    assert _served(node)["alice"] == token_digest(_token(harness, "alice"))
+    text, restarts = node.layout.manifest.read_text(), len(harness.journal)
+
+    harness.apply_user("bob", groups=["developer"])
+    eventually(lambda: set(_served(node)) == {"alice", "bob"}, what="bob served")
+    eventually(lambda: _ready(harness, "auditusers", "bob"), what="bob Ready")
+    harness.delete("auditusers", "alice")
+    eventually(lambda: set(_served(node)) == {"bob"}, what="alice no longer served")
+    assert node.layout.manifest.read_text() == text
+    assert len(harness.journal) == restarts, "no apiserver restart for identities"
+
+
+def test_a_refused_policy_holds_back_no_identity(harness: Harness) -> None:
+    """The policy's new content never becomes ready on the node and is rolled back; meanwhile
+    a new person is served and a deleted one is not."""
+    harness.add_control_plane("cp-1")
+    node = harness.start("cp-1", **WEBHOOK)
+    harness.apply_policy("dev", rules=DEV_RULES)
+    harness.apply_user("alice", groups=["developer"])
+    eventually(lambda: _ready(harness, "auditusers", "alice"), what="alice Ready")
+    harness.healthy["cp-1"] = lambda: False
+    harness.apply_policy("dev", rules=[{"level": "RequestResponse"}])
+    eventually(lambda: failures_of(read_state(node.layout)), what="the policy rolled back")
+    harness.apply_user("bob", groups=["developer"])
+    harness.delete("auditusers", "alice")
+    eventually(lambda: set(_served(node)) == {"bob"}, what="bob served, alice not")
