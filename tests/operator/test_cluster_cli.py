@@ -13,7 +13,7 @@ import yaml
 from kube_audit.cli import main
 from tests.operator.cluster import ADMIN_TOKEN
 from tests.operator.conftest import Harness, eventually
-from tests.operator.test_operator import _ready, _token
+from tests.operator.test_operator import _ready, _records, _token
 
 
 def _admin_kubeconfig(harness: Harness, tmp_path: Path) -> str:
@@ -177,3 +177,30 @@ def test_cluster_errors_exit_6_in_one_line(
     assert "unreachable" in err and "HTTPConnectionPool" not in err and "Traceback" not in err
     assert main(["status", "--kubeconfig", str(config), "--context", "other"]) == 6
     assert "other" in capsys.readouterr().err
+
+
+def test_rotate_gives_a_new_token_live_everywhere(
+    harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``kube-audit rotate alice --wait``: a new token in her Secret, served by the node, the
+    old one gone from it; a token in a Secret of one's own is refused with the field named."""
+    harness.add_control_plane("cp-1")
+    node = harness.start("cp-1")
+    harness.apply_user("alice", groups=["developer"])
+    eventually(lambda: _ready(harness, "auditusers", "alice"))
+    old = _token(harness, "alice")
+    admin = _admin_kubeconfig(harness, tmp_path)
+    assert main(["rotate", "alice", "--kubeconfig", admin, "--wait", "--timeout", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "the new token is live on every control-plane node" in out, out
+    assert "kube-audit kubeconfig alice --force" in out
+    new = _token(harness, "alice")
+    assert new != old and old not in out and new not in out
+    served = _records(node)
+    assert served["alice"][0] == new
+    harness.apply_user("bob", tokenSecretRef={"namespace": "kube-audit", "name": "bobs"})
+    assert main(["rotate", "bob", "--kubeconfig", admin]) == 1
+    assert "AuditUser/bob: spec.tokenSecretRef: the token is kept in Secret kube-audit/bobs" in (
+        capsys.readouterr().err
+    )
+    assert main(["rotate", "nobody", "--kubeconfig", admin]) == 1

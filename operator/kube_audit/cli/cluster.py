@@ -1,25 +1,34 @@
-"""``kube-audit kubeconfig`` and ``kube-audit status``: from the admin's machine, as kubectl."""
+"""``kube-audit kubeconfig``, ``rotate`` and ``status``: from the admin's machine, as kubectl."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kube_audit import hostfs
 from kube_audit.cli.common import cluster_flags
-from kube_audit.constants import AUDIT_POLICY, AUDIT_USER, DEFAULT_INSTALL_NAMESPACE, PLURALS
+from kube_audit.constants import (
+    AUDIT_POLICY,
+    AUDIT_USER,
+    DEFAULT_INSTALL_NAMESPACE,
+    PLURALS,
+    ROTATE_ANNOTATION,
+    ROTATED_FOR,
+)
 from kube_audit.core import yamlio
 from kube_audit.core.audit_query import render_table
 from kube_audit.core.kubeconfig import render_kubeconfig
-from kube_audit.core.models import parse_audit_user
+from kube_audit.core.models import AuditUser, parse_audit_user
 from kube_audit.core.settings import Settings
 from kube_audit.core.status import summarize
 from kube_audit.core.users import secret_location
-from kube_audit.errors import InvalidInput, NotFound, Problem
+from kube_audit.errors import ClusterError, InvalidInput, NotFound, Problem
 
 
 def cluster_api(args: argparse.Namespace) -> Any:
@@ -72,6 +81,54 @@ def cmd_kubeconfig(args: argparse.Namespace) -> int:
     print(
         f"wrote {out} for {user.username} (mode 0600); try: kubectl --kubeconfig {out} auth whoami"
     )
+    return 0
+
+
+def _rotated(api: Any, args: argparse.Namespace, user: AuditUser, nonce: str) -> str | None:
+    """Why the rotation is not done yet (None: the new token is live on every node)."""
+    name = args.audituser
+    settings = replace(Settings(), token_namespace=args.namespace)
+    namespace, secret, _ = secret_location(user, settings)
+    found = api.read_secret(namespace, secret)
+    annotations = ((found[1].get("metadata") or {}).get("annotations") or {}) if found else {}
+    if annotations.get(ROTATED_FOR) != nonce:
+        return "the operator has not replaced the token yet"
+    body = api.get_object(PLURALS[AUDIT_USER], name)
+    conditions = {c.get("type"): c for c in (body.get("status") or {}).get("conditions") or []}
+    ready = conditions.get("Ready") or {}
+    if ready.get("status") != "True":
+        return str(ready.get("message") or "not Ready yet")
+    return None
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    """A new token for a person: the operator replaces it in the generated Secret once per
+    value of the rotate annotation, and every node then serves only the new one."""
+    api = cluster_api(args)
+    ref = f"{AUDIT_USER}/{args.audituser}"
+    try:
+        user = parse_audit_user(api.get_object(PLURALS[AUDIT_USER], args.audituser))
+    except NotFound:
+        raise InvalidInput([Problem(ref, "", "no such AuditUser")]) from None
+    secret_ref = user.spec.token_secret_ref
+    if secret_ref is not None:
+        raise InvalidInput([Problem(ref, "spec.tokenSecretRef", (
+            f"the token is kept in Secret {secret_ref.namespace}/{secret_ref.name}, which "
+            "kube-audit does not write: put a new token there (the operator serves it once it "
+            "changes)"))])  # fmt: skip
+    nonce = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    api.annotate_object(PLURALS[AUDIT_USER], args.audituser, {ROTATE_ANNOTATION: nonce})
+    print(f"{ref}: a new token asked for ({ROTATE_ANNOTATION}={nonce})")
+    if args.wait:
+        deadline = time.monotonic() + args.timeout
+        why = _rotated(api, args, user, nonce)
+        while why is not None:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{ref}: not rotated within {args.timeout:g}s: {why}")
+            time.sleep(1)
+            why = _rotated(api, args, user, nonce)
+        print(f"{ref}: the new token is live on every control-plane node; the old one is refused")
+    print(f"write the new kubeconfig: kube-audit kubeconfig {args.audituser} --force")
     return 0
 
 
@@ -145,6 +202,23 @@ def add_parsers(sub: Any) -> None:
     kc.add_argument("--force", action="store_true", help="replace an existing file")
     _namespace_flag(kc, "the token Secrets it made live there")
     kc.set_defaults(func=cmd_kubeconfig, writes=True)
+    rot = sub.add_parser(
+        "rotate",
+        parents=[cluster_flags()],
+        help="give one AuditUser a new token",
+        description="Asks the operator for a new token in the person's generated Secret (the "
+        f"{ROTATE_ANNOTATION} annotation); every node then serves only the new one. A token "
+        "in a Secret of your own (spec.tokenSecretRef) is rotated by writing that Secret.",
+    )
+    rot.add_argument("audituser", metavar="AUDITUSER")
+    rot.add_argument(
+        "--wait", action="store_true", help="wait until the new token is live on every node"
+    )
+    rot.add_argument(
+        "--timeout", type=float, default=600, metavar="SECONDS", help="with --wait (default 600)"
+    )
+    _namespace_flag(rot, "the token Secrets it made live there")
+    rot.set_defaults(func=cmd_rotate, writes=True)
     st = sub.add_parser(
         "status",
         parents=[cluster_flags()],

@@ -41,6 +41,18 @@ class Objects(Transport):
     def get_object(self, plural: str, name: str) -> dict[str, Any]:
         return self._json(f"get {plural}.{GROUP}/{name}", "GET", custom_path(plural, name))
 
+    def annotate_object(self, plural: str, name: str, annotations: Mapping[str, str]) -> None:
+        """A JSON merge patch of ``metadata.annotations`` (others are kept)."""
+        drain(
+            self._send(
+                f"annotate {plural}.{GROUP}/{name}",
+                "PATCH",
+                custom_path(plural, name),
+                body={"metadata": {"annotations": dict(annotations)}},
+                content_type=MERGE_PATCH,
+            )
+        )
+
     def patch_status(self, plural: str, name: str, patch: Mapping[str, Any]) -> None:
         """A JSON merge patch of ``status`` (each writer only touches its own keys)."""
         drain(
