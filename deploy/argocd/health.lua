@@ -26,6 +26,12 @@ if ready ~= nil and ready.status == "True" then
   hs.message = ready.message or "Ready"
   return hs
 end
+-- An AuditUser past its spec.expiresAt does what it says: nothing to wait for.
+if ready ~= nil and ready.reason == "Expired" then
+  hs.status = "Healthy"
+  hs.message = ready.message or "Expired"
+  return hs
+end
 if reconciling ~= nil and reconciling.status == "True" then
   hs.message = reconciling.message or "Reconciling"
 end

@@ -355,3 +355,25 @@ def test_the_command_names_a_missing_client_ca(pki: Pki, tmp_path: Path) -> None
     assert result.returncode != 0
     assert f"cannot read {root}/etc/kubernetes/pki/ca.crt" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_expired_token_is_refused_at_that_second(
+    files: WebhookFiles, pki: Pki, tmp_path: Path
+) -> None:
+    """The webhook's own clock judges spec.expiresAt: no operator needs to be running."""
+    expires = datetime(2027, 1, 31, 18, tzinfo=UTC)
+    _write(
+        files.snapshot, render_identity_snapshot([ALICE._replace(expires_at=expires.isoformat())])
+    )
+    clock = [expires.timestamp() - 1]
+    server = AuthnWebhook(files, ("127.0.0.1", 0), clock=lambda: clock[0])
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        apiserver = _client(server, pki, tmp_path, pki.apiserver)
+        assert _ask(server, apiserver, ALICE.token)[1]["status"]["authenticated"] is True
+        clock[0] = expires.timestamp()
+        assert _ask(server, apiserver, ALICE.token)[1]["status"] == {"authenticated": False}
+    finally:
+        server.shutdown()
+        thread.join(10)

@@ -14,7 +14,8 @@ import json
 import logging
 import ssl
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -134,9 +135,15 @@ class AuthnWebhook:
     """The HTTPS server and the thread that re-reads its inputs once a second."""
 
     def __init__(
-        self, files: WebhookFiles, address: tuple[str, int], metrics: WebhookMetrics | None = None
+        self,
+        files: WebhookFiles,
+        address: tuple[str, int],
+        metrics: WebhookMetrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.files = files
+        # Wall-clock seconds: a token is refused from its expiresAt on.
+        self.clock = clock
         self.metrics = metrics or WebhookMetrics()
         self.source = IdentitySource(files.snapshot, self.metrics)
         self.pin = ClientPin(files.client_cert)
@@ -278,7 +285,7 @@ def _handler(webhook: AuthnWebhook) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self._json(403, {"error": "only kube-apiserver's client certificate is answered"})
                 return
-            answer = review_token(webhook.source.identities, body)
+            answer = review_token(webhook.source.identities, body, webhook.clock())
             status = answer.body.get("status") or {}
             result = (
                 "invalid" if answer.status != 200

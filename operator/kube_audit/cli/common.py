@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,7 +102,7 @@ def valid_desired(args: argparse.Namespace, settings: Settings) -> DesiredState:
                 )
             ]
         )
-    desired = plan_desired(inputs, settings)
+    desired = plan_desired(inputs, settings, now=datetime.now(UTC))
     if desired.problems:
         raise InvalidInput(desired.problems)
     return desired

@@ -13,7 +13,7 @@ from kube_audit.controller.aio import sleep_unless_stopped
 
 class Clock(Protocol):
     def now(self) -> datetime:
-        """Wall-clock time (UTC), only for timestamps written to objects."""
+        """Wall-clock time (UTC): timestamps written to objects, and users' expiry."""
 
     def monotonic(self) -> float:
         """Seconds on a clock that never jumps: every interval and expiry is measured on it."""

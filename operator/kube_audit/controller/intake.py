@@ -199,8 +199,10 @@ class Intake:
         return plan
 
     def plan_again_in(self, seconds: float) -> None:
-        """A failed config on this node is due for a retry then: plan again, resync or not."""
-        self._retry_due = self.clock.monotonic() + max(0.0, seconds)
+        """Plan again then, resync or not (a failed config due for a retry, a person's
+        expiry); the earliest of several asked for wins."""
+        due = self.clock.monotonic() + max(0.0, seconds)
+        self._retry_due = due if self._retry_due is None else min(self._retry_due, due)
 
     def retry_later(self) -> None:
         """The reconcile failed: plan again after the back-off."""

@@ -25,6 +25,12 @@ class Metrics:
             "kube_audit_last_success_timestamp_seconds", "Last successful reconcile", registry=r
         )
         self.invalid = Gauge("kube_audit_invalid_objects", "Objects refused as invalid", registry=r)
+        self.expiry = Gauge(
+            "kube_audit_user_expiry_seconds",
+            "Seconds until an AuditUser's spec.expiresAt (0 once expired); only users with one",
+            ["audituser"],
+            registry=r,
+        )
         self.blocked = Gauge(
             "kube_audit_node_blocked",
             "1 while this node cannot be managed (a manifest we must not take over, an "

@@ -65,6 +65,8 @@ class NodeRuntime:
         # permanent failure shown on the objects). The pod's readiness.
         self.settled = asyncio.Event()
         self._failures = 0
+        # Epoch seconds of the earliest spec.expiresAt still ahead (the last plan's).
+        self._next_expiry: float | None = None
 
     # -- what the watches call ---------------------------------------------------------------
 
@@ -150,6 +152,11 @@ class NodeRuntime:
                 if plan:
                     report = await self.reconcile(stop)
                     self.settled.set()
+                    if self._next_expiry is not None:
+                        # The plan at that time leaves the person out (the token file's line;
+                        # the webhook refuses at that second by itself) and says Expired.
+                        wait = self._next_expiry - self.clock.now().timestamp()
+                        self.intake.plan_again_in(wait)
                     if report.retry_at is not None:
                         wait = report.retry_at - self.clock.now().timestamp()
                         self.intake.plan_again_in(wait)
@@ -189,12 +196,21 @@ class NodeRuntime:
                     generations[source] = int(meta.get("generation") or 0)
                 yield source, body
 
+        now = self.clock.now()
         desired = plan_desired(
             collect_inputs(documents()),
             self.config.settings,
             unreadable=frozenset(self.intake.unreadable),
+            now=now,
         )
         tokens = {f"{AUDIT_USER}/{name}": digest for name, digest in desired.users.tokens}
+        self.metrics.expiry.clear()
+        for name, expires in desired.users.expiries:
+            self.metrics.expiry.labels(name).set((expires - now).total_seconds())
+        for name in desired.users.expired:
+            self.metrics.expiry.labels(name).set(0)
+        upcoming = [expires for _, expires in desired.users.expiries]
+        self._next_expiry = min(upcoming).timestamp() if upcoming else None
         return Planned(desired, generations, tokens)
 
     async def _back_off(self, stop: asyncio.Event) -> None:

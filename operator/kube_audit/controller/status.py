@@ -35,6 +35,7 @@ from kube_audit.controller.store import ObjectStore
 from kube_audit.core.status import (
     APPLIED,
     BLOCKED,
+    EXPIRED,
     INVALID,
     PENDING,
     ROLLED_BACK,
@@ -54,6 +55,7 @@ EVENT_REASONS = {
     PENDING: "Pending",
     ROLLED_BACK: "RolledBack",
     BLOCKED: "Blocked",
+    EXPIRED: "Expired",
 }
 STATUS_LEASE_SECONDS = 60
 # Per-object Events one reconcile posts on one node; the rest are counted into one Event per
@@ -285,12 +287,27 @@ class StatusWriter:
                     if gone or conditions_differ(status, patch):
                         if gone:
                             patch["nodes"] = gone
-                        yield functools.partial(self._write_conditions, kind, name, patch)
+                        expired = _ready_reason(patch) == EXPIRED != _ready_reason(status)
+                        yield functools.partial(
+                            self._write_conditions, kind, name, patch, body if expired else None
+                        )
 
         return await run_bounded(jobs(), stop, "status")
 
-    async def _write_conditions(self, kind: str, name: str, patch: dict[str, Any]) -> None:
-        await self._patch_status(kind, name, patch)
+    async def _write_conditions(
+        self, kind: str, name: str, patch: dict[str, Any], expired: Mapping[str, Any] | None
+    ) -> None:
+        """The conditions; a person who just expired gets an Event too (once, by the owner)."""
+        if await self._patch_status(kind, name, patch) and expired is not None:
+            message = next(c["message"] for c in patch["conditions"] if c["type"] == "Ready")
+            await self._post_event(expired, kind, EXPIRED, message)
+
+
+def _ready_reason(status: Mapping[str, Any]) -> str | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return str(condition.get("reason"))
+    return None
 
 
 def _columns(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -119,6 +119,8 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     for name, info in model.model_fields.items():
         key = info.alias or name
         schema = _type_schema(info.annotation, list(info.metadata))
+        if isinstance(info.json_schema_extra, dict):
+            schema.update(info.json_schema_extra)  # e.g. format: date-time, checked by the API
         if info.description:
             schema = {"description": info.description, **schema}
         if info.is_required():

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from kube_audit.constants import AUTHN_WEBHOOK_PATH
+from kube_audit.core.models import parse_rfc3339
 from kube_audit.core.tokens import TokenRecord, name_problem
 from kube_audit.core.users import is_privileged_group
 from kube_audit.errors import KubeAuditError
@@ -34,6 +35,8 @@ class Identity(NamedTuple):
     username: str
     uid: str
     groups: tuple[str, ...]
+    # Epoch seconds from which the token is refused (None: never).
+    expires: float | None = None
 
 
 class SnapshotError(KubeAuditError):
@@ -48,7 +51,8 @@ def render_identity_snapshot(records: Iterable[TokenRecord]) -> bytes:
     """The snapshot of ``records``: sorted by person, so the same people give the same bytes."""
     identities = [
         {"sha256": token_digest(token), "username": username, "uid": uid, "groups": list(groups)}
-        for username, uid, groups, token in sorted(records)
+        | ({"expiresAt": expires_at} if expires_at else {})
+        for username, uid, groups, token, expires_at in sorted(records)
     ]
     document = {"apiVersion": SNAPSHOT_API_VERSION, "kind": SNAPSHOT_KIND, "identities": identities}
     return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
@@ -77,7 +81,16 @@ def _identity(index: int, entry: Any) -> tuple[str, Identity]:
         problem = name_problem(group, is_group=True) if isinstance(group, str) else "not a string"
         if problem:
             raise SnapshotError(f"identity snapshot: {where}.groups[{n}]: {problem}")
-    return digest, Identity(values["username"], values["uid"], tuple(groups))
+    expires_at = entry.get("expiresAt")
+    expires = None
+    if expires_at is not None:
+        try:
+            expires = parse_rfc3339(expires_at).timestamp() if isinstance(expires_at, str) else None
+        except ValueError as error:
+            raise SnapshotError(f"identity snapshot: {where}.expiresAt: {error}") from None
+        if expires is None:
+            raise SnapshotError(f"identity snapshot: {where}.expiresAt: must be a string")
+    return digest, Identity(values["username"], values["uid"], tuple(groups), expires)
 
 
 def parse_identity_snapshot(data: bytes) -> dict[str, Identity]:
@@ -120,8 +133,10 @@ def _bad_request(message: str) -> ReviewAnswer:
     return ReviewAnswer(400, {"error": message})
 
 
-def review_token(identities: Mapping[str, Identity] | None, body: bytes) -> ReviewAnswer:
-    """kube-apiserver's question, answered.
+def review_token(
+    identities: Mapping[str, Identity] | None, body: bytes, now: float | None = None
+) -> ReviewAnswer:
+    """kube-apiserver's question, answered (``now``: epoch seconds, for expiry).
 
     An unknown token: ``authenticated: false``, which the apiserver caches for its TTL. Nothing
     loaded yet: ``status.error``, which it never caches, so the answer after the first load is
@@ -149,6 +164,8 @@ def review_token(identities: Mapping[str, Identity] | None, body: bytes) -> Revi
         status = {"authenticated": False, "error": "kube-audit: identities not loaded yet"}
     else:
         found = identities.get(token_digest(token)) if token else None
+        if found is not None and found.expires is not None and now is not None:
+            found = found if now < found.expires else None  # expired: as if unknown
         if found is None:
             status = {"authenticated": False}
         else:

@@ -7,9 +7,10 @@ import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import date, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from kube_audit.constants import AUDIT_POLICY, AUDIT_USER, TOKEN_FOR_LABEL
@@ -34,6 +35,20 @@ class _Spec(BaseModel):
         frozen=True,
         strict=True,
     )
+
+
+# RFC 3339 (a date, a time and a zone), as the CRD's ``format: date-time`` checks it.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 time as an aware datetime; ValueError names what is expected."""
+    if not _RFC3339.fullmatch(text):
+        raise ValueError(f"{text!r} is not an RFC 3339 time with a zone, e.g. 2027-01-31T18:00:00Z")
+    return datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
 
 
 class SecretKeyRef(_Spec):
@@ -70,6 +85,29 @@ class AuditUserSpec(_Spec):
     disabled: bool = Field(
         default=False, description="A disabled user keeps its object but its token stops working."
     )
+    expires_at: str | None = Field(
+        default=None,
+        description="RFC 3339 time (with Z or an offset) from which the token no longer works: "
+        "refused by the webhook at that second, removed from the token file then; the object "
+        "stays, Ready False with reason Expired.",
+        json_schema_extra={"format": "date-time"},
+    )
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        """A plain timestamp in a YAML file reaches us as a datetime (PyYAML); Go's YAML reader
+        keeps it as the string, which the API then checks: the same instant either way."""
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise ValueError(f"{value.isoformat()} has no zone; add Z or an offset")
+            return value.isoformat()
+        if isinstance(value, date):
+            raise ValueError(f"{value.isoformat()} is a date; give a time and a zone, e.g. "
+                             f"{value.isoformat()}T00:00:00Z")  # fmt: skip
+        if isinstance(value, str):
+            parse_rfc3339(value)
+        return value
 
 
 class GroupResources(_Spec):
@@ -161,6 +199,10 @@ class AuditUser:
     @property
     def username(self) -> str:
         return self.spec.username if self.spec.username is not None else self.meta.name
+
+    @property
+    def expires(self) -> datetime | None:
+        return parse_rfc3339(self.spec.expires_at) if self.spec.expires_at else None
 
     @property
     def uid(self) -> str:
@@ -366,6 +408,13 @@ class PartialUser:
     kept: Kept
 
 
+def _created(timestamp: str) -> datetime | None:
+    try:
+        return parse_rfc3339(timestamp) if timestamp else None
+    except ValueError:
+        return None
+
+
 def parse_audit_user(obj: Mapping[str, Any]) -> AuditUser:
     """Validate an AuditUser object (a dict as the API returns it).
 
@@ -384,7 +433,14 @@ def parse_audit_user(obj: Mapping[str, Any]) -> AuditUser:
         if rest is not None:
             invalid.partial = PartialUser(AuditUser(meta, rest[0]), rest[1])
         raise invalid from None
-    return AuditUser(meta, spec)
+    user = AuditUser(meta, spec)
+    created = _created(meta.creation_timestamp)
+    if user.expires and created and user.expires <= created:
+        raise InvalidInput([Problem(user.ref, "spec.expiresAt", (
+            f"{spec.expires_at} is not after the object was created "
+            f"({meta.creation_timestamp}): the token would never work; give a later time, "
+            "or set spec.disabled"))])  # fmt: skip
+    return user
 
 
 def parse_secret(obj: Mapping[str, Any]) -> SecretData:

@@ -7,6 +7,7 @@ import hashlib
 import posixpath
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from kube_audit.constants import API_VERSION, AUDIT_POLICY, AUDIT_USER
@@ -209,11 +210,18 @@ def config_hash(files: Mapping[str, bytes], settings: Settings) -> str:
 
 
 def plan_desired(
-    inputs: Inputs, settings: Settings, *, unreadable: Collection[str] = ()
+    inputs: Inputs,
+    settings: Settings,
+    *,
+    unreadable: Collection[str] = (),
+    now: datetime | None = None,
 ) -> DesiredState:
     """Render both files from the valid objects; invalid ones are reported and left out.
-    ``unreadable``: namespaces whose Secrets the operator has no grant to read."""
-    resolution = resolve_users(inputs.users, inputs.secrets, settings, unreadable=unreadable)
+    ``unreadable``: namespaces whose Secrets the operator has no grant to read; ``now``: users
+    whose spec.expiresAt is not after it are left out (None: none is)."""
+    resolution = resolve_users(
+        inputs.users, inputs.secrets, settings, unreadable=unreadable, now=now
+    )
     files: dict[str, bytes] = {}
     webhook = settings.identity_mode == "webhook"
     if resolution.records and not webhook:

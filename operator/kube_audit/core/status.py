@@ -20,12 +20,16 @@ from kube_audit.constants import (
     NODE_OUTCOME_ANNOTATION,
     NODE_ROLLBACK_ANNOTATION,
 )
+from kube_audit.core.models import parse_rfc3339
 
 APPLIED = "Applied"
 INVALID = "Invalid"
 PENDING = "Pending"
 ROLLED_BACK = "RolledBack"
 BLOCKED = "Blocked"
+# An AuditUser past its spec.expiresAt: not Ready, and nothing to wait for or fix (kstatus
+# Current, Argo CD Healthy): the object does what it says.
+EXPIRED = "Expired"
 
 
 LEGACY_ENTRY_KEYS = ("configHash",)
@@ -74,6 +78,17 @@ def _condition(kind: str, true: bool, reason: str, message: str, generation: int
     }
 
 
+def _expired_at(obj: Mapping[str, Any], now: str) -> str | None:
+    """``spec.expiresAt`` when it is not after ``now`` (both RFC 3339), else None."""
+    value = (obj.get("spec") or {}).get("expiresAt")
+    if not isinstance(value, str):
+        return None
+    try:
+        return value if parse_rfc3339(value) <= parse_rfc3339(now) else None
+    except ValueError:
+        return None
+
+
 def compute_conditions(
     obj: Mapping[str, Any], control_plane: Sequence[str], now: str, token: str | None = None
 ) -> dict[str, Any]:
@@ -100,6 +115,18 @@ def compute_conditions(
             _condition("Ready", False, INVALID, message, generation),
             _condition("Reconciling", False, INVALID, "", generation),
             _condition("Stalled", True, INVALID, message, generation),
+        ]
+    elif (expired_at := _expired_at(obj, now)) is not None:
+        gone = [n for n in control_plane if (current.get(n) or {}).get("outcome") == APPLIED
+                and not (current.get(n) or {}).get("token")]  # fmt: skip
+        message = (
+            f"expired at {expired_at}: its token is refused; gone from {len(gone)} of "
+            f"{len(control_plane)} control-plane node(s)"
+        )
+        conditions = [
+            _condition("Ready", False, EXPIRED, message, generation),
+            _condition("Reconciling", False, EXPIRED, "", generation),
+            _condition("Stalled", False, EXPIRED, "", generation),
         ]
     elif failed:
         # The node that failed, not one that stopped because of it, names the reason.

@@ -29,6 +29,9 @@ class TokenRecord(NamedTuple):
     uid: str
     groups: tuple[str, ...]
     token: str
+    # RFC 3339 time the token stops working ("" never): the webhook's snapshot carries it; the
+    # token file cannot (its line is removed at that time instead).
+    expires_at: str = ""
 
 
 class TokenFileError(KubeAuditError):
@@ -96,7 +99,7 @@ def render_token_file(records: Iterable[TokenRecord]) -> bytes:
         f"{q(token)},{q(username)},{q(uid)},{q(','.join(groups))}\n"
         if groups
         else f"{q(token)},{q(username)},{q(uid)}\n"
-        for username, uid, groups, token in sorted(records)
+        for username, uid, groups, token, _ in sorted(records)
     ]
     return "".join(lines).encode()
 

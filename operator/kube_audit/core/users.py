@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from kube_audit.constants import TOKEN_FOR_LABEL
 from kube_audit.core.models import AuditUser, SecretData
@@ -26,6 +27,10 @@ class UserResolution:
     # (object name, fingerprint of the token it is served with; "" when disabled), accepted
     # users only: status says Ready only where a node serves this very token.
     tokens: tuple[tuple[str, str], ...] = field(default=())
+    # Accepted users past their spec.expiresAt (served nowhere), and (name, expiresAt) of those
+    # served until a time: the operator plans again at the earliest.
+    expired: tuple[str, ...] = field(default=())
+    expiries: tuple[tuple[str, datetime], ...] = field(default=())
 
 
 # Groups outside 'system:' that make their members cluster-admin on every kubeadm cluster.
@@ -190,8 +195,10 @@ def resolve_users(
     settings: Settings,
     *,
     unreadable: Collection[str] = (),
+    now: datetime | None = None,
 ) -> UserResolution:
-    """Token records for every enabled, valid user; problems for the rest.
+    """Token records for every enabled, valid user not expired at ``now`` (None: expiry is
+    not judged here); problems for the rest.
 
     When two objects claim the same username or token, the older keeps it and the newer is
     refused with a message naming both, so adding a bad object never locks out a working user.
@@ -201,6 +208,8 @@ def resolve_users(
     accepted: list[str] = []
     problems: list[Problem] = []
     served: list[tuple[str, str]] = []
+    expired: list[str] = []
+    expiries: list[tuple[str, datetime]] = []
     owner_of_name: dict[str, AuditUser] = {}
     owner_of_token: dict[str, AuditUser] = {}
     for user in sorted(users, key=_age_key):
@@ -219,9 +228,12 @@ def resolve_users(
             )
             continue
         owner_of_name[user.username] = user
-        if user.spec.disabled:
+        expires = user.expires
+        if user.spec.disabled or (expires is not None and now is not None and expires <= now):
             accepted.append(user.meta.name)
             served.append((user.meta.name, ""))
+            if not user.spec.disabled:
+                expired.append(user.meta.name)
             continue
         token, problem = _token(user, by_ref, settings, unreadable)
         if problem is not None or token is None:
@@ -238,9 +250,15 @@ def resolve_users(
         owner_of_token[token] = user
         accepted.append(user.meta.name)
         served.append((user.meta.name, fingerprint(token)))
+        if expires is not None:
+            expiries.append((user.meta.name, expires))
         records.append(
             TokenRecord(
-                username=user.username, uid=user.uid, groups=tuple(user.spec.groups), token=token
+                username=user.username,
+                uid=user.uid,
+                groups=tuple(user.spec.groups),
+                token=token,
+                expires_at=expires.isoformat() if expires is not None else "",
             )
         )
     return UserResolution(
@@ -248,4 +266,6 @@ def resolve_users(
         accepted=tuple(sorted(accepted)),
         problems=tuple(sorted(problems)),
         tokens=tuple(sorted(served)),
+        expired=tuple(sorted(expired)),
+        expiries=tuple(sorted(expiries)),
     )
