@@ -516,18 +516,20 @@ def _switch_mode(real: Real, mode: str, flag: bytes, gone: bytes) -> None:
 
 def test_identities_move_to_the_webhook_and_back(real: Real) -> None:
     """Issue 21 on the real kubelet: ``KUBE_AUDIT_IDENTITY_MODE=webhook`` in the DaemonSet is
-    one apiserver restart, and alice's token is never refused through it (the pod's
+    one apiserver restart, and bob's token is never refused through it (the pod's
     authn-webhook container answers before the manifest names it). Then a new person is
     accepted and a deleted one refused with no apiserver restart. Back to token-file: one
     restart; a DaemonSet update in webhook mode replaces the pod, webhook included, and the
     apiserver refuses webhook tokens until the new pod's webhook answers: that gap is measured
     (docs/identity-modes.md)."""
     cp = real.cp
-    alice = token_of(cp, "alice")
-    with TokenSampler(real, alice) as sampler:
+    # bob, from examples/ (the flow test disabled alice): live in token-file mode first.
+    bob = token_of(cp, "bob")
+    wait_for("bob accepted in token-file mode", lambda: _user(whoami(cp, bob)), 60, 1)
+    with TokenSampler(real, bob) as sampler:
         _switch_mode(real, "webhook", b"--authentication-token-webhook-config-file=",
                      b"--token-auth-file=")  # fmt: skip
-        wait_for("alice accepted", lambda: _user(whoami(cp, alice)), 60, 1)
+        wait_for("bob accepted", lambda: _user(whoami(cp, bob)), 60, 1)
     assert not sampler.refused and sampler.accepted > 0, vars(sampler)
     manifest, container = real.node.manifest.read_bytes(), _apiserver_container(real)
     started = time.monotonic()
@@ -542,15 +544,15 @@ def test_identities_move_to_the_webhook_and_back(real: Real) -> None:
     assert deleted <= 10 + 10 + 5, f"refused only {deleted:.1f}s after the delete"
     assert real.node.manifest.read_bytes() == manifest
     assert _apiserver_container(real) == container, "no apiserver restart"
-    with TokenSampler(real, alice) as sampler:
+    with TokenSampler(real, bob) as sampler:
         _switch_mode(real, "token-file", b"--token-auth-file=",
                      b"--authentication-token-webhook-config-file=")  # fmt: skip
-        wait_for("alice accepted", lambda: _user(whoami(cp, alice)), 60, 1)
+        wait_for("bob accepted", lambda: _user(whoami(cp, bob)), 60, 1)
     gap = sampler.refused_for
-    assert gap < 60, f"alice refused for {gap:.1f}s while the pod was replaced"
+    assert gap < 60, f"bob refused for {gap:.1f}s while the pod was replaced"
     print(f"webhook mode: created -> Ready and accepted {created:.1f}s, "
           f"deleted -> refused {deleted:.1f}s, no restart; a pod replacement in webhook mode "
-          f"refused alice for {gap:.1f}s")  # fmt: skip
+          f"refused bob for {gap:.1f}s")  # fmt: skip
 
 
 def test_kubeadm_upgrade_node_is_not_disturbed_and_our_flags_come_back(real: Real) -> None:
