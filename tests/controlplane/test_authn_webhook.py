@@ -2,14 +2,18 @@
 real kubeadm whose apiserver asks our webhook, with the flags webhook mode sets, who holds a
 bearer token. What it is shown: identities change with no apiserver restart; the webhook's
 ``system:`` filter holds; another process on the webhook's port gets no identity through;
-with the webhook down people are refused and x509 admin goes on.
+with the webhook down people are refused and x509 admin goes on; a webhook slower than 5 s is
+waited for, up to the apiserver's 30 s.
 
-The node agent does not write webhook mode's files yet: this test writes them as it will (the
-kubeconfig, the CA, the serving certificate, the snapshot)."""
+The apiserver's side alone: the test writes webhook mode's files (the kubeconfig, the CA, the
+serving certificate, the snapshot) as the node agent does; the agent writing them is proven in
+tests/agent and on the real node tier."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import http.server
 import json
 import os
@@ -79,10 +83,18 @@ class WebhookNode:
     def people(self, *records: TokenRecord) -> None:
         _write(self.snapshot, render_identity_snapshot(records))
 
-    def start_webhook(self) -> None:
+    def start_webhook(self, listen: str = f"127.0.0.1:{AUTHN_WEBHOOK_PORT}") -> None:
         with self.log.open("ab") as out:
+            command = [
+                KUBE_AUDIT,
+                "authn-webhook",
+                "--host-root",
+                self.node.tree,
+                "--listen",
+                listen,
+            ]
             self.process = subprocess.Popen(
-                [str(KUBE_AUDIT), "authn-webhook", "--host-root", str(self.node.tree)],
+                [str(part) for part in command],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -256,4 +268,110 @@ def test_down_refuses_people_not_admin_and_an_impostor_on_the_port_gets_nothing_
     print(
         f"webhook down: bob refused after {refused_after:.1f}s; back: accepted after "
         f"{time.monotonic() - back:.1f}s (including the webhook's start)"
+    )
+
+
+@dataclass
+class _Slow:
+    """A webhook that answers ``delay`` seconds late: it holds each review, then asks ours."""
+
+    node: WebhookNode
+    delay: float
+    upstream: int
+
+    def serve(self, tmp_path: Path) -> http.server.ThreadingHTTPServer:
+        pki = self.node.node.tree / "etc/kubernetes/pki"
+        serving = issue(self.node.ca, datetime.now(UTC), common_name="slow", hosts=("127.0.0.1",))
+        (tmp_path / "slow.crt").write_bytes(serving.cert)
+        (tmp_path / "slow.key").write_bytes(serving.key)
+        (tmp_path / "ca.crt").write_bytes(self.node.ca.cert)
+        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_side.load_cert_chain(tmp_path / "slow.crt", tmp_path / "slow.key")
+        client_side = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        client_side.load_cert_chain(pki / "apiserver-kubelet-client.crt",
+                                    pki / "apiserver-kubelet-client.key")  # fmt: skip
+        slow = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                with contextlib.suppress(OSError):  # the apiserver gave up first (40 s late)
+                    self._answer_late()
+
+            def _answer_late(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(slow.delay)
+                connection = http.client.HTTPSConnection(
+                    "127.0.0.1", slow.upstream, context=client_side, timeout=10
+                )
+                try:
+                    connection.request("POST", self.path, body,
+                                       {"Content-Type": "application/json"})  # fmt: skip
+                    answer = connection.getresponse()
+                    data = answer.read()
+                    self.send_response(answer.status)
+                finally:
+                    connection.close()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", AUTHN_WEBHOOK_PORT), Handler)
+        server.daemon_threads = True
+        server.socket = server_side.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+def _timed(cp: ControlPlane, record: TokenRecord) -> tuple[float, dict[str, Any] | None]:
+    started = time.monotonic()
+    answer = _accepted(cp, record)
+    return time.monotonic() - started, answer
+
+
+def test_a_slow_webhook_is_waited_for_up_to_30_seconds(
+    webhook: WebhookNode, tmp_path: Path
+) -> None:
+    """What clients see when the webhook is slower than 5 s (docs/identity-modes.md): the
+    request waits that long once per token and cache TTL, then answers from the apiserver's
+    cache; the apiserver gives up after 30 s in all (retries included) and the client gets 401.
+    x509 admin never waits."""
+    cp = webhook.cp
+    carol = TokenRecord("carol", "u-carol", ("dev",), "carol-" + "c" * 40)
+    dave = TokenRecord("dave", "u-dave", ("dev",), "dave-" + "d" * 40)
+    webhook.people(BOB, carol, dave)  # carol and dave never asked for: in no cache
+    webhook.stop_webhook()
+    upstream = AUTHN_WEBHOOK_PORT + 1
+    webhook.start_webhook(f"127.0.0.1:{upstream}")
+    slow = _Slow(webhook, delay=6, upstream=upstream)
+    server = slow.serve(tmp_path)
+    try:
+        first, answer = _timed(cp, carol)
+        assert answer is not None and answer["username"] == "carol", answer
+        again, answer = _timed(cp, carol)
+        assert answer is not None
+        admin_started = time.monotonic()
+        assert cp.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+        admin = time.monotonic() - admin_started
+        assert 6 <= first < 6 + 5, f"first review took {first:.1f}s"
+        assert again < 3, f"the cached answer took {again:.1f}s"
+        assert admin < 3, f"x509 admin took {admin:.1f}s"
+        slow.delay = 40
+        over, answer = _timed(cp, dave)
+        assert answer is None, "an answer later than 30 s is never used"
+        assert 30 <= over < 30 + 5, f"gave up after {over:.1f}s"
+    finally:
+        server.shutdown()
+        server.server_close()
+        webhook.stop_webhook()
+        webhook.start_webhook()
+    wait_for("bob accepted with the webhook back", lambda: _accepted(cp, BOB) is not None, 30, 0.2)
+    print(
+        f"webhook 6 s late: first request {first:.1f}s, cached {again:.1f}s, x509 admin "
+        f"{admin:.1f}s; 40 s late: 401 after {over:.1f}s"
     )

@@ -18,6 +18,11 @@ from tests.realnode.node import HostState, RealNode, kubeadm_init, operator_arch
 
 NAMESPACE = "kube-audit"
 LOCAL_IMAGE = "local/kube-audit-operator"
+# What names each identity mode's authenticator in kube-apiserver's manifest.
+IDENTITY_FLAGS = {
+    "token-file": b"--token-auth-file=",
+    "webhook": b"--authentication-token-webhook-config-file=",
+}
 
 
 @dataclass
@@ -33,6 +38,40 @@ class Real:
                                     "app.kubernetes.io/name=kube-audit-operator")["items"]  # fmt: skip
         assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
         return dict(pods[0])
+
+    def apiserver_container(self) -> str:
+        """The running kube-apiserver's container ID, from its mirror pod: a new one is a
+        restart."""
+        mirror = self.cp.kubectl_json("get", "pod", "-n", "kube-system",
+                                      f"kube-apiserver-{self.node.name}")  # fmt: skip
+        return str(mirror["status"]["containerStatuses"][0].get("containerID") or "")
+
+    def set_identity_mode(self, mode: str) -> None:
+        """The identity mode set in the DaemonSet as docs/settings.md says; returns once the
+        manifest names only that mode's authenticator and the replaced pod is Ready as kubelet
+        reports it (every container, the mode in its environment)."""
+        flag, gone = IDENTITY_FLAGS[mode], [f for m, f in IDENTITY_FLAGS.items() if m != mode]
+        self.cp.kubectl("-n", NAMESPACE, "set", "env", "daemonset/kube-audit", "-c", "operator",
+                        f"KUBE_AUDIT_IDENTITY_MODE={mode}")  # fmt: skip
+
+        def switched() -> bool:
+            manifest = self.node.manifest.read_bytes()
+            return flag in manifest and not any(g in manifest for g in gone)
+
+        wait_for(f"the manifest switched to {mode}", switched, 300, 1)
+
+        def pod_ready() -> bool:
+            pod = self.operator_pod()
+            (operator,) = [c for c in pod["spec"]["containers"] if c["name"] == "operator"]
+            env = {e["name"]: e.get("value") for e in operator.get("env", [])}
+            statuses = pod["status"].get("containerStatuses") or []
+            return (
+                env.get("KUBE_AUDIT_IDENTITY_MODE") == mode
+                and bool(statuses)
+                and all(s["ready"] for s in statuses)
+            )
+
+        wait_for(f"the pod in {mode} mode Ready", pod_ready, 300, 2)
 
 
 def install_with_local_image(cp: ControlPlane) -> str:

@@ -494,6 +494,12 @@ def kubeadm_configuration(node: RealNode, cluster_name: str) -> list[dict[str, A
             # (not ready) for 5 s after kubelet stops it, so an API call made right after our
             # manifest switch (a DaemonSet update mid-apply) is still answered.
             "apiServer": {"extraArgs": [{"name": "shutdown-delay-duration", "value": "5s"}]},
+            # One node: no one to elect. With leader election both exit whenever the apiserver
+            # is away longer than their renew deadline (every restart the tier makes), and
+            # kubelet's crash back-off (up to 5 minutes) then holds DaemonSet rollouts and
+            # scheduling: the tier would wait on that, not on the operator.
+            "controllerManager": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
+            "scheduler": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
         },
         {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",

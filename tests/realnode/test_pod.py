@@ -494,24 +494,8 @@ class TokenSampler(threading.Thread):
         return self.refused[-1] - self.refused[0] + 0.5 if self.refused else 0.0
 
 
-def _apiserver_container(real: Real) -> str:
-    mirror = real.cp.kubectl_json("get", "pod", "-n", "kube-system",
-                                  f"kube-apiserver-{real.node.name}")  # fmt: skip
-    return str(mirror["status"]["containerStatuses"][0].get("containerID") or "")
-
-
-def _switch_mode(real: Real, mode: str, flag: bytes, gone: bytes) -> None:
-    """The identity mode set in the DaemonSet as docs/settings.md says; the pod is replaced
-    and the node's apiserver restarted once, onto ``flag`` and without ``gone``."""
-    real.cp.kubectl("-n", NAMESPACE, "set", "env", "daemonset/kube-audit", "-c", "operator",
-                    f"KUBE_AUDIT_IDENTITY_MODE={mode}")  # fmt: skip
-
-    def switched() -> bool:
-        manifest = real.node.manifest.read_bytes()
-        return flag in manifest and gone not in manifest
-
-    wait_for(f"the manifest switched to {mode}", switched, 300, 1)
-    wait_operator_ready(real.cp)
+def _switch_mode(real: Real, mode: str) -> None:
+    real.set_identity_mode(mode)
     _settled(real)
 
 
@@ -528,11 +512,10 @@ def test_identities_move_to_the_webhook_and_back(real: Real) -> None:
     bob = token_of(cp, "bob")
     wait_for("bob accepted in token-file mode", lambda: _user(whoami(cp, bob)), 60, 1)
     with TokenSampler(real, bob) as sampler:
-        _switch_mode(real, "webhook", b"--authentication-token-webhook-config-file=",
-                     b"--token-auth-file=")  # fmt: skip
+        _switch_mode(real, "webhook")
         wait_for("bob accepted", lambda: _user(whoami(cp, bob)), 60, 1)
     assert not sampler.refused and sampler.accepted > 0, vars(sampler)
-    manifest, container = real.node.manifest.read_bytes(), _apiserver_container(real)
+    manifest, container = real.node.manifest.read_bytes(), real.apiserver_container()
     started = time.monotonic()
     _add_user(real, "hana")
     _works(real, "hana")
@@ -544,10 +527,9 @@ def test_identities_move_to_the_webhook_and_back(real: Real) -> None:
     deleted = time.monotonic() - started
     assert deleted <= 10 + 10 + 5, f"refused only {deleted:.1f}s after the delete"
     assert real.node.manifest.read_bytes() == manifest
-    assert _apiserver_container(real) == container, "no apiserver restart"
+    assert real.apiserver_container() == container, "no apiserver restart"
     with TokenSampler(real, bob) as sampler:
-        _switch_mode(real, "token-file", b"--token-auth-file=",
-                     b"--authentication-token-webhook-config-file=")  # fmt: skip
+        _switch_mode(real, "token-file")
         wait_for("bob accepted", lambda: _user(whoami(cp, bob)), 60, 1)
     gap = sampler.refused_for
     assert gap < 60, f"bob refused for {gap:.1f}s while the pod was replaced"

@@ -3,6 +3,7 @@ for every operator flag, one clear error (never a traceback) for a malformed var
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kube_audit.cli import build_parser, main
+from kube_audit.cli import COMMANDS, build_parser, main
 
 
 def test_no_arguments_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,6 +38,18 @@ def test_a_malformed_variable_is_one_error_naming_it(
     assert main(["--version"]) == 1
     err = capsys.readouterr().err
     assert f"environment: {name}: {value!r} is not" in err and "Traceback" not in err
+
+
+def test_every_command_imports_only_its_own_module() -> None:
+    """A command missing from COMMANDS still works, but imports every module (kopf and the
+    Kubernetes client for ``rotate``): each one the full parser knows is mapped, and its own
+    module alone defines it."""
+    (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    for command in COMMANDS:
+        (own,) = (a for a in build_parser(command)._actions
+                  if isinstance(a, argparse._SubParsersAction))  # fmt: skip
+        assert command in own.choices, command
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1", True), ("yes", True), ("true", True),

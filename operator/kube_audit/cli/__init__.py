@@ -30,6 +30,7 @@ COMMANDS = {
     "authn-webhook": "authn",
     "kubeconfig": "cluster",
     "status": "cluster",
+    "rotate": "cluster",
     "completion": "completion",
 }
 PROG = "kube-audit"
