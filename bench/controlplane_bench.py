@@ -65,7 +65,7 @@ class Downtime(threading.Thread):
 
 
 def time_apply_to_token(
-    cp: ControlPlane, node: Node, rounds: int
+    cp: ControlPlane, node: Node, rounds: int, prefix: str = "bench"
 ) -> tuple[list[float], list[float]]:
     """Seconds from ``kubectl apply`` of a new AuditUser to its working token, per round, and
     each stretch of /readyz without a 200 meanwhile (a restart's unavailability)."""
@@ -73,7 +73,7 @@ def time_apply_to_token(
     downtime.start()
     to_token = []
     for i in range(rounds):
-        name = f"bench-{i}"
+        name = f"{prefix}-{i}"
         start = time.monotonic()
         cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": name}}])
         wait_for(
