@@ -208,6 +208,29 @@ def test_a_system_group_in_the_snapshot_is_never_given(webhook: WebhookNode) -> 
     assert denied.returncode != 0 and "forbidden" in denied.stderr, denied.stderr
 
 
+def _send_json(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _serve_tls(
+    handler: type[http.server.BaseHTTPRequestHandler], serving: KeyPair, folder: Path
+) -> http.server.ThreadingHTTPServer:
+    """A stand-in on the webhook's port, over TLS with ``serving``; stop it with shutdown()."""
+    (folder / "serving.crt").write_bytes(serving.cert)
+    (folder / "serving.key").write_bytes(serving.key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "serving.crt", folder / "serving.key")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", AUTHN_WEBHOOK_PORT), handler)
+    server.daemon_threads = True
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 class _Impostor(http.server.BaseHTTPRequestHandler):
     """Says yes to every token, as cluster-admin."""
 
@@ -216,11 +239,7 @@ class _Impostor(http.server.BaseHTTPRequestHandler):
         body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                            "status": {"authenticated": True, "user": {
                                "username": "impostor", "groups": ["system:masters"]}}}).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _send_json(self, 200, body)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -244,14 +263,7 @@ def test_down_refuses_people_not_admin_and_an_impostor_on_the_port_gets_nothing_
 
     stranger = generate_ca(datetime.now(UTC), "not ours")
     serving = issue(stranger, datetime.now(UTC), common_name="impostor", hosts=("127.0.0.1",))
-    (tmp_path / "s.crt").write_bytes(serving.cert)
-    (tmp_path / "s.key").write_bytes(serving.key)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "s.crt", tmp_path / "s.key")
-    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", AUTHN_WEBHOOK_PORT), _Impostor)
-    impostor.socket = context.wrap_socket(impostor.socket, server_side=True)
-    thread = threading.Thread(target=impostor.serve_forever, daemon=True)
-    thread.start()
+    impostor = _serve_tls(_Impostor, serving, tmp_path)
     try:
         for record in (BOB, ALICE):
             assert _accepted(cp, record) is None, f"{record.username} accepted by an impostor"
@@ -260,7 +272,6 @@ def test_down_refuses_people_not_admin_and_an_impostor_on_the_port_gets_nothing_
     finally:
         impostor.shutdown()
         impostor.server_close()
-        thread.join(10)
 
     webhook.start_webhook()
     back = time.monotonic()
@@ -282,12 +293,7 @@ class _Slow:
     def serve(self, tmp_path: Path) -> http.server.ThreadingHTTPServer:
         pki = self.node.node.tree / "etc/kubernetes/pki"
         serving = issue(self.node.ca, datetime.now(UTC), common_name="slow", hosts=("127.0.0.1",))
-        (tmp_path / "slow.crt").write_bytes(serving.cert)
-        (tmp_path / "slow.key").write_bytes(serving.key)
-        (tmp_path / "ca.crt").write_bytes(self.node.ca.cert)
-        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_side.load_cert_chain(tmp_path / "slow.crt", tmp_path / "slow.key")
-        client_side = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        client_side = ssl.create_default_context(cadata=self.node.ca.cert.decode())
         client_side.load_cert_chain(pki / "apiserver-kubelet-client.crt",
                                     pki / "apiserver-kubelet-client.key")  # fmt: skip
         slow = self
@@ -309,23 +315,14 @@ class _Slow:
                     connection.request("POST", self.path, body,
                                        {"Content-Type": "application/json"})  # fmt: skip
                     answer = connection.getresponse()
-                    data = answer.read()
-                    self.send_response(answer.status)
+                    _send_json(self, answer.status, answer.read())
                 finally:
                     connection.close()
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", AUTHN_WEBHOOK_PORT), Handler)
-        server.daemon_threads = True
-        server.socket = server_side.wrap_socket(server.socket, server_side=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
+        return _serve_tls(Handler, serving, tmp_path)
 
 
 def _timed(cp: ControlPlane, record: TokenRecord) -> tuple[float, dict[str, Any] | None]:

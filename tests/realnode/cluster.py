@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from kube_audit.core.manifest import WEBHOOK_CONFIG_FLAG
 from tests.controlplane.cluster import ROOT, ControlPlane, control_plane, wait_for
 from tests.realnode.node import HostState, RealNode, kubeadm_init, operator_archive, remove_cgroups
 
@@ -21,7 +22,7 @@ LOCAL_IMAGE = "local/kube-audit-operator"
 # What names each identity mode's authenticator in kube-apiserver's manifest.
 IDENTITY_FLAGS = {
     "token-file": b"--token-auth-file=",
-    "webhook": b"--authentication-token-webhook-config-file=",
+    "webhook": f"{WEBHOOK_CONFIG_FLAG}=".encode(),
 }
 
 
