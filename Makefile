@@ -34,7 +34,7 @@ test: setup lint ## lint, build the real programs and the image where Go is, run
 	   if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory image; \
 	   else echo "make test: not root: no image is built and the real node tests (tests/realnode) will skip"; fi; \
 	 else echo "make test: no Go on PATH: the control-plane and real node tests will skip"; fi
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder
 
 haproxy: ## install HAProxy (Debian package) for the three-node tests, if missing and root
 	@command -v haproxy >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
