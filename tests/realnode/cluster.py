@@ -14,8 +14,15 @@ from typing import Any
 import yaml
 
 from kube_audit.core.manifest import WEBHOOK_CONFIG_FLAG
-from tests.controlplane.cluster import ROOT, ControlPlane, control_plane, wait_for
-from tests.realnode.node import HostState, RealNode, kubeadm_init, operator_archive, remove_cgroups
+from tests.controlplane.cluster import ROOT, ControlPlane, LoadBalancer, control_plane, wait_for
+from tests.realnode.node import (
+    HostState,
+    RealNode,
+    kubeadm_ha,
+    kubeadm_init,
+    operator_archive,
+    remove_cgroups,
+)
 
 NAMESPACE = "kube-audit"
 LOCAL_IMAGE = "local/kube-audit-operator"
@@ -48,54 +55,70 @@ class Real:
         return str(mirror["status"]["containerStatuses"][0].get("containerID") or "")
 
     def set_identity_mode(self, mode: str) -> None:
-        """The identity mode set in the DaemonSet as docs/settings.md says; returns once the
-        manifest names only that mode's authenticator and the replaced pod is Ready as kubelet
-        reports it (every container, the mode in its environment)."""
-        flag, gone = IDENTITY_FLAGS[mode], [f for m, f in IDENTITY_FLAGS.items() if m != mode]
-        self.cp.kubectl("-n", NAMESPACE, "set", "env", "daemonset/kube-audit", "-c", "operator",
-                        f"KUBE_AUDIT_IDENTITY_MODE={mode}")  # fmt: skip
+        set_identity_mode(self.cp, [self.node], mode)
 
-        def switched() -> bool:
-            manifest = self.node.manifest.read_bytes()
-            return flag in manifest and not any(g in manifest for g in gone)
 
-        wait_for(f"the manifest switched to {mode}", switched, 300, 1)
+def set_identity_mode(cp: ControlPlane, nodes: list[RealNode], mode: str) -> None:
+    """The identity mode set in the DaemonSet as docs/settings.md says; returns once every
+    node's manifest names only that mode's authenticator and every replaced pod is Ready as
+    kubelet reports it (every container, the mode in its environment)."""
+    flag, gone = IDENTITY_FLAGS[mode], [f for m, f in IDENTITY_FLAGS.items() if m != mode]
+    cp.kubectl("-n", NAMESPACE, "set", "env", "daemonset/kube-audit", "-c", "operator",
+               f"KUBE_AUDIT_IDENTITY_MODE={mode}")  # fmt: skip
 
-        def pod_ready() -> bool:
-            pod = self.operator_pod()
+    def switched() -> bool:
+        manifests = [node.manifest.read_bytes() for node in nodes]
+        return all(flag in m and not any(g in m for g in gone) for m in manifests)
+
+    wait_for(f"the manifests switched to {mode}", switched, 300 * len(nodes), 1)
+
+    def pods_ready() -> bool:
+        pods = cp.kubectl_json("get", "pods", "-n", NAMESPACE, "-l",
+                               "app.kubernetes.io/name=kube-audit-operator")["items"]  # fmt: skip
+        if len(pods) != len(nodes):
+            return False
+        for pod in pods:
             (operator,) = [c for c in pod["spec"]["containers"] if c["name"] == "operator"]
             env = {e["name"]: e.get("value") for e in operator.get("env", [])}
             statuses = pod["status"].get("containerStatuses") or []
-            return (
-                env.get("KUBE_AUDIT_IDENTITY_MODE") == mode
-                and bool(statuses)
-                and all(s["ready"] for s in statuses)
-            )
+            if env.get("KUBE_AUDIT_IDENTITY_MODE") != mode or not statuses:
+                return False
+            if not all(s["ready"] for s in statuses):
+                return False
+        return True
 
-        wait_for(f"the pod in {mode} mode Ready", pod_ready, 300, 2)
+    wait_for(f"the pods in {mode} mode Ready", pods_ready, 300, 2)
 
 
-def install_with_local_image(cp: ControlPlane) -> str:
-    """``kubectl apply -k`` of an overlay of deploy/ that only names the image built here."""
+def install_with_local_image(cp: ControlPlane, env: dict[str, str] | None = None) -> str:
+    """``kubectl apply -k`` of an overlay of deploy/ that names the image built here and, as
+    docs/settings.md shows, sets the operator container's ``env``."""
     version = operator_archive().name.removeprefix("kube-audit-operator-").removesuffix(".tar")
     overlay = cp.base / "overlay"
     overlay.mkdir(exist_ok=True)
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
+    kustomization: dict[str, Any] = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "deploy", overlay)],
+        "images": [
             {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(ROOT / "deploy", overlay)],
-                "images": [
-                    {
-                        "name": "ghcr.io/kube-audit/kube-audit-operator",
-                        "newName": LOCAL_IMAGE,
-                        "newTag": version,
-                    }
-                ],
+                "name": "ghcr.io/kube-audit/kube-audit-operator",
+                "newName": LOCAL_IMAGE,
+                "newTag": version,
             }
-        )
-    )
+        ],
+    }
+    if env:
+        patch = {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": "kube-audit", "namespace": NAMESPACE},
+            "spec": {"template": {"spec": {"containers": [
+                {"name": "operator", "env": [{"name": k, "value": v} for k, v in env.items()]}
+            ]}}},
+        }  # fmt: skip
+        kustomization["patches"] = [{"patch": yaml.safe_dump(patch)}]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     cp.kubectl("apply", "-k", str(overlay))
     cp.kubectl("wait", "--for=condition=established", "--timeout=60s",
                "crd/auditusers.kube-audit.io", "crd/auditpolicies.kube-audit.io")  # fmt: skip
@@ -127,10 +150,10 @@ def wait_operator_ready(cp: ControlPlane, timeout: float = 300) -> None:
 def real_node(base: Path) -> Iterator[Real]:
     """Boot, install, yield; then tear down and check the machine is as it was."""
     before = HostState.read()
-    tier_net = ""
+    tier_nets: frozenset[str] = frozenset()
     try:
         with control_plane(base) as cp:
-            tier_net = cp.netns.name
+            tier_nets = frozenset({cp.netns.name})
             node = kubeadm_init(cp)
             wait_for(f"{node.name} Ready", lambda: node_ready(cp, node.name), 180, 2)
             kubeadm_manifest = node.manifest.read_bytes()
@@ -139,7 +162,49 @@ def real_node(base: Path) -> Iterator[Real]:
             yield Real(cp, node, image, cp.base / "overlay", kubeadm_manifest)
     finally:
         remove_cgroups(before.cgroups)
-        left = before.differences(HostState.read(), tier_net)
+        left = before.differences(HostState.read(), tier_nets)
+        assert not left, "the real node tier left the machine changed:\n" + "\n".join(left)
+
+
+@dataclass
+class RealHA:
+    """Nodes made by ``kubeadm init`` and ``join --control-plane``, HAProxy in front."""
+
+    cp: ControlPlane
+    nodes: list[RealNode]
+    lb: LoadBalancer
+    image: str
+
+    def apiserver_containers(self) -> dict[str, str]:
+        """Each node's running kube-apiserver container, from its mirror pod."""
+        found = {}
+        for node in self.nodes:
+            mirror = self.cp.kubectl_json("get", "pod", "-n", "kube-system",
+                                          f"kube-apiserver-{node.name}")  # fmt: skip
+            statuses = mirror["status"].get("containerStatuses") or [{}]
+            found[node.name] = str(statuses[0].get("containerID") or "")
+        return found
+
+
+@contextlib.contextmanager
+def real_nodes(base: Path, count: int, env: dict[str, str]) -> Iterator[RealHA]:
+    """``count`` real nodes with the operator's ``env``; torn down as ``real_node`` is."""
+    before = HostState.read()
+    tier_nets: set[str] = set()
+    try:
+        with control_plane(base) as cp:
+            tier_nets.add(cp.netns.name)
+            try:
+                nodes, lb = kubeadm_ha(cp, count)
+            finally:
+                tier_nets.update(n.net_name for n in cp.nodes if isinstance(n, RealNode))
+            wait_for("every node Ready", lambda: all(node_ready(cp, n.name) for n in nodes), 180, 2)
+            image = install_with_local_image(cp, env)
+            wait_operator_ready(cp)
+            yield RealHA(cp, nodes, lb, image)
+    finally:
+        remove_cgroups(before.cgroups)
+        left = before.differences(HostState.read(), frozenset(tier_nets) - {""})
         assert not left, "the real node tier left the machine changed:\n" + "\n".join(left)
 
 

@@ -10,9 +10,12 @@ process), in which:
 - the sysctls kubelet sets on start (vm.overcommit_memory, kernel.panic, ...) are plain files, so
   the host kernel keeps its values.
 
-The network is the tier's private network namespace (tests/controlplane/cluster.py): the node's
-address on its ``lo``, and what kube-proxy would add for the ``kubernetes`` Service (a DNAT of
-10.96.0.1:443 to the apiserver), since hostNetwork pods reach the API through that address.
+The network of a lone node is the tier's private network namespace (tests/controlplane/
+cluster.py): the node's address on its ``lo``. Nodes of a cluster of several get a network
+namespace each (their kubelet, etcd and pods' ports, and the pod's fixed 127.0.0.1 ports, would
+collide in one), joined to the tier's by a veth, the tier's namespace routing between them. Each
+gets what kube-proxy would add for the ``kubernetes`` Service (a DNAT of 10.96.0.1:443 to the
+API), since hostNetwork pods reach the API through that address.
 kubelet runs under a supervisor that restarts it as kubeadm's systemd unit does. Teardown
 kills every container, containerd, kubelet and the holder, removes the cgroups containerd made,
 and ``HostState`` checks that sysctls, mounts, cgroups and processes are as they were.
@@ -41,8 +44,10 @@ from tests.controlplane.cluster import (
     BIN,
     ROOT,
     ControlPlane,
+    LoadBalancer,
     Node,
     kubernetes_version,
+    start_haproxy,
     stop_process,
     wait_for,
     why_unavailable as control_plane_problem,
@@ -52,6 +57,10 @@ IMAGE_DIR = ROOT / "build" / "image"
 COMPONENT_IMAGES = ROOT / "build" / "realnode" / "images"
 SERVICE_IP = "10.96.0.1"
 SERVICE_CIDR = "10.96.0.0/12"
+# Nodes with a network of their own reach each other (and the tier's load balancer) through the
+# tier's namespace, which holds this address and forwards between the nodes' veths.
+NODE_NETWORK = "198.18.0.0/24"
+TIER_GATEWAY = "198.18.0.254"
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 # kubelet writes these on the host kernel when it starts (they are not namespaced).
 SHADOWED_SYSCTLS = (
@@ -206,8 +215,8 @@ class HostState:
             processes=frozenset(_processes()),
         )
 
-    def differences(self, after: HostState, tier_net: str = "") -> list[str]:
-        """What changed since; ``tier_net``: the tier's own network namespace."""
+    def differences(self, after: HostState, tier_nets: frozenset[str] = frozenset()) -> list[str]:
+        """What changed since; ``tier_nets``: the tier's own network namespaces."""
         out = [
             f"sysctl {k}: {v.strip()} -> {after.sysctls[k].strip()}"
             for k, v in self.sysctls.items()
@@ -220,14 +229,15 @@ class HostState:
         out += [
             f"process left running: {pid} {running.get(pid, '')[:160]}"
             for pid in sorted(after.processes - self.processes)
-            if pid in running and _started_by_the_tier(pid, tier_net)
+            if pid in running and _started_by_the_tier(pid, tier_nets)
         ]
         return out
 
 
-def _started_by_the_tier(pid: int, tier_net: str) -> bool:
-    """The process or one of its ancestors is this test process or runs in the tier's network
-    namespace: the node's daemons, and containers orphaned to init (their shim ran there), but
+def _started_by_the_tier(pid: int, tier_nets: frozenset[str]) -> bool:
+    """The process or one of its ancestors is this test process or runs in one of the tier's
+    network namespaces: the nodes' daemons, and containers orphaned to init (their shim ran
+    there), but
     not what someone else started meanwhile, such as another tier's private namespace (the
     control-plane tier, run beside this one, once counted as this tier's leftover)."""
     seen = pid
@@ -235,7 +245,7 @@ def _started_by_the_tier(pid: int, tier_net: str) -> bool:
         if seen == os.getpid():
             return True
         with contextlib.suppress(OSError):
-            if tier_net and os.readlink(f"/proc/{seen}/ns/net") == tier_net:
+            if os.readlink(f"/proc/{seen}/ns/net") in tier_nets:
                 return True
         try:
             seen = int(Path(f"/proc/{seen}/stat").read_text().rpartition(")")[2].split()[1])
@@ -326,6 +336,9 @@ exec sleep infinity
 class RealNode(Node):
     """A control-plane node run by the real kubelet through containerd."""
 
+    own_network: bool = False
+    # The node's network namespace as /proc/PID/ns/net names it (own_network only).
+    net_name: str = ""
     holder: subprocess.Popen[bytes] | None = None
     containerd: subprocess.Popen[bytes] | None = None
     kubelet: subprocess.Popen[bytes] | None = None
@@ -337,8 +350,17 @@ class RealNode(Node):
         return self.work.parent
 
     def in_namespace(self, *command: str) -> list[str]:
+        """The node's mount namespace, and its network namespace if it has its own."""
         assert self.holder is not None
-        return ["nsenter", "-t", str(self.holder.pid), "-m", "--", *command]
+        spaces = ["-m", "-n"] if self.own_network else ["-m"]
+        return ["nsenter", "-t", str(self.holder.pid), *spaces, "--", *command]
+
+    def in_network(self, *command: str) -> list[str]:
+        """The node's network (the tier's for a lone node), with the host's mounts."""
+        if not self.own_network:
+            return list(command)
+        assert self.holder is not None
+        return ["nsenter", "-t", str(self.holder.pid), "-n", "--", *command]
 
     def kubeadm_command(self, *args: str) -> list[str]:
         return self.in_namespace(str(BIN / "kubeadm"), *args)
@@ -368,11 +390,14 @@ class RealNode(Node):
         script = NAMESPACE_SETUP.replace("SYSCTLS", " ".join(SHADOWED_SYSCTLS))
         with (self.work / "logs" / "namespace.log").open("ab") as log:
             self.holder = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--",
+                ["unshare", "--mount", *(["--net"] if self.own_network else []),
+                 "--propagation", "private", "--",
                  "bash", "-c", script, "namespace", str(self.base)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         wait_for("the node's mount namespace", (self.work / "namespace.ready").is_file, 20, 0.1)
+        if self.own_network:
+            self._wire()
         with (self.work / "logs" / "containerd.log").open("ab") as log:
             self.containerd = subprocess.Popen(
                 self.in_namespace("containerd", "--config", str(self.work / "containerd.toml")),
@@ -386,6 +411,25 @@ class RealNode(Node):
         self._supervising.set()
         self._supervisor = threading.Thread(target=self._supervise_kubelet, daemon=True)
         self._supervisor.start()
+
+    def _wire(self) -> None:
+        """A veth from the tier's namespace to the node's (its ``eth0``), the node's address on
+        it, and routes both ways: the others and the load balancer through the tier's side."""
+        assert self.holder is not None
+        self.net_name = os.readlink(f"/proc/{self.holder.pid}/ns/net")
+        peer = f"veth-{self.name}"
+        for command in (
+            ["ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0",
+             "netns", str(self.holder.pid)],
+            ["ip", "link", "set", peer, "up"],
+            ["ip", "route", "add", f"{self.address}/32", "dev", peer],
+            self.in_network("ip", "link", "set", "lo", "up"),
+            self.in_network("ip", "addr", "add", f"{self.address}/32", "dev", "eth0"),
+            self.in_network("ip", "link", "set", "eth0", "up"),
+            self.in_network("ip", "route", "add", NODE_NETWORK, "via", TIER_GATEWAY, "dev",
+                            "eth0", "onlink", "src", self.address),
+        ):  # fmt: skip
+            subprocess.run(command, check=True, capture_output=True)
 
     def _kubelet_command(self) -> list[str]:
         """kubeadm's systemd drop-in: its flags file is read again at every start."""
@@ -438,10 +482,12 @@ class RealNode(Node):
             for task in tasks:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     for _ in range(50):
-                        if self.ctr("tasks", "delete", "--force", task, check=False).returncode:
-                            time.sleep(0.1)
-                        else:
+                        # containerd's CRI plugin deletes a killed container's task itself:
+                        # "not found" is done too (retrying it cost 5 s per container).
+                        deleted = self.ctr("tasks", "delete", "--force", task, check=False)
+                        if deleted.returncode == 0 or "not found" in deleted.stderr:
                             break
+                        time.sleep(0.1)
             for container in self.ctr("containers", "ls", "-q", check=False).stdout.split():
                 self.ctr("containers", "rm", container, check=False)
             stop_process(self.containerd, grace=20)
@@ -468,39 +514,59 @@ def remove_cgroups(before: frozenset[str]) -> None:
 # --- the cluster ------------------------------------------------------------------------------
 
 
-def kubeadm_configuration(node: RealNode, cluster_name: str) -> list[dict[str, Any]]:
+# kubeadm's join credentials of the tier's clusters of several nodes (test values, not secret:
+# the cluster lives in the tier's namespaces for the length of a test module).
+BOOTSTRAP_TOKEN = "kaudit.0123456789abcdef"
+CERTIFICATE_KEY = hashlib.sha256(b"kube-audit real node tier").hexdigest()
+
+
+def _node_registration(node: RealNode) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "criSocket": f"unix://{CONTAINERD_SOCKET}",
+        "ignorePreflightErrors": ["all"],
+    }
+
+
+def kubeadm_configuration(
+    node: RealNode, cluster_name: str, endpoint: str | None = None
+) -> list[dict[str, Any]]:
     """kubeadm init's configuration: the images built here, kubelet for this machine (cgroup v1,
-    cgroupfs, no QoS cgroups), no kube-proxy or CoreDNS (no pod of the tier needs them)."""
+    cgroupfs, no QoS cgroups), no kube-proxy or CoreDNS (no pod of the tier needs them).
+    ``endpoint``: the load balancer of a cluster others will join (``--upload-certs``)."""
+    init: dict[str, Any] = {
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "InitConfiguration",
+        "localAPIEndpoint": {"advertiseAddress": node.address, "bindPort": node.port},
+        "nodeRegistration": _node_registration(node),
+        # preflight pulls images (from no registry) and checks the host, not the node.
+        "skipPhases": ["preflight", "addon/coredns", "addon/kube-proxy"],
+    }
+    cluster: dict[str, Any] = {
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "ClusterConfiguration",
+        "kubernetesVersion": kubernetes_version(),
+        "clusterName": cluster_name,
+        "imageRepository": "local",
+        # As docs/install.md asks behind a load balancer: the old apiserver keeps serving
+        # (not ready) for 5 s after kubelet stops it, so an API call made right after our
+        # manifest switch (a DaemonSet update mid-apply) is still answered.
+        "apiServer": {"extraArgs": [{"name": "shutdown-delay-duration", "value": "5s"}]},
+    }
+    if endpoint is None:
+        # One node: no one to elect. With leader election both exit whenever the apiserver
+        # is away longer than their renew deadline (every restart the tier makes), and
+        # kubelet's crash back-off (up to 5 minutes) then holds DaemonSet rollouts and
+        # scheduling: the tier would wait on that, not on the operator.
+        for component in ("controllerManager", "scheduler"):
+            cluster[component] = {"extraArgs": [{"name": "leader-elect", "value": "false"}]}
+    else:
+        init["bootstrapTokens"] = [{"token": BOOTSTRAP_TOKEN, "ttl": "4h"}]
+        init["certificateKey"] = CERTIFICATE_KEY
+        cluster["controlPlaneEndpoint"] = endpoint
     return [
-        {
-            "apiVersion": "kubeadm.k8s.io/v1beta4",
-            "kind": "InitConfiguration",
-            "localAPIEndpoint": {"advertiseAddress": node.address, "bindPort": node.port},
-            "nodeRegistration": {
-                "name": node.name,
-                "criSocket": f"unix://{CONTAINERD_SOCKET}",
-                "ignorePreflightErrors": ["all"],
-            },
-            # preflight pulls images (from no registry) and checks the host, not the node.
-            "skipPhases": ["preflight", "addon/coredns", "addon/kube-proxy"],
-        },
-        {
-            "apiVersion": "kubeadm.k8s.io/v1beta4",
-            "kind": "ClusterConfiguration",
-            "kubernetesVersion": kubernetes_version(),
-            "clusterName": cluster_name,
-            "imageRepository": "local",
-            # As docs/install.md asks behind a load balancer: the old apiserver keeps serving
-            # (not ready) for 5 s after kubelet stops it, so an API call made right after our
-            # manifest switch (a DaemonSet update mid-apply) is still answered.
-            "apiServer": {"extraArgs": [{"name": "shutdown-delay-duration", "value": "5s"}]},
-            # One node: no one to elect. With leader election both exit whenever the apiserver
-            # is away longer than their renew deadline (every restart the tier makes), and
-            # kubelet's crash back-off (up to 5 minutes) then holds DaemonSet rollouts and
-            # scheduling: the tier would wait on that, not on the operator.
-            "controllerManager": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
-            "scheduler": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
-        },
+        init,
+        cluster,
         {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -515,22 +581,51 @@ def kubeadm_configuration(node: RealNode, cluster_name: str) -> list[dict[str, A
     ]
 
 
-def kube_proxy_for_the_api(address: str, port: int) -> None:
+def kube_proxy_for_the_api(node: RealNode, address: str, port: int) -> None:
     """What kube-proxy does for hostNetwork pods' in-cluster config: 10.96.0.1:443 reaches
-    the apiserver. In the tier's network namespace only."""
-    subprocess.run(["ip", "route", "replace", SERVICE_CIDR, "dev", "lo"], check=True)
+    the API at ``address:port``. In the node's network namespace (the tier's for a lone
+    node) only."""
+    route = ["dev", "lo"]
+    if node.own_network:
+        route = ["via", TIER_GATEWAY, "dev", "eth0", "onlink", "src", node.address]
+    subprocess.run(node.in_network("ip", "route", "replace", SERVICE_CIDR, *route), check=True)
     subprocess.run(
-        ["iptables", "-t", "nat", "-A", "OUTPUT", "-d", f"{SERVICE_IP}/32", "-p", "tcp",
-         "--dport", "443", "-j", "DNAT", "--to-destination", f"{address}:{port}"],
+        node.in_network("iptables", "-t", "nat", "-A", "OUTPUT", "-d", f"{SERVICE_IP}/32",
+                        "-p", "tcp", "--dport", "443", "-j", "DNAT", "--to-destination",
+                        f"{address}:{port}"),
         check=True,
     )  # fmt: skip
 
 
-def add_real_node(cp: ControlPlane, index: int) -> RealNode:
+def kubeadm_join_configuration(node: RealNode, endpoint: str) -> dict[str, Any]:
+    """``kubeadm join --control-plane`` as its docs give it: discovery through the load
+    balancer with the bootstrap token, the certificates from the cluster (``--upload-certs``)."""
+    return {
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "JoinConfiguration",
+        "nodeRegistration": _node_registration(node),
+        "skipPhases": ["preflight"],
+        "discovery": {
+            "bootstrapToken": {
+                "apiServerEndpoint": endpoint,
+                "token": BOOTSTRAP_TOKEN,
+                "unsafeSkipCAVerification": True,
+            }
+        },
+        "controlPlane": {
+            "localAPIEndpoint": {"advertiseAddress": node.address, "bindPort": node.port},
+            "certificateKey": CERTIFICATE_KEY,
+        },
+    }
+
+
+def add_real_node(cp: ControlPlane, index: int, own_network: bool = False) -> RealNode:
     address = f"198.18.0.{index}"
-    cp.netns.add_address(address)
+    if not own_network:
+        cp.netns.add_address(address)
     base = cp.base / f"node-{index}"
-    node = RealNode(name=f"node-{index}", address=address, tree=base / "host", work=base / "work")
+    node = RealNode(name=f"node-{index}", address=address, tree=base / "host", work=base / "work",
+                    own_network=own_network)  # fmt: skip
     node.work.mkdir(parents=True, exist_ok=True)
     cp.nodes.append(node)
     return node
@@ -547,9 +642,53 @@ def kubeadm_init(cp: ControlPlane, index: int = 1) -> RealNode:
     )  # fmt: skip
     images, pause = _build_images(listed.stdout.split())
     node.boot(images, pause)
-    kube_proxy_for_the_api(node.address, node.port)
+    kube_proxy_for_the_api(node, node.address, node.port)
     node.kubeadm("init", "--config", str(node.kubeadm_config), "--v=1", timeout=600)
     return node
+
+
+def kubeadm_ha(cp: ControlPlane, count: int) -> tuple[list[RealNode], LoadBalancer]:
+    """``count`` nodes, each in a network namespace of its own: the first made by ``kubeadm
+    init --upload-certs`` behind HAProxy (in the tier's namespace), the others by ``kubeadm
+    join --control-plane`` through it, kubeadm's stacked etcd on each, as users build HA."""
+    nodes = [add_real_node(cp, i, own_network=True) for i in range(1, count + 1)]
+    cp.netns.add_address(TIER_GATEWAY)
+    subprocess.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)  # the tier's only
+    lb = start_haproxy(cp, list(nodes))
+    endpoint = f"{lb.address}:6443"
+    first = nodes[0]
+    first.kubeadm_config.write_text(
+        yaml.safe_dump_all(kubeadm_configuration(first, "kube-audit-ha", endpoint))
+    )
+    listed = subprocess.run(
+        [str(BIN / "kubeadm"), "config", "images", "list", "--config", str(first.kubeadm_config)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    images, pause = _build_images(listed.stdout.split())
+    failures: list[BaseException] = []
+
+    def boot(node: RealNode) -> None:
+        try:
+            node.boot(images, pause)
+        except BaseException as error:  # re-raised by the caller
+            failures.append(error)
+
+    # Importing the images is most of a boot: the nodes do it at once.
+    threads = [threading.Thread(target=boot, args=(n,)) for n in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    for node in nodes:
+        kube_proxy_for_the_api(node, lb.address, 6443)
+    first.kubeadm("init", "--config", str(first.kubeadm_config), "--upload-certs", "--v=1",
+                  timeout=600)  # fmt: skip
+    for node in nodes[1:]:
+        node.kubeadm_config.write_text(yaml.safe_dump(kubeadm_join_configuration(node, endpoint)))
+        node.kubeadm("join", "--config", str(node.kubeadm_config), "--v=1", timeout=600)
+    return nodes, lb
 
 
 def _build_images(refs: list[str]) -> tuple[list[Path], str]:
