@@ -7,8 +7,10 @@ A change rolling over the nodes one at a time and a config refused on the first 
 on three real kubelets (tests/realnode/test_ha.py). These stay here for time: each kills an
 operator or rewrites a manifest at a precise moment of a rollout, which the stand-in's record
 of every apiserver stop and start lets the test catch; on the real kubelet every apiserver
-restart costs its fixed back-off and a slower start (about 55 s a node against 20 s here), so
-this file's four rollouts (about 8 minutes here) would take about twice that on real nodes.
+restart costs its fixed back-off and a slower start (about 55 s a node there against 34 s
+here, measured in CI), so this file's four rollouts, 9.3 minutes here (CI, December 2026,
+teardown included), would add well over that to the real node worker, already the longer one
+(44 of `.ci/run`'s 47 minutes).
 """
 
 from __future__ import annotations
