@@ -37,6 +37,10 @@ WHO_NODE_ANNOTATION = f"{GROUP}/node"
 # token (the pod is on the host network; not a port kubeadm's components use).
 AUTHN_WEBHOOK_PORT = 6441
 AUTHN_WEBHOOK_PATH = "/authenticate"
+# The webhook's /healthz names the snapshot it answers from (``snapshot_digest``): the agent
+# calls a person live only once the webhook answers with them (an early "unknown" is cached by
+# kube-apiserver for the whole TTL).
+AUTHN_SNAPSHOT_HEADER = "X-Kube-Audit-Snapshot"
 # kubeadm's cluster CA and the client certificate kube-apiserver presents to kubelets: the
 # webhook answers only that certificate (host paths; kube-apiserver's flags may name others).
 KUBEADM_CLIENT_CA = "/etc/kubernetes/pki/ca.crt"

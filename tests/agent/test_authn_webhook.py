@@ -194,7 +194,7 @@ def test_a_new_snapshot_is_answered_from_once_refreshed(
 ) -> None:
     apiserver = _client(webhook, pki, tmp_path, pki.apiserver)
     _write(files.snapshot, render_identity_snapshot([BOB]))
-    webhook.refresh()  # what the server's own thread does once a second
+    webhook.refresh()  # what the server's own thread does when it looks
     assert _ask(webhook, apiserver, BOB.token)[1]["status"]["authenticated"] is True
     assert _ask(webhook, apiserver, ALICE.token)[1]["status"] == {"authenticated": False}
 

@@ -197,6 +197,32 @@ def test_the_probe_passes_only_our_answering_webhook(
     assert impostor is not None and "CERTIFICATE_VERIFY_FAILED" in impostor
 
 
+def test_the_probe_waits_for_the_webhook_to_answer_from_the_new_snapshot(
+    running_webhook: tuple[AuthnWebhook, HostLayout],
+) -> None:
+    """The webhook names the snapshot it answers from; the probe passes only once that is the
+    one on disk, giving the webhook ``catch_up`` seconds (here its refresh, run in the sleep)."""
+    server, layout = running_webhook
+    server.shutdown()  # answers stay, the refreshes are the test's: no race with its thread
+    stale = AuthnWebhook(server.files, ("127.0.0.1", 0))
+    thread = threading.Thread(target=stale.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert webhook_answers(layout, stale.port) is None
+        publish_identities(
+            layout, _desired(WEBHOOK, "alice", "bob"), lambda: datetime.now(UTC).timestamp()
+        )
+        naps: list[float] = []
+        why = webhook_answers(layout, stale.port, catch_up=0.5, sleep=naps.append)
+        assert why is not None and "still answers from another identity snapshot" in why, why
+        assert str(layout.identity_snapshot) in why and sum(naps) >= 0.5
+        assert webhook_answers(layout, stale.port, sleep=lambda _: stale.refresh()) is None
+        assert stale.source.identities is not None and len(stale.source.identities) == 2
+    finally:
+        stale.shutdown()
+        thread.join(10)
+
+
 def test_the_plan_shows_identity_changes_as_fingerprints(
     layout: HostLayout, fake_node: tuple[FakeNode, str]
 ) -> None:

@@ -24,6 +24,7 @@ from kube_audit.controller.reconciler import NodeRuntime
 from kube_audit.controller.rollout import NodeReport, Rollout
 from kube_audit.controller.status import StatusWriter
 from kube_audit.controller.store import ObjectStore
+from kube_audit.core.settings import Settings
 from kube_audit.errors import ClusterError, InvalidInput, Problem
 from kube_audit.kube import KubeApi
 from tests.agent.conftest import make_host
@@ -252,6 +253,31 @@ async def test_a_retry_held_until_later_plans_again_before_the_resync() -> None:
     intake.plan_again_in(0.05)
     assert await asyncio.wait_for(intake.next_work(asyncio.Event()), 10) is True
     assert intake._retry_due is None, "one wake per retry"
+
+
+async def test_in_webhook_mode_people_alone_wait_the_short_debounce() -> None:
+    """A burst of people and token Secrets restarts nothing in webhook mode: it is applied
+    after ``identity_debounce``; a burst with a policy (or any burst in token-file mode) may
+    restart kube-apiserver and waits the full ``debounce``."""
+    policy = {"apiVersion": USER["apiVersion"], "kind": "AuditPolicy",
+              "metadata": {"name": "dev", "uid": "p1", "generation": 1}, "spec": {}}  # fmt: skip
+
+    async def quiet_time(mode: str, *changes: tuple[str, dict[str, Any]]) -> float:
+        clock = ManualClock()
+        settings = Settings(identity_mode=mode)  # type: ignore[arg-type]
+        config = OperatorConfig(node_name="cp-1", settings=settings, debounce=5.0,
+                                identity_debounce=0.5, resync=3600)  # fmt: skip
+        intake = Intake(config, None, clock)  # type: ignore[arg-type]
+        for kind, body in changes:
+            intake.observe(kind, "ADDED", body)
+        start = clock.monotonic()
+        assert await asyncio.wait_for(intake.next_work(asyncio.Event()), 10) is True
+        return clock.monotonic() - start
+
+    assert await quiet_time("webhook", ("auditusers", USER)) == 0.5
+    assert await quiet_time("webhook", ("auditusers", USER), ("auditpolicies", policy)) == 5.0
+    assert await quiet_time("webhook", ("auditpolicies", policy), ("auditusers", USER)) == 5.0
+    assert await quiet_time("token-file", ("auditusers", USER)) == 5.0
 
 
 def test_the_health_probe_carries_the_operators_token(tmp_path: Path) -> None:

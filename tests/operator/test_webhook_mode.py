@@ -65,3 +65,32 @@ def test_a_refused_policy_holds_back_no_identity(harness: Harness) -> None:
     harness.apply_user("bob", groups=["developer"])
     harness.delete("auditusers", "alice")
     eventually(lambda: set(_served(node)) == {"bob"}, what="bob served, alice not")
+
+
+def test_a_person_is_ready_only_once_the_webhook_answers_with_them(harness: Harness) -> None:
+    """A token asked of kube-apiserver before the webhook reads the new snapshot is refused,
+    and that answer is cached for the whole TTL: the node reports the person Pending, with the
+    probe's reason, until its webhook names the snapshot the agent wrote."""
+    behind: dict[str, str | None] = {"why": None}
+    harness.add_control_plane("cp-1")
+    probe = {"webhook_probe": lambda layout: behind["why"], "webhook_poll": 0.2}
+    node = harness.start("cp-1", **{**WEBHOOK, **probe})
+    harness.apply_policy("dev", rules=DEV_RULES)
+    harness.apply_user("alice", groups=["developer"])
+    eventually(lambda: _ready(harness, "auditusers", "alice"), what="alice Ready")
+
+    behind["why"] = "https://127.0.0.1:6441/healthz still answers from another identity snapshot"
+    harness.apply_user("bob", groups=["developer"])
+    eventually(lambda: set(_served(node)) == {"alice", "bob"}, what="bob written")
+
+    def bob_on_cp1() -> dict[str, Any]:
+        status = harness.get("auditusers", "bob").get("status") or {}
+        return dict((status.get("nodes") or {}).get("cp-1") or {})
+
+    eventually(lambda: bob_on_cp1().get("outcome") == "Pending", what="bob Pending on cp-1")
+    assert behind["why"] in bob_on_cp1()["message"]
+    assert not _ready(harness, "auditusers", "bob")
+    assert _ready(harness, "auditusers", "alice"), "alice, still served, stays Ready"
+
+    behind["why"] = None
+    eventually(lambda: _ready(harness, "auditusers", "bob"), what="bob Ready once answered")

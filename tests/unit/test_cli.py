@@ -84,6 +84,7 @@ def test_every_operator_flag_falls_back_to_its_variable(monkeypatch: pytest.Monk
         "KUBE_AUDIT_LOG_MAXSIZE": "50",
         "KUBE_AUDIT_ALLOW_SYSTEM_GROUPS": "system:monitoring,system:x",
         "KUBE_AUDIT_ALLOW_SYSTEM_USERS": "system:ci",
+        "KUBE_AUDIT_IDENTITY_DEBOUNCE": "0.25",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -91,6 +92,7 @@ def test_every_operator_flag_falls_back_to_its_variable(monkeypatch: pytest.Monk
     assert (args.node_name, args.namespace, args.host_root) == ("cp-9", "audit", "/host")
     assert args.kubelet_config == "/etc/kubelet.yaml"
     assert (args.debounce, args.max_debounce, args.min_ready) == (7, 70, 30)
+    assert args.identity_debounce == 0.25
     assert (args.resync, args.timeout) == (600, 240)
     assert args.health_url == "https://10.0.0.1:6443/readyz" and args.no_wait is True
     assert (args.metrics_port, args.metrics_address) == (9999, "10.0.0.1")

@@ -9,8 +9,10 @@ changed is written; each file by atomic rename, so the webhook never reads half 
 from __future__ import annotations
 
 import ssl
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -18,14 +20,17 @@ from kube_audit import hostfs
 from kube_audit.agent import pki
 from kube_audit.agent.layout import HostLayout
 from kube_audit.constants import (
+    AUTHN_SNAPSHOT_HEADER,
     AUTHN_WEBHOOK_PORT,
     KUBEADM_APISERVER_CLIENT_CERT,
     KUBEADM_APISERVER_CLIENT_KEY,
 )
-from kube_audit.core.identities import render_webhook_kubeconfig
+from kube_audit.core.identities import render_webhook_kubeconfig, snapshot_digest
 from kube_audit.core.plan import WEBHOOK_KUBECONFIG, DesiredState
 
 SERVING_NAME = "kube-audit-authn-webhook"
+# How often a webhook still on an older snapshot is asked again.
+CATCH_UP_POLL = 0.1
 
 
 def ca_files(layout: HostLayout) -> tuple[Path, Path]:
@@ -94,26 +99,55 @@ def remove_identities(layout: HostLayout) -> None:
     hostfs.remove_tree(webhook_kubeconfig(layout))
 
 
+def _served_snapshot(url: str, context: ssl.SSLContext, timeout: float) -> tuple[str, str]:
+    """(the snapshot digest the webhook names, "") or ("", why it did not answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as answer:
+            if answer.status != 200:
+                return "", f"{url} answered HTTP {answer.status}"
+            return str(answer.headers.get(AUTHN_SNAPSHOT_HEADER) or ""), ""
+    except urllib.error.HTTPError as error:
+        body = error.read(200).decode(errors="replace").strip()
+        return "", f"{url} answered HTTP {error.code} ({body})"
+    except (OSError, ssl.SSLError) as error:
+        return "", f"{url}: {getattr(error, 'reason', error)}"
+
+
 def webhook_answers(
-    layout: HostLayout, port: int = AUTHN_WEBHOOK_PORT, timeout: float = 5.0
+    layout: HostLayout,
+    port: int = AUTHN_WEBHOOK_PORT,
+    timeout: float = 5.0,
+    *,
+    catch_up: float = 3.0,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> str | None:
-    """Why the node's authn-webhook cannot take over identities yet (None: it can). Asked over
-    TLS against our own CA, so an impostor on the port does not pass; its /healthz is 200 only
-    once it has read a snapshot."""
+    """Why the node's authn-webhook does not answer with the node's current people (None: it
+    does). Asked over TLS against our own CA, so an impostor on the port does not pass. Its
+    /healthz is 200 once it has read a snapshot and names the one it answers from: a token
+    asked before the webhook reads the new snapshot is refused, and kube-apiserver keeps that
+    answer for the whole cache TTL, so a person is live only once this says so. A webhook on an
+    older snapshot is given ``catch_up`` seconds (it looks four times a second)."""
     ca = hostfs.read_optional(ca_files(layout)[0])
     if ca is None:
         return "the webhook's CA is not written yet"
+    snapshot = hostfs.read_optional(layout.identity_snapshot)
+    if snapshot is None:
+        return f"{layout.identity_snapshot} is not written yet"
+    wanted = snapshot_digest(snapshot)
     context = ssl.create_default_context(cadata=ca.decode())
     url = f"https://127.0.0.1:{port}/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as answer:
-            if answer.status == 200:
-                return None
-            return f"{url} answered HTTP {answer.status}"
-    except urllib.error.HTTPError as error:
-        return (
-            f"{url} answered HTTP {error.code} ({error.read(200).decode(errors='replace').strip()})"
-        )
-    except (OSError, ssl.SSLError) as error:
-        reason = getattr(error, "reason", error)
-        return f"{url}: {reason}"
+    waited = 0.0
+    while True:
+        served, why = _served_snapshot(url, context, timeout)
+        if why:
+            return why
+        if served == wanted:
+            return None
+        if waited >= catch_up:
+            return (
+                f"{url} still answers from another identity snapshot "
+                f"({served[:19] or 'not named'}) {catch_up:g} s after "
+                f"{layout.identity_snapshot} became {wanted[:19]}"
+            )
+        sleep(CATCH_UP_POLL)
+        waited += CATCH_UP_POLL

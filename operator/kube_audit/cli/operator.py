@@ -21,7 +21,7 @@ from kube_audit.cli.env import env_bool, env_float, env_int, env_str
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.errors import InvalidInput, Problem
 
-SECONDS = ("debounce", "max_debounce", "min_ready", "resync", "timeout")
+SECONDS = ("debounce", "identity_debounce", "max_debounce", "min_ready", "resync", "timeout")
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -86,6 +86,13 @@ def add_parsers(sub: Any) -> None:
         "(default kube-audit, or $POD_NAMESPACE)",
     )
     _seconds(cmd, "debounce", "KUBE_AUDIT_DEBOUNCE", "quiet time before applying a burst")
+    _seconds(
+        cmd,
+        "identity_debounce",
+        "KUBE_AUDIT_IDENTITY_DEBOUNCE",
+        "webhook mode: quiet time before applying a burst of only AuditUser and token Secret "
+        "changes (they restart nothing)",
+    )
     _seconds(
         cmd, "max_debounce", "KUBE_AUDIT_MAX_DEBOUNCE", "the longest a burst may delay applying"
     )

@@ -23,6 +23,8 @@ class OperatorConfig:
     # Quiet time after the last change before planning, and the most a stream of changes may
     # delay a plan.
     debounce: float = 3.0
+    # Webhook mode: the quiet time of a burst of people and token Secrets alone (no restart).
+    identity_debounce: float = 0.5
     max_debounce: float = 30.0
     resync: float = 300.0
     health_url: str | None = None
@@ -36,8 +38,11 @@ class OperatorConfig:
     manifest_poll: float = 2.0
     retry_backoff: float = 5.0
     health_factory: Callable[[HostLayout], HealthCheck | None] | None = None
-    # Whether this node's authn-webhook answers, asked before a switch to webhook mode.
+    # Whether this node's authn-webhook answers with the node's current people: asked before a
+    # switch to webhook mode, and in webhook mode before a person is called live here.
     webhook_probe: WebhookProbe | None = webhook_answers
+    # How often to ask again while it does not.
+    webhook_poll: float = 5.0
 
     @property
     def rollout_lease_seconds(self) -> int:

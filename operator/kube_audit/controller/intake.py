@@ -44,6 +44,9 @@ class Intake:
         self.change_seen = asyncio.Event()
         self._first_change = 0.0
         self._last_change = 0.0
+        # The burst holds a change that may restart kube-apiserver (a policy, a rewritten
+        # manifest, drift, or any change in token-file mode): the full debounce then.
+        self._may_restart = False
         # The Secrets the users refer to, kept per user as their events arrive (at 10,000
         # users a full recount per event cost 0.08 s of event loop each); recounted from the
         # store only when users changed some other way (forgotten after a re-list).
@@ -75,7 +78,7 @@ class Intake:
                 self._wanted_version = self.store.user_version
             self._follow_namespaces()
         if changed:
-            self.wake_plan()
+            self.wake_plan(identities_only=kind in (USERS, SECRETS))
             if kind != SECRETS:
                 self.change_seen.set()
         elif kind != SECRETS:
@@ -101,29 +104,33 @@ class Intake:
             log.info("Secrets in %s may be read now", namespace)
             changed = True
         if changed:
-            self.wake_plan()
+            self.wake_plan(identities_only=True)
 
     def secrets_forbidden(self, namespace: str, message: str) -> None:
         """The list was refused (403): the users naming that namespace say why."""
         if namespace not in self.unreadable:
             log.warning("may not read Secrets in %s (no grant there): %s", namespace, message)
             self.unreadable[namespace] = message
-            self.wake_plan()
+            self.wake_plan(identities_only=True)
 
     def secrets_unwatched(self, namespace: str) -> None:
         """No user names that namespace any more: forget what its watch brought."""
         self._list_started.pop(namespace, None)
         self.unreadable.pop(namespace, None)
         if self.store.forget_unlisted(SECRETS, set(), self.store.sequence, where=_in(namespace)):
-            self.wake_plan()
+            self.wake_plan(identities_only=True)
 
     def node_changed(self) -> None:
         self._status_wanted.set()
 
-    def wake_plan(self) -> None:
+    def wake_plan(self, identities_only: bool = False) -> None:
+        """``identities_only``: the change is a person or a token Secret, which in webhook mode
+        restarts nothing and is worth applying sooner."""
         now = self.clock.monotonic()
         if not self._plan_wanted.is_set():
             self._first_change = now
+            self._may_restart = False
+        self._may_restart |= not identities_only
         self._last_change = now
         self._plan_wanted.set()
 
@@ -208,11 +215,19 @@ class Intake:
         """The reconcile failed: plan again after the back-off."""
         self._plan_wanted.set()
 
+    def _quiet_time(self) -> float:
+        """A burst that can restart kube-apiserver waits ``debounce``; in webhook mode a burst
+        of people alone waits ``identity_debounce`` (a snapshot write): a new colleague's token
+        works seconds after ``kubectl apply``."""
+        if self.config.settings.identity_mode == "webhook" and not self._may_restart:
+            return min(self.config.debounce, self.config.identity_debounce)
+        return self.config.debounce
+
     async def _debounce(self, stop: asyncio.Event) -> None:
-        """Wait until no change came for ``debounce`` seconds (at most ``max_debounce``)."""
+        """Wait until no change came for the quiet time (at most ``max_debounce``)."""
         while not stop.is_set() and self._plan_wanted.is_set():
             now = self.clock.monotonic()
-            quiet_at = self._last_change + self.config.debounce
+            quiet_at = self._last_change + self._quiet_time()
             give_up_at = self._first_change + self.config.max_debounce
             wake = min(quiet_at, give_up_at)
             if now >= wake:

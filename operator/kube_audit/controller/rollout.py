@@ -121,6 +121,7 @@ class Rollout:
         self._logged_live: str | None = None
         self._logged_hold: str | None = None
         self._logged_behind = False
+        self._logged_webhook: str | None = None
 
     def _agent(self) -> NodeAgent:
         return node_agent(self.config, self.api, lambda: self.clock.now().timestamp())
@@ -179,6 +180,22 @@ class Rollout:
             await self._settle_lease()
         if self._unmarked is not None:
             revocation = None  # the failure mark first: the other nodes must not try that config
+        if not change and desired.webhook_mode and self.config.webhook_probe is not None:
+            # Live only once the webhook answers with the new people: a token asked before is
+            # refused, and kube-apiserver keeps that answer for the whole cache TTL.
+            why = await asyncio.to_thread(self.config.webhook_probe, agent.layout)
+            if why is not None:
+                if self._logged_webhook != why:
+                    log.warning("%s: authn-webhook behind: %s", self.config.node_name, why)
+                self._logged_webhook = why
+                waiting = report(
+                    PENDING,
+                    "identities written; this node's authn-webhook container does not answer "
+                    f"with them yet: {why}",
+                )
+                retry_at = self.clock.now().timestamp() + self.config.webhook_poll
+                return replace(waiting, retry_at=retry_at)
+            self._logged_webhook = None
         if not change:
             if self._logged_live != desired.config_hash:
                 self._logged_live = desired.config_hash

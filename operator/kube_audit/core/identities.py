@@ -47,6 +47,12 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def snapshot_digest(data: bytes) -> str:
+    """Names one snapshot's bytes: what the webhook says it answers from, and what the agent
+    wrote."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def render_identity_snapshot(records: Iterable[TokenRecord]) -> bytes:
     """The snapshot of ``records``: sorted by person, so the same people give the same bytes."""
     identities = [
