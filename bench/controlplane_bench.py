@@ -12,7 +12,6 @@ import ssl
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,8 +23,10 @@ sys.path.insert(0, str(REPO))
 from tests.controlplane.cluster import (  # noqa: E402
     ROOT,
     ControlPlane,
+    Downtime,
     Node,
     OperatorProcess,
+    Probed,
     boot_single_node,
     control_plane,
     install_operator,
@@ -39,54 +40,26 @@ REQUESTS = 1000
 IDLE_SECONDS = 60
 
 
-class Downtime(threading.Thread):
-    """Polls /readyz every 0.1 s and records each stretch without a 200."""
-
-    def __init__(self, probe: object) -> None:
-        super().__init__(daemon=True)
-        self.probe = probe
-        self.stop = threading.Event()
-        self.gaps: list[float] = []
-
-    def run(self) -> None:
-        down_since: float | None = None
-        while not self.stop.is_set():
-            try:
-                ok = self.probe() == 200  # type: ignore[operator]
-            except OSError:
-                ok = False
-            now = time.monotonic()
-            if not ok and down_since is None:
-                down_since = now
-            elif ok and down_since is not None:
-                self.gaps.append(now - down_since)
-                down_since = None
-            time.sleep(0.1)
-
-
 def time_apply_to_token(
-    cp: ControlPlane, node: Node, rounds: int, prefix: str = "bench"
+    cp: ControlPlane, node: Probed, rounds: int, prefix: str = "bench"
 ) -> tuple[list[float], list[float]]:
     """Seconds from ``kubectl apply`` of a new AuditUser to its working token, per round, and
     each stretch of /readyz without a 200 meanwhile (a restart's unavailability)."""
-    downtime = Downtime(node.readyz)
-    downtime.start()
     to_token = []
-    for i in range(rounds):
-        name = f"{prefix}-{i}"
-        start = time.monotonic()
-        cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": name}}])
-        wait_for(
-            f"{name}'s token to work",
-            lambda n=name: isinstance(whoami(cp, token_of(cp, n)), dict),
-            timeout=300,
-            interval=0.2,
-        )
-        to_token.append(time.monotonic() - start)
-        wait_for(f"{name} Ready", lambda n=name: is_ready(cp, "auditusers", n), 120, 0.5)
-    downtime.stop.set()
-    downtime.join()
-    return to_token, downtime.gaps
+    with Downtime([node], interval=0.1) as downtime:
+        for i in range(rounds):
+            name = f"{prefix}-{i}"
+            start = time.monotonic()
+            cp.apply([{"apiVersion": USERS, "kind": "AuditUser", "metadata": {"name": name}}])
+            wait_for(
+                f"{name}'s token to work",
+                lambda n=name: isinstance(whoami(cp, token_of(cp, n)), dict),
+                timeout=300,
+                interval=0.2,
+            )
+            to_token.append(time.monotonic() - start)
+            wait_for(f"{name} Ready", lambda n=name: is_ready(cp, "auditusers", n), 120, 0.5)
+    return to_token, downtime.gaps(node.name)
 
 
 def spread(values: list[float]) -> str:

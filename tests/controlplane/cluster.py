@@ -18,6 +18,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -137,6 +138,69 @@ def wait_for(
                 return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+class Probed(Protocol):
+    name: str
+
+    def readyz(self, token: str | None = None) -> int: ...
+
+
+class Downtime:
+    """Each node's kube-apiserver /readyz, asked every ``interval`` seconds from a thread of
+    its own: the spans during which it did not answer. With a person's ``token`` it is asked
+    with that token: a 401 is then a refusal of the person by a serving apiserver."""
+
+    def __init__(
+        self, nodes: Sequence[Probed], token: str | None = None, interval: float = 0.5
+    ) -> None:
+        self.token, self.interval = token, interval
+        self.samples: dict[str, list[tuple[float, bool]]] = {n.name: [] for n in nodes}
+        self.refused: list[tuple[str, float]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._watch, args=(n,)) for n in nodes]
+
+    def _watch(self, node: Probed) -> None:
+        while not self._stop.is_set():
+            try:
+                status = node.readyz(self.token)
+            except OSError:
+                status = 0
+            at = time.monotonic()
+            if status == 401 and self.token:
+                self.refused.append((node.name, at))
+            self.samples[node.name].append(
+                (at, status == 200 or (status == 401 and bool(self.token)))
+            )
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Downtime:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def spans(self, name: str) -> list[tuple[float, float]]:
+        """(start, end) of each span without an answer; a span still open ends at infinity."""
+        found: list[tuple[float, float]] = []
+        start: float | None = None
+        for at, up in self.samples[name]:
+            if not up and start is None:
+                start = at
+            elif up and start is not None:
+                found.append((start, at))
+                start = None
+        if start is not None:
+            found.append((start, float("inf")))
+        return found
+
+    def gaps(self, name: str) -> list[float]:
+        """The length of each span that ended: a restart's unavailability."""
+        return [end - start for start, end in self.spans(name) if end != float("inf")]
 
 
 def stop_process(process: subprocess.Popen[bytes], grace: float) -> int:

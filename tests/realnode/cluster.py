@@ -48,14 +48,18 @@ class Real:
         return dict(pods[0])
 
     def apiserver_container(self) -> str:
-        """The running kube-apiserver's container ID, from its mirror pod: a new one is a
-        restart."""
-        mirror = self.cp.kubectl_json("get", "pod", "-n", "kube-system",
-                                      f"kube-apiserver-{self.node.name}")  # fmt: skip
-        return str(mirror["status"]["containerStatuses"][0].get("containerID") or "")
+        return apiserver_container(self.cp, self.node)
 
     def set_identity_mode(self, mode: str) -> None:
         set_identity_mode(self.cp, [self.node], mode)
+
+
+def apiserver_container(cp: ControlPlane, node: RealNode) -> str:
+    """The node's running kube-apiserver container ID, from its mirror pod: a new one is a
+    restart ("" while kubelet reports none)."""
+    mirror = cp.kubectl_json("get", "pod", "-n", "kube-system", f"kube-apiserver-{node.name}")
+    statuses = mirror["status"].get("containerStatuses") or [{}]
+    return str(statuses[0].get("containerID") or "")
 
 
 def set_identity_mode(cp: ControlPlane, nodes: list[RealNode], mode: str) -> None:
@@ -147,23 +151,31 @@ def wait_operator_ready(cp: ControlPlane, timeout: float = 300) -> None:
 
 
 @contextlib.contextmanager
-def real_node(base: Path) -> Iterator[Real]:
-    """Boot, install, yield; then tear down and check the machine is as it was."""
+def host_left_as_found() -> Iterator[set[str]]:
+    """Around a tier's life: afterwards its cgroups are removed and the machine must be as it
+    was. Yields the set the tier adds its network namespaces to (a process running in one is
+    the tier's)."""
     before = HostState.read()
-    tier_nets: frozenset[str] = frozenset()
+    tier_nets: set[str] = set()
     try:
-        with control_plane(base) as cp:
-            tier_nets = frozenset({cp.netns.name})
-            node = kubeadm_init(cp)
-            wait_for(f"{node.name} Ready", lambda: node_ready(cp, node.name), 180, 2)
-            kubeadm_manifest = node.manifest.read_bytes()
-            image = install_with_local_image(cp)
-            wait_operator_ready(cp)
-            yield Real(cp, node, image, cp.base / "overlay", kubeadm_manifest)
+        yield tier_nets
     finally:
         remove_cgroups(before.cgroups)
-        left = before.differences(HostState.read(), tier_nets)
+        left = before.differences(HostState.read(), frozenset(tier_nets) - {""})
         assert not left, "the real node tier left the machine changed:\n" + "\n".join(left)
+
+
+@contextlib.contextmanager
+def real_node(base: Path) -> Iterator[Real]:
+    """Boot, install, yield; then tear down and check the machine is as it was."""
+    with host_left_as_found() as tier_nets, control_plane(base) as cp:
+        tier_nets.add(cp.netns.name)
+        node = kubeadm_init(cp)
+        wait_for(f"{node.name} Ready", lambda: node_ready(cp, node.name), 180, 2)
+        kubeadm_manifest = node.manifest.read_bytes()
+        image = install_with_local_image(cp)
+        wait_operator_ready(cp)
+        yield Real(cp, node, image, cp.base / "overlay", kubeadm_manifest)
 
 
 @dataclass
@@ -176,36 +188,22 @@ class RealHA:
     image: str
 
     def apiserver_containers(self) -> dict[str, str]:
-        """Each node's running kube-apiserver container, from its mirror pod."""
-        found = {}
-        for node in self.nodes:
-            mirror = self.cp.kubectl_json("get", "pod", "-n", "kube-system",
-                                          f"kube-apiserver-{node.name}")  # fmt: skip
-            statuses = mirror["status"].get("containerStatuses") or [{}]
-            found[node.name] = str(statuses[0].get("containerID") or "")
-        return found
+        return {node.name: apiserver_container(self.cp, node) for node in self.nodes}
 
 
 @contextlib.contextmanager
 def real_nodes(base: Path, count: int, env: dict[str, str]) -> Iterator[RealHA]:
     """``count`` real nodes with the operator's ``env``; torn down as ``real_node`` is."""
-    before = HostState.read()
-    tier_nets: set[str] = set()
-    try:
-        with control_plane(base) as cp:
-            tier_nets.add(cp.netns.name)
-            try:
-                nodes, lb = kubeadm_ha(cp, count)
-            finally:
-                tier_nets.update(n.net_name for n in cp.nodes if isinstance(n, RealNode))
-            wait_for("every node Ready", lambda: all(node_ready(cp, n.name) for n in nodes), 180, 2)
-            image = install_with_local_image(cp, env)
-            wait_operator_ready(cp)
-            yield RealHA(cp, nodes, lb, image)
-    finally:
-        remove_cgroups(before.cgroups)
-        left = before.differences(HostState.read(), frozenset(tier_nets) - {""})
-        assert not left, "the real node tier left the machine changed:\n" + "\n".join(left)
+    with host_left_as_found() as tier_nets, control_plane(base) as cp:
+        tier_nets.add(cp.netns.name)
+        try:
+            nodes, lb = kubeadm_ha(cp, count)
+        finally:
+            tier_nets.update(n.net_name for n in cp.nodes if isinstance(n, RealNode))
+        wait_for("every node Ready", lambda: all(node_ready(cp, n.name) for n in nodes), 180, 2)
+        image = install_with_local_image(cp, env)
+        wait_operator_ready(cp)
+        yield RealHA(cp, nodes, lb, image)
 
 
 def node_ready(cp: ControlPlane, name: str) -> bool:

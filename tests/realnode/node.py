@@ -635,12 +635,7 @@ def kubeadm_init(cp: ControlPlane, index: int = 1) -> RealNode:
     """One node made by ``kubeadm init`` and run by the real kubelet."""
     node = add_real_node(cp, index)
     node.kubeadm_config.write_text(yaml.safe_dump_all(kubeadm_configuration(node, "kube-audit")))
-    # kubeadm config images list needs no namespace: run it before the node boots.
-    listed = subprocess.run(
-        [str(BIN / "kubeadm"), "config", "images", "list", "--config", str(node.kubeadm_config)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    images, pause = _build_images(listed.stdout.split())
+    images, pause = _images_for(node.kubeadm_config)
     node.boot(images, pause)
     kube_proxy_for_the_api(node, node.address, node.port)
     node.kubeadm("init", "--config", str(node.kubeadm_config), "--v=1", timeout=600)
@@ -660,11 +655,7 @@ def kubeadm_ha(cp: ControlPlane, count: int) -> tuple[list[RealNode], LoadBalanc
     first.kubeadm_config.write_text(
         yaml.safe_dump_all(kubeadm_configuration(first, "kube-audit-ha", endpoint))
     )
-    listed = subprocess.run(
-        [str(BIN / "kubeadm"), "config", "images", "list", "--config", str(first.kubeadm_config)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    images, pause = _build_images(listed.stdout.split())
+    images, pause = _images_for(first.kubeadm_config)
     failures: list[BaseException] = []
 
     def boot(node: RealNode) -> None:
@@ -691,8 +682,16 @@ def kubeadm_ha(cp: ControlPlane, count: int) -> tuple[list[RealNode], LoadBalanc
     return nodes, lb
 
 
-def _build_images(refs: list[str]) -> tuple[list[Path], str]:
+def _images_for(kubeadm_config: Path) -> tuple[list[Path], str]:
+    """The image archives the nodes import (kubeadm's images, built from our binaries, and the
+    operator's) and the pause image's name. ``kubeadm config images list`` needs no node: it
+    runs before any boots."""
+    listed = subprocess.run(
+        [str(BIN / "kubeadm"), "config", "images", "list", "--config", str(kubeadm_config)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
     images, pause = [], ""
+    refs = listed.stdout.split()
     for ref in refs:
         program = ref.rsplit("/", 1)[1].split(":")[0]
         if program in ("coredns", "kube-proxy"):  # their addon phases are skipped

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.controlplane.cluster import ROOT, require_tier, wait_for
+from tests.controlplane.cluster import ROOT, Downtime, require_tier, wait_for
 from tests.controlplane.test_job import USERS, is_ready, token_of, whoami
 from tests.realnode.cluster import RealHA, real_nodes, set_identity_mode
-from tests.realnode.node import RealNode, why_unavailable
+from tests.realnode.node import why_unavailable
 
 # HAProxy marks a server up after rise 2 x inter 1 s, so 3 s of readiness is enough before the
 # next node. A new apiserver on the real kubelet here takes about 55 s (kubelet's back-off, then
@@ -41,54 +39,6 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealHA]:
         pytest.skip("needs HAProxy (Debian package haproxy; `make test` installs it as root)")
     with real_nodes(tmp_path_factory.mktemp("realha"), 3, OPERATOR_ENV) as plane:
         yield plane
-
-
-class Downtime:
-    """Each node's kube-apiserver /readyz, asked twice a second from the tier's namespace (as
-    HAProxy asks it): the spans during which it did not answer. With a person's ``token``, it
-    is asked with that token: a 401 is a refusal of the person by a serving apiserver."""
-
-    def __init__(self, nodes: list[RealNode], token: str | None = None) -> None:
-        self.nodes, self.token = nodes, token
-        self.samples: dict[str, list[tuple[float, bool]]] = {n.name: [] for n in nodes}
-        self.refused: list[tuple[str, float]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, args=(n,)) for n in nodes]
-
-    def _watch(self, node: RealNode) -> None:
-        while not self._stop.is_set():
-            try:
-                status = node.readyz(self.token)
-            except OSError:
-                status = 0
-            at = time.monotonic()
-            if status == 401:
-                self.refused.append((node.name, at))
-            self.samples[node.name].append((at, status in (200, 401)))
-            self._stop.wait(0.5)
-
-    def __enter__(self) -> Downtime:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-    def spans(self, name: str) -> list[tuple[float, float]]:
-        found: list[tuple[float, float]] = []
-        start: float | None = None
-        for at, up in self.samples[name]:
-            if not up and start is None:
-                start = at
-            elif up and start is not None:
-                found.append((start, at))
-                start = None
-        if start is not None:
-            found.append((start, float("inf")))
-        return found
 
     def one_at_a_time(self) -> list[tuple[float, float, str]]:
         """Every span in time order, asserting no two overlap."""
