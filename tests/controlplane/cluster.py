@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import re
@@ -201,6 +202,13 @@ class Downtime:
     def gaps(self, name: str) -> list[float]:
         """The length of each span that ended: a restart's unavailability."""
         return [end - start for start, end in self.spans(name) if end != float("inf")]
+
+    def one_at_a_time(self) -> list[tuple[float, float, str]]:
+        """Every span in time order, asserting no two overlap."""
+        spans = sorted((a, b, name) for name in self.samples for a, b in self.spans(name))
+        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+            assert end < start, f"{first} and {second} were down at the same time: {spans}"
+        return spans
 
 
 def stop_process(process: subprocess.Popen[bytes], grace: float) -> int:

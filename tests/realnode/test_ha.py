@@ -13,7 +13,6 @@ restart costs the real kubelet's fixed back-off and a slower start, about twice 
 
 from __future__ import annotations
 
-import itertools
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -39,13 +38,6 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealHA]:
         pytest.skip("needs HAProxy (Debian package haproxy; `make test` installs it as root)")
     with real_nodes(tmp_path_factory.mktemp("realha"), 3, OPERATOR_ENV) as plane:
         yield plane
-
-    def one_at_a_time(self) -> list[tuple[float, float, str]]:
-        """Every span in time order, asserting no two overlap."""
-        spans = sorted((a, b, name) for name in self.samples for a, b in self.spans(name))
-        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
-            assert end < start, f"{first} and {second} were down at the same time: {spans}"
-        return spans
 
 
 def _rolled_back(ha: RealHA) -> dict[str, Any] | None:
