@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from tests.conftest import audit_policy, audit_user, kubeadm_manifest_text, long_token, token_secret  # noqa: E402
 
+from kube_audit.agent.apply import apply_node  # noqa: E402
 from kube_audit.agent.layout import HostLayout  # noqa: E402
-from kube_audit.agent.node import apply_node  # noqa: E402
 from kube_audit.core.manifest import parse_manifest, patch_manifest  # noqa: E402
 from kube_audit.core.plan import collect_inputs, plan_desired, plan_manifest  # noqa: E402
 from kube_audit.core.settings import Settings  # noqa: E402

@@ -51,7 +51,11 @@ def make_host(root: Path, version: str = "v1.31", static_pod_path: str | None = 
 
 
 def desired(
-    *names: str, policy: bool = True, marker: str = "", level: str = "Metadata"
+    *names: str,
+    policy: bool = True,
+    marker: str = "",
+    level: str = "Metadata",
+    settings: Settings | None = None,
 ) -> DesiredState:
     """Users ``names`` (token ``tok-<name><marker>``), and one policy (its rule at ``level``)
     unless told otherwise."""
@@ -63,7 +67,8 @@ def desired(
         ]
     if policy:
         objs.append(audit_policy("dev", rules=[{"level": level, "userGroups": ["developer"]}]))
-    return plan_desired(collect_inputs([(f"t#{i}", o) for i, o in enumerate(objs)]), Settings())
+    inputs = collect_inputs([(f"t#{i}", o) for i, o in enumerate(objs)])
+    return plan_desired(inputs, settings or Settings())
 
 
 @pytest.fixture

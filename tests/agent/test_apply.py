@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from kube_audit import hostfs
+from kube_audit.agent.apply import apply_node, plan_node
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import apply_node, plan_node, read_state, rollback_node, uninstall_node
+from kube_audit.agent.records import read_state
+from kube_audit.agent.rollback import rollback_node
+from kube_audit.agent.uninstall import uninstall_node
 from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest, render_manifest
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import parse_token_file

@@ -284,7 +284,9 @@ def _host_root(root: Path, pki: Pki) -> Path:
     )
     _write(root / "var/lib/kube-audit/authn-webhook/serving.crt", serving.cert)
     _write(root / "var/lib/kube-audit/authn-webhook/serving.key", serving.key)
-    _write(root / "var/lib/kube-audit/identities.json", render_identity_snapshot([ALICE]))
+    _write(
+        root / "var/lib/kube-audit/authn-webhook/identities.json", render_identity_snapshot([ALICE])
+    )
     _write(root / "etc/kubernetes/pki/ca.crt", pki.cluster_ca.cert)
     _write(root / "etc/kubernetes/pki/apiserver-kubelet-client.crt", pki.apiserver.cert)
     return root

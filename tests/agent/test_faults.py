@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from kube_audit import hostfs
+from kube_audit.agent.apply import apply_node
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import apply_node, rollback_node, uninstall_node
+from kube_audit.agent.rollback import rollback_node
+from kube_audit.agent.uninstall import uninstall_node
 from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
 from kube_audit.core.plan import DesiredState
 from kube_audit.errors import HostError, LockBusy

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kube_audit.agent.apply import apply_node, needs_change
 from kube_audit.agent.health import (
     Expectation,
     HealthCheck,
@@ -14,8 +15,10 @@ from kube_audit.agent.health import (
     may_carry_token,
     mirror_pod_verdict,
 )
+from kube_audit.agent.holds import hold_of
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import apply_node, hold_of, needs_change, read_state, rollback_node
+from kube_audit.agent.records import read_state
+from kube_audit.agent.rollback import rollback_node
 from kube_audit.core.manifest import config_hash_of, flag_value, parse_manifest
 from kube_audit.errors import ManifestError, RewrittenDuringWait, RolledBack
 from tests.agent.conftest import FakeNode, desired, health

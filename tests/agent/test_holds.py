@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from kube_audit.agent.apply import apply_node
 from kube_audit.agent.health import Expectation, HealthCheck, mirror_pod_verdict
+from kube_audit.agent.holds import WRITER_WAIT, hold_of, kubelet_behind, revocation_of
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import (
-    WRITER_WAIT,
-    apply_node,
-    hold_of,
-    kubelet_behind,
-    read_state,
-    revocation_of,
-    rollback_node,
-)
+from kube_audit.agent.records import read_state
+from kube_audit.agent.rollback import rollback_node
 from kube_audit.core.manifest import (
     HASH_ANNOTATION,
+    WEBHOOK_CONFIG_FLAG,
     config_hash_of,
     flag_value,
     parse_manifest,
@@ -35,7 +32,8 @@ from kube_audit.core.manifest import (
     unpatch_manifest,
 )
 from kube_audit.core.plan import POLICY_FILE, DesiredState
-from kube_audit.errors import RolledBack
+from kube_audit.core.settings import Settings
+from kube_audit.errors import RolledBack, WebhookNotAnswering
 from tests.agent.conftest import FakeNode, desired, health
 
 
@@ -141,22 +139,120 @@ def test_a_refused_policy_does_not_hold_back_a_deletion(
     assert revocation_of(layout, refused, _later(1)) is None
 
 
-def test_no_revocation_step_over_an_admins_rollback(
+def test_an_admins_rollback_never_brings_back_a_deleted_person(
     layout: HostLayout, fake_node: tuple[FakeNode, str]
 ) -> None:
-    """An admin rolled back from the content that removed bob: the step would be that very
-    content, so it is held as the admin left it."""
+    """Before (issue 36 finding 1): an admin's rollback to a backup that still had bob held
+    the content it left, with no revocation step, so bob's token worked on that node alone.
+    A rollback restores a state of the node, not a person deleted since: bob's line goes on
+    the restored config (its policy), and the admin's hold on the newer content stands."""
     _node, url = fake_node
     both, alice_only = desired("alice", "bob"), desired("alice")
     apply_node(layout, both, health(url))
-    apply_node(layout, alice_only, health(url))
-    rollback_node(layout, health(url))
-    assert revocation_of(layout, alice_only, _later(1)) is None
-    assert b"bob" in _tokens(layout)
-    other = desired("alice", level="Request")  # bob gone and a new policy: not that content
+    other = desired("alice", level="Request")  # bob gone and a new policy
     apply_node(layout, other, health(url))
     rollback_node(layout, health(url))
-    assert revocation_of(layout, other, _later(1)) is None, "the admin's rollback stands whole"
+    assert b"bob" in _tokens(layout), "the rollback restored the backup with bob"
+    step = revocation_of(layout, other, _later(1))
+    assert step is not None and step.config_hash == alice_only.config_hash
+    result = apply_node(layout, step, health(url), retry_failed=False)
+    assert result.outcome == "applied" and b"bob" not in _tokens(layout)
+    assert _policy(layout) == both.files[POLICY_FILE], "the rolled-back policy stays"
+    hold = hold_of(layout, other, _later(10**6))
+    assert hold is not None and hold.by_admin, "the admin's rollback still stands"
+    assert revocation_of(layout, other, _later(1)) is None, "nothing left to take away"
+
+
+WEBHOOK = Settings(identity_mode="webhook")
+
+
+def _in_webhook_mode(layout: HostLayout) -> HostLayout:
+    return replace(layout, settings=WEBHOOK)
+
+
+def test_a_failed_switch_to_webhook_mode_never_keeps_a_deleted_persons_token(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """Issue 36 finding 1: the switch to webhook mode crashes and is rolled back to the token
+    file with alice and bob. Webhook mode's content names no people, so bob's deletion leaves
+    its hash (and the hold) as they were, and the revocation step used to be built in webhook
+    mode, where the running token file has no place: none, bob live on this node for good.
+    Now the step is built in the mode the node runs."""
+    node, url = fake_node
+    apply_node(layout, desired("alice", "bob"), health(url))
+    webhook = _in_webhook_mode(layout)
+    switch = desired("alice", "bob", settings=WEBHOOK)
+    node.crashes = lambda m: flag_value(m, WEBHOOK_CONFIG_FLAG) is not None
+    with pytest.raises(RolledBack):
+        apply_node(webhook, switch, health(url, timeout=0.6), retry_failed=False,
+                   webhook_probe=None)  # fmt: skip
+    node.crashes = lambda m: False
+    bob_gone = desired("alice", settings=WEBHOOK)
+    assert bob_gone.config_hash == switch.config_hash, "people are not in webhook mode's hash"
+    assert b"bob" in _tokens(layout)
+    hold = hold_of(webhook, bob_gone, _later(10**6))
+    assert hold is not None and "AuditPolicies or the operator's settings" in hold.message
+    step = revocation_of(webhook, bob_gone, _later(1))
+    assert step is not None and not step.webhook_mode
+    result = apply_node(webhook, step, health(url), retry_failed=False, webhook_probe=None)
+    assert result.outcome == "applied" and result.restarted
+    assert b"bob" not in _tokens(layout) and b"alice" in _tokens(layout)
+    manifest = parse_manifest(layout.manifest.read_text())
+    assert flag_value(manifest, WEBHOOK_CONFIG_FLAG) is None, "still the token file it ran"
+    assert hold_of(webhook, bob_gone, _later(10**6)) is not None, "the switch stays held"
+    assert revocation_of(webhook, bob_gone, _later(1)) is None
+
+
+def test_an_admins_rollback_out_of_webhook_mode_refuses_a_person_deleted_since(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """Issue 36 finding 1, by hand: `kube-audit node rollback` from webhook mode restores the
+    token file the node ran before; bob, deleted since, is taken out of it, and the admin's
+    hold on webhook mode stands (the revocation does not lift it)."""
+    _node, url = fake_node
+    apply_node(layout, desired("alice", "bob"), health(url))
+    webhook = _in_webhook_mode(layout)
+    switch = desired("alice", "bob", settings=WEBHOOK)
+    assert apply_node(webhook, switch, health(url), webhook_probe=None).outcome == "applied"
+    rollback_node(webhook, health(url))
+    assert b"bob" in _tokens(layout), "back on the token file, bob in it"
+    bob_gone = desired("alice", settings=WEBHOOK)
+    step = revocation_of(webhook, bob_gone, _later(1))
+    assert step is not None
+    assert apply_node(webhook, step, health(url), retry_failed=False).outcome == "applied"
+    assert b"bob" not in _tokens(layout)
+    hold = hold_of(webhook, bob_gone, _later(10**6))
+    assert hold is not None and hold.by_admin, "the admin's rollback still stands"
+    again = apply_node(webhook, bob_gone, health(url), retry_failed=False, webhook_probe=None)
+    assert again.outcome == "held" and b"alice" in _tokens(layout)
+
+
+def test_a_switch_its_webhook_cannot_take_is_held_and_a_deletion_goes_meanwhile(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """The DaemonSet says webhook mode, but the node's authn-webhook does not answer: the
+    switch used to fail on every try (an error, retried), which no revocation followed, so
+    bob, deleted meanwhile, stayed in the token file the node runs. Now the switch is a hold
+    that waits (looked at again in seconds), and bob goes as for any other hold."""
+    _node, url = fake_node
+    apply_node(layout, desired("alice", "bob"), health(url))
+    webhook = _in_webhook_mode(layout)
+    bob_gone = desired("alice", settings=WEBHOOK)
+
+    def silent(_layout: HostLayout) -> str:
+        return "https://127.0.0.1:6441/healthz: connection refused"
+
+    hold = hold_of(webhook, bob_gone, 1000.0, silent)
+    assert hold is not None and hold.waiting and hold.retry_at == 1000.0 + 10
+    assert "connection refused" in hold.message and not hold.by_admin
+    assert hold_of(webhook, bob_gone, 1000.0, None) is None, "nothing else holds it"
+    step = revocation_of(webhook, bob_gone, 1000.0)
+    assert step is not None
+    result = apply_node(webhook, step, health(url), retry_failed=False, webhook_probe=silent)
+    assert result.outcome == "applied" and b"bob" not in _tokens(layout)
+    with pytest.raises(WebhookNotAnswering):
+        apply_node(webhook, bob_gone, health(url), retry_failed=False, webhook_probe=silent)
+    assert b"alice" in _tokens(layout), "the token file stays while the webhook is silent"
 
 
 def test_a_transient_failure_is_retried_with_back_off(

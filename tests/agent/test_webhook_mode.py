@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from kube_audit.agent import pki
+from kube_audit.agent.apply import apply_node, plan_node, publish_identities
 from kube_audit.agent.authn_webhook import AuthnWebhook, WebhookFiles
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import apply_node, plan_node, publish_identities, uninstall_node
+from kube_audit.agent.uninstall import uninstall_node
 from kube_audit.agent.webhook_files import (
     ca_files,
     serving_files,
@@ -236,3 +237,71 @@ def test_the_plan_shows_identity_changes_as_fingerprints(
     assert f"+{fingerprint(long_token('tok-bob'))} bob uid=" in plan
     assert "tok-bob" not in plan and "kube-apiserver.yaml" not in plan
     assert plan_node(layout, _desired(WEBHOOK, "alice")) == ""
+
+
+def _clear_tokens_on(root: Path, tokens: list[str]) -> list[str]:
+    """Every file under ``root`` that holds one of ``tokens`` in clear."""
+    return sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_file() and any(t.encode() in path.read_bytes() for t in tokens)
+    )
+
+
+def test_no_token_in_clear_is_left_once_the_node_runs_webhook_mode(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """Issue 36 finding 2. Before: the token-file days' backups (and the content folders they
+    name) kept tokens.csv for as long as the manifest did not change ten times, which webhook
+    mode rarely makes it do, while the docs said digests only. Once the switch is verified,
+    nothing on the host holds a token in clear, and the webhook's own folder holds only its
+    snapshot and serving pair. Until then the token file is the way back: a failed switch is
+    rolled back to it (tests/agent/test_holds.py)."""
+    _node, url = fake_node
+    tokens = [long_token(f"tok-{name}") for name in ("alice", "bob")]
+    root = layout.root
+    for people in (("alice",), ("alice", "bob")):
+        assert _apply(layout, _desired(Settings(), *people), url).outcome == "applied"
+    assert _clear_tokens_on(root, tokens), "token-file mode: the token file and its backups"
+    webhook = _webhook_layout(layout)
+    switched = _apply(webhook, _desired(WEBHOOK, "alice", "bob"), url)
+    assert switched.outcome == "applied" and switched.restarted
+    assert _clear_tokens_on(root, tokens) == []
+    assert sorted(p.name for p in webhook.webhook_dir.iterdir()) == [
+        "identities.json", "serving.crt", "serving.key"]  # fmt: skip
+    assert (webhook.webhook_ca_dir / "ca.key").exists()
+    backups = sorted(p.name for p in webhook.backups.iterdir())
+    assert backups and all(not (webhook.backups / b / TOKEN_FILE).exists() for b in backups)
+    assert uninstall_node(webhook, health(url)).outcome == "uninstalled", "the way out stays"
+
+
+def test_an_earlier_versions_files_move_out_of_the_webhooks_reach(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """0.1.x kept the CA (its key too) beside the serving pair, and the snapshot and its
+    token-file backups in the state folder the webhook mounted whole. The same CA moves (the
+    apiserver trusts it from its start on: no restart), the old snapshot goes, and the
+    backups with tokens go once the node is verified in webhook mode (publish, every
+    reconcile, does it: nothing else needs to change)."""
+    _node, url = fake_node
+    _apply(layout, _desired(Settings(), "alice"), url)
+    webhook = _webhook_layout(layout)
+    _apply(webhook, _desired(WEBHOOK, "alice"), url)
+    ca_cert, ca_key = (path.read_bytes() for path in ca_files(webhook))
+    kubeconfig = webhook_kubeconfig(webhook).read_bytes()
+    for name, data in (("ca.crt", ca_cert), ("ca.key", ca_key)):
+        (webhook.webhook_dir / name).write_bytes(data)
+    for path in ca_files(webhook):
+        path.unlink()
+    (webhook.state_dir / "identities.json").write_bytes(webhook.identity_snapshot.read_bytes())
+    backup = webhook.backups / "000099-0123456789abcdef"
+    backup.mkdir()
+    (backup / TOKEN_FILE).write_bytes(f"{long_token('tok-alice')},alice,u1\n".encode())
+    written = publish_identities(webhook, _desired(WEBHOOK, "alice"), lambda: NOW)
+    assert "ca.key" in written and "(removed backup 000099-0123456789abcdef" in written[-1]
+    assert [path.read_bytes() for path in ca_files(webhook)] == [ca_cert, ca_key], "same CA"
+    assert webhook_kubeconfig(webhook).read_bytes() == kubeconfig, "no restart needed"
+    assert sorted(p.name for p in webhook.webhook_dir.iterdir()) == [
+        "identities.json", "serving.crt", "serving.key"]  # fmt: skip
+    assert not (webhook.state_dir / "identities.json").exists()
+    assert _clear_tokens_on(webhook.root, [long_token("tok-alice")]) == []

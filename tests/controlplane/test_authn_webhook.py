@@ -74,7 +74,7 @@ class WebhookNode:
 
     @property
     def snapshot(self) -> Path:
-        return self.node.tree / "var/lib/kube-audit/identities.json"
+        return self.node.tree / "var/lib/kube-audit/authn-webhook/identities.json"
 
     @property
     def log(self) -> Path:

@@ -11,7 +11,7 @@ import threading
 import time
 
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import read_state
+from kube_audit.agent.records import read_state
 from tests.agent.conftest import desired
 from tests.clock import ManualClock
 from tests.operator.conftest import Harness, RolloutNode

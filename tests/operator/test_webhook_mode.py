@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kube_audit.agent.node import failures_of, read_state
+from kube_audit.agent.records import failures_of, read_state
 from kube_audit.core.identities import parse_identity_snapshot, token_digest
 from kube_audit.core.manifest import flag_value, parse_manifest
 from kube_audit.core.settings import Settings

@@ -538,6 +538,54 @@ def test_identities_move_to_the_webhook_and_back(real: Real) -> None:
           f"refused bob for {gap:.1f}s")  # fmt: skip
 
 
+def _patch_pod_template(real: Real, webhook_command: str, mode: str) -> None:
+    """One change of the DaemonSet's pod template: the authn-webhook container's command and
+    the operator's identity mode."""
+    patch = {"spec": {"template": {"spec": {"containers": [
+        {"name": "authn-webhook", "command": ["kube-audit", webhook_command]},
+        {"name": "operator", "env": [{"name": "KUBE_AUDIT_IDENTITY_MODE", "value": mode}]},
+    ]}}}}  # fmt: skip
+    real.cp.kubectl("-n", NAMESPACE, "patch", "daemonset", "kube-audit", "-p", json.dumps(patch))
+
+
+def test_a_switch_the_webhook_cannot_take_never_keeps_a_deleted_person(real: Real) -> None:
+    """Issue 36 finding 1 on the real kubelet and kube-apiserver: the DaemonSet asks for webhook
+    mode while its authn-webhook container does not answer. The node keeps its token file and
+    says why; frank, deleted meanwhile, is refused by that apiserver within one restart. Before,
+    the switch failed on every try and nothing took frank's line out: his token worked there
+    for as long as the webhook was silent. (A rollback out of webhook mode, automatic or by an
+    admin, is the same hold and the same revocation: tests/agent/test_holds.py.)"""
+    cp, node = real.cp, real.node
+    frank = token_of(cp, "frank")
+    wait_for("frank accepted", lambda: _user(whoami(cp, frank)), 60, 1)
+    manifest = node.manifest.read_bytes()
+    _patch_pod_template(real, "standby", "webhook")
+
+    def node_entry() -> dict[str, Any]:
+        status = status_of(cp, "auditpolicies", "developers")["obj"].get("status") or {}
+        return dict((status.get("nodes") or {}).get(node.name) or {})
+
+    wait_for("the node waiting for its webhook",
+             lambda: "does not answer" in node_entry().get("message", ""), 300, 2)  # fmt: skip
+    assert node_entry()["outcome"] == "Pending", node_entry()
+    assert node.manifest.read_bytes() == manifest, "no switch to a webhook that is not there"
+    container = real.apiserver_container()
+    started = time.monotonic()
+    cp.kubectl("delete", "audituser", "frank")
+    wait_for("frank refused while the switch waits",
+             lambda: _user(whoami(cp, frank)) is None, 300, 1)  # fmt: skip
+    refused = time.monotonic() - started
+    _settled(real)
+    after = node.manifest.read_bytes()
+    assert b"--token-auth-file=" in after and b"webhook-config-file" not in after
+    assert real.apiserver_container() != container, "one restart took frank's line out"
+    _patch_pod_template(real, "authn-webhook", "token-file")
+    wait_operator_ready(cp)
+    _settled(real)
+    print(f"webhook mode asked with a silent authn-webhook: frank deleted -> refused by the "
+          f"token-file apiserver in {refused:.1f}s (one restart)")  # fmt: skip
+
+
 def test_kubeadm_upgrade_node_is_not_disturbed_and_our_flags_come_back(real: Real) -> None:
     """Issue 20 item 11: ``kubeadm upgrade node`` (the same version: kubeadm rewrites the
     manifest from its own configuration, dropping our flags, and waits for kubelet to run the

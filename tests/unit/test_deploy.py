@@ -408,18 +408,22 @@ def test_the_authn_webhook_runs_apart_with_read_only_mounts_and_no_token(
 ) -> None:
     """Issue 21: the webhook keeps answering when the operator crashes; it can write nothing on
     the host, holds no API credential, and reads the apiserver's client certificate, never
-    its key."""
+    its key; nor its own CA's key or any backup (issue 36)."""
     spec = _one(objects, "DaemonSet")["spec"]["template"]["spec"]
     webhook = {c["name"]: c for c in spec["containers"]}["authn-webhook"]
     command = webhook["command"]
     assert build_parser().parse_args(command[1:]).command == "authn-webhook"
     mounts = {m["mountPath"]: m for m in webhook["volumeMounts"]}
     assert all(m.get("readOnly") for m in mounts.values()), mounts
-    assert set(mounts) == {"/host/var/lib/kube-audit", "/host/etc/kubernetes/pki/ca.crt",
+    # Issue 36 finding 2: its own folder only (snapshot, serving pair), not the state folder
+    # with the backups and the CA's key.
+    assert set(mounts) == {"/host/var/lib/kube-audit/authn-webhook",
+                           "/host/etc/kubernetes/pki/ca.crt",
                            "/host/etc/kubernetes/pki/apiserver-kubelet-client.crt"}  # fmt: skip
     volumes = {v["name"]: v for v in spec["volumes"]}
     paths = {volumes[m["name"]]["hostPath"]["path"] for m in mounts.values()}
     assert not any(path.endswith(".key") for path in paths)
+    assert "/var/lib/kube-audit" not in paths
     assert webhook["resources"]["limits"]["memory"]
     security = webhook["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == [

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
 
-from kube_audit.core.manifest import Manifest, parse_manifest
+from kube_audit.core.manifest import (
+    WEBHOOK_CONFIG_FLAG,
+    Manifest,
+    apiserver_container,
+    flag_value,
+    parse_manifest,
+)
 from kube_audit.core.plan import (
     TOKEN_FILE,
     DesiredState,
     plan_manifest,
     plan_revocation,
     removes_identities_only,
+    running_settings,
 )
 from kube_audit.core.retry import Failure, plan_hold, retry_delay
 from kube_audit.core.settings import Settings
@@ -134,21 +142,55 @@ def test_a_changed_line_leaves_too_and_nothing_is_added() -> None:
     assert step is not None and step.files[TOKEN_FILE] == desired("alice").files[TOKEN_FILE]
 
 
-@pytest.mark.parametrize(
-    ("wanted", "why"),
-    [
-        (desired("alice", "bob", "dave", level="None"), "nothing is taken away"),
-        (replace(desired("alice"), settings=Settings(log_maxage=90)), "the settings changed"),
-    ],
-)
-def test_no_revocation_step_without_a_removal_on_the_same_settings(
-    wanted: DesiredState, why: str
-) -> None:
+def test_no_revocation_step_without_a_removal() -> None:
     before = desired("alice", "bob")
     manifest, files = _running(before)
-    assert plan_revocation(manifest, files, before.config_hash, wanted) is None, why
+    wanted = desired("alice", "bob", "dave", level="None")
+    assert plan_revocation(manifest, files, before.config_hash, wanted) is None
     base = parse_manifest(kubeadm_manifest_text("v1.31"))
     assert plan_revocation(base, {}, "", wanted) is None, "an unpatched node runs no tokens"
+
+
+def test_a_held_change_of_settings_revokes_on_the_settings_the_node_runs() -> None:
+    """Before, a held content with other settings (log rotation here) gave no step at all, and
+    bob stayed. The running config is read back from its manifest: bob's line leaves, the
+    running flags stay."""
+    before = desired("alice", "bob")
+    manifest, files = _running(before)
+    held = replace(desired("alice"), settings=Settings(log_maxage=90))
+    step = plan_revocation(manifest, files, before.config_hash, held)
+    assert step is not None and step.settings.log_maxage == Settings().log_maxage
+    assert step.config_hash == desired("alice").config_hash
+    assert flag_value(plan_manifest(manifest, step), "--audit-log-maxage") == "30"
+    assert running_settings(manifest, held.settings) == Settings()
+
+
+def test_a_rollback_to_a_token_file_revokes_in_token_file_mode() -> None:
+    """Webhook mode's content names no token file: the people it wants are its records, and
+    the step is built in the mode and settings the node runs (issue 36 finding 1)."""
+    before = desired("alice", "bob")
+    manifest, files = _running(before)
+    webhook = Settings(identity_mode="webhook")
+    held = replace(desired("alice"), settings=webhook, files={}, config_hash="w" * 64)
+    step = plan_revocation(manifest, files, before.config_hash, held)
+    assert step is not None and not step.webhook_mode
+    assert step.config_hash == desired("alice").config_hash
+    assert flag_value(plan_manifest(manifest, step), WEBHOOK_CONFIG_FLAG) is None
+
+
+def _set_flag(manifest: Manifest, flag: str, value: str) -> Manifest:
+    edited = copy.deepcopy(manifest)
+    command = apiserver_container(edited)["command"]
+    command[:] = [f"{flag}={value}" if a.startswith(flag + "=") else a for a in command]
+    return edited
+
+
+def test_a_hand_edited_flag_gives_no_step() -> None:
+    before = desired("alice", "bob")
+    manifest, files = _running(before)
+    edited = _set_flag(manifest, "--audit-log-maxage", "thirty")
+    assert running_settings(edited, Settings()) is None
+    assert plan_revocation(edited, files, before.config_hash, desired("alice")) is None
 
 
 def test_the_last_person_gone_without_a_policy_unpatches() -> None:

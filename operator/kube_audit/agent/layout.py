@@ -86,12 +86,18 @@ class HostLayout:
     @property
     def identity_snapshot(self) -> Path:
         """Webhook mode: the people, tokens as digests, that ``authn-webhook`` answers from."""
-        return self.state_dir / "identities.json"
+        return self.webhook_dir / "identities.json"
 
     @property
     def webhook_dir(self) -> Path:
-        """Webhook mode: its own CA and serving certificate (only the webhook reads them)."""
+        """All the authn-webhook container mounts: the snapshot and its serving certificate and
+        key. Nothing else (no backup, no CA key) is in its reach."""
         return self.state_dir / "authn-webhook"
+
+    @property
+    def webhook_ca_dir(self) -> Path:
+        """The webhook's own CA, its key included: the operator container's alone."""
+        return self.state_dir / "authn-webhook-ca"
 
     @property
     def lock_file(self) -> Path:

@@ -29,12 +29,29 @@ from kube_audit.core.identities import render_webhook_kubeconfig, snapshot_diges
 from kube_audit.core.plan import WEBHOOK_KUBECONFIG, DesiredState
 
 SERVING_NAME = "kube-audit-authn-webhook"
+# Where 0.1.x kept the snapshot (in the state folder, beside the backups).
+EARLIER_SNAPSHOT = "identities.json"
 # How often a webhook still on an older snapshot is asked again.
 CATCH_UP_POLL = 0.1
 
 
 def ca_files(layout: HostLayout) -> tuple[Path, Path]:
-    return layout.webhook_dir / "ca.crt", layout.webhook_dir / "ca.key"
+    return layout.webhook_ca_dir / "ca.crt", layout.webhook_ca_dir / "ca.key"
+
+
+def _move_from_earlier_places(layout: HostLayout, written: list[str]) -> None:
+    """0.1.x kept the CA beside the serving certificate and the snapshot beside the backups,
+    all in the webhook's reach. The CA moves (the same CA: the apiserver trusts it from its
+    start on), the old snapshot goes once the new one is written."""
+    for name, target in zip(("ca.crt", "ca.key"), ca_files(layout), strict=True):
+        old = layout.webhook_dir / name
+        data = hostfs.read_optional(old)
+        if data is None:
+            continue
+        if hostfs.read_optional(target) is None:
+            hostfs.write_atomic(target, data)
+            written.append(name)
+        hostfs.remove_tree(old)
 
 
 def serving_files(layout: HostLayout) -> tuple[Path, Path]:
@@ -72,6 +89,8 @@ def write_identities(layout: HostLayout, desired: DesiredState, now: datetime) -
     written: list[str] = []
     hostfs.ensure_dir(layout.state_dir)
     hostfs.ensure_dir(layout.webhook_dir)
+    hostfs.ensure_dir(layout.webhook_ca_dir, 0o700)
+    _move_from_earlier_places(layout, written)
     ca = _ensure_ca(layout, now, written)
     cert_path, key_path = serving_files(layout)
     if pki.needs_renewal(hostfs.read_optional(cert_path), ca.cert, now):
@@ -80,6 +99,7 @@ def write_identities(layout: HostLayout, desired: DesiredState, now: datetime) -
         hostfs.write_atomic(cert_path, serving.cert)
         written.extend((key_path.name, cert_path.name))
     _write_if_changed(layout.identity_snapshot, desired.identities, written)
+    hostfs.remove_tree(layout.state_dir / EARLIER_SNAPSHOT)
     if desired.webhook_mode:
         hostfs.ensure_dir(layout.config_dir)
         kubeconfig = render_webhook_kubeconfig(
@@ -96,6 +116,8 @@ def remove_identities(layout: HostLayout) -> None:
     """Uninstall: the snapshot, the webhook's certificates and its kubeconfig go."""
     hostfs.remove_tree(layout.identity_snapshot)
     hostfs.remove_tree(layout.webhook_dir)
+    hostfs.remove_tree(layout.webhook_ca_dir)
+    hostfs.remove_tree(layout.state_dir / EARLIER_SNAPSHOT)
     hostfs.remove_tree(webhook_kubeconfig(layout))
 
 

@@ -6,16 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from kube_audit.agent.apply import apply_node, plan_node
 from kube_audit.agent.health import HealthCheck
 from kube_audit.agent.layout import HostLayout
-from kube_audit.agent.node import (
-    NodeResult,
-    apply_node,
-    health_check,
-    plan_node,
-    rollback_node,
-    uninstall_node,
-)
+from kube_audit.agent.node import health_check
+from kube_audit.agent.records import NodeResult
+from kube_audit.agent.rollback import rollback_node
+from kube_audit.agent.uninstall import uninstall_node
 from kube_audit.cli.common import (
     guard_flags,
     host_flags,

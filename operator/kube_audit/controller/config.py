@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kube_audit.agent.health import HealthCheck
+from kube_audit.agent.holds import WebhookProbe
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
-from kube_audit.agent.node import WebhookProbe
 from kube_audit.agent.webhook_files import webhook_answers
 from kube_audit.core.settings import Settings
 

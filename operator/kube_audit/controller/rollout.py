@@ -19,7 +19,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from kube_audit.agent.node import NodeAgent, NodeResult
+from kube_audit.agent.node import NodeAgent
+from kube_audit.agent.records import NodeResult
 from kube_audit.constants import FAILED_ANNOTATION, KEEP_FAILED, ROLLOUT_LEASE
 from kube_audit.controller.clock import Clock
 from kube_audit.controller.config import OperatorConfig
@@ -81,7 +82,7 @@ def held_by(report: NodeReport, hold: Hold) -> NodeReport:
     """A node that does not apply the plan now: why, and whether and when it tries again."""
     return replace(
         report,
-        outcome=BLOCKED if hold.by_admin else ROLLED_BACK,
+        outcome=BLOCKED if hold.by_admin else PENDING if hold.waiting else ROLLED_BACK,
         message=hold.message,
         permanent=hold.retry_at is None,
         retry_at=hold.retry_at,

@@ -13,7 +13,13 @@ from typing import Any
 from kube_audit.constants import API_VERSION, AUDIT_POLICY, AUDIT_USER
 from kube_audit.core import yamlio
 from kube_audit.core.identities import render_identity_snapshot
-from kube_audit.core.manifest import Manifest, ManifestConfig, patch_manifest
+from kube_audit.core.manifest import (
+    WEBHOOK_CONFIG_FLAG,
+    Manifest,
+    ManifestConfig,
+    flag_value,
+    patch_manifest,
+)
 from kube_audit.core.models import (
     AuditPolicy,
     AuditUser,
@@ -66,6 +72,14 @@ class DesiredState:
     @property
     def webhook_mode(self) -> bool:
         return self.settings.identity_mode == "webhook"
+
+    @property
+    def token_lines(self) -> frozenset[bytes]:
+        """The token file's lines these people would have, in either mode: what a node that
+        runs a token file (a rollback to one in webhook mode included) may keep of its own."""
+        if TOKEN_FILE in self.files or not self.webhook_mode:
+            return frozenset(self.files.get(TOKEN_FILE, b"").splitlines())
+        return frozenset(render_token_file(self.users.records).splitlines())
 
     @property
     def config_subdir(self) -> str:
@@ -280,20 +294,55 @@ def removes_identities_only(
     return set(wanted.splitlines()) <= set(running_tokens.splitlines())
 
 
+def running_settings(current: Manifest, base: Settings) -> Settings | None:
+    """The settings the running manifest was made with, read back from its flags (``base``
+    for what a manifest does not show): the running config rebuilt whatever the operator's
+    settings are now, a token-file config a webhook-mode node was rolled back to included.
+    None when a flag does not read as we write it (edited by hand)."""
+    token_file = flag_value(current, "--token-auth-file")
+    policy_file = flag_value(current, "--audit-policy-file")
+    folder = token_file or policy_file
+    settings = replace(base, identity_mode="token-file")
+    if folder:
+        settings = replace(settings, config_dir=posixpath.dirname(posixpath.dirname(folder)))
+    ttl = flag_value(current, "--authentication-token-webhook-cache-ttl")
+    if flag_value(current, WEBHOOK_CONFIG_FLAG) is not None:
+        settings = replace(settings, identity_mode="webhook", webhook_cache_ttl=ttl or "")
+    log_path = flag_value(current, "--audit-log-path")
+    if policy_file and log_path:
+        try:
+            settings = replace(
+                settings,
+                log_dir=posixpath.dirname(log_path),
+                log_file=posixpath.basename(log_path),
+                log_maxage=int(flag_value(current, "--audit-log-maxage") or ""),
+                log_maxbackup=int(flag_value(current, "--audit-log-maxbackup") or ""),
+                log_maxsize=int(flag_value(current, "--audit-log-maxsize") or ""),
+                log_compress=flag_value(current, "--audit-log-compress") == "true",
+            )
+        except ValueError:
+            return None
+    return settings
+
+
 def plan_revocation(
     current: Manifest, current_files: Mapping[str, bytes], running_hash: str, desired: DesiredState
 ) -> DesiredState | None:
-    """What the node may run while ``desired`` is held back by a failure: the running config
-    with every token line ``desired`` no longer has taken out, and nothing else changed.
+    """What the node may run while ``desired`` is held back: the running config with every
+    token line ``desired``'s people no longer have taken out, and nothing else changed.
 
     A refused AuditPolicy must not keep a deleted or disabled person's token live: the held
-    content carries that policy, this one does not. A line ``desired`` changed (new groups, a
-    new token) goes too, so the node never grants more than either config. None when nothing
-    would be taken away, or the settings changed (the running config cannot be rebuilt)."""
+    content carries that policy, this one does not. Nor may a rollback: in webhook mode the
+    held content names no people at all (they are in the snapshot), so a node rolled back to a
+    token file is brought to the people of ``desired`` here, in the mode and with the settings
+    it runs. A line ``desired`` changed (new groups, a new token) goes too, so the node never
+    grants more than either config. None when nothing would be taken away, or the running
+    config cannot be rebuilt exactly."""
     running_tokens = current_files.get(TOKEN_FILE)
-    if not running_hash or running_tokens is None:
+    settings = running_settings(current, desired.settings)
+    if not running_hash or running_tokens is None or settings is None:
         return None
-    wanted = set(desired.files.get(TOKEN_FILE, b"").splitlines())
+    wanted = desired.token_lines
     kept = b"".join(
         line for line in running_tokens.splitlines(keepends=True) if line.rstrip(b"\r\n") in wanted
     )
@@ -302,6 +351,6 @@ def plan_revocation(
     files = {name: data for name, data in current_files.items() if name != TOKEN_FILE}
     if kept:
         files[TOKEN_FILE] = kept
-    step_hash = config_hash(files, desired.settings) if files else ""
-    step = replace(desired, files=files, config_hash=step_hash)
+    step_hash = config_hash(files, settings) if files else ""
+    step = replace(desired, files=files, config_hash=step_hash, settings=settings)
     return step if removes_identities_only(current, current_files, running_hash, step) else None

@@ -39,6 +39,8 @@ class Hold:
     message: str
     retry_at: float | None
     by_admin: bool = False
+    # Nothing failed: the node waits for something to be ready first (its webhook).
+    waiting: bool = False
 
 
 def retry_delay(count: int, *, revocation: bool) -> float:
@@ -58,14 +60,20 @@ def plan_hold(
     admin_rollback: bool,
     revocation: bool,
     now: float,
+    webhook: bool = False,
 ) -> Hold | None:
-    """None when the node may apply ``config_hash`` now."""
+    """None when the node may apply ``config_hash`` now. ``webhook``: the content is webhook
+    mode's, which names no people (they are in the snapshot), so only a change of the
+    AuditPolicies or the settings makes it another content."""
     short = config_hash[:16] or "(unpatched)"
+    inputs = "the AuditPolicies or the operator's settings" if webhook else "the inputs"
+    meanwhile = "; people deleted, disabled or expired since are refused here meanwhile"
     if admin_rollback:
+        objects = inputs if webhook else "the AuditUsers or AuditPolicies"
         return Hold(
             f"an admin rolled this node back from config {short} (`kube-audit node rollback`); "
-            "it is not applied again until the AuditUsers or AuditPolicies change, or until "
-            "`kube-audit node apply` is run on the node",
+            f"it is not applied again until {objects} change, or until `kube-audit node apply` "
+            f"is run on the node{meanwhile}",
             None,
             by_admin=True,
         )
@@ -75,7 +83,7 @@ def plan_hold(
     if failure.crashed and not revocation:
         return Hold(
             f"config {short} was rolled back: the new kube-apiserver never answered, so it does "
-            f"not start with it ({tries}); not tried again until the inputs change",
+            f"not start with it ({tries}); not tried again until {inputs} change{meanwhile}",
             None,
         )
     due = failure.at + retry_delay(failure.count, revocation=revocation)
