@@ -41,6 +41,8 @@ AUTHN_WEBHOOK_PATH = "/authenticate"
 # calls a person live only once the webhook answers with them (an early "unknown" is cached by
 # kube-apiserver for the whole TTL).
 AUTHN_SNAPSHOT_HEADER = "X-Kube-Audit-Snapshot"
+# Beside the identity snapshot: when the operator last confirmed it current (JSON).
+AUTHN_CONFIRMATION = "confirmed.json"
 # kubeadm's cluster CA and the client certificate kube-apiserver presents to kubelets: the
 # webhook answers only that certificate (host paths; kube-apiserver's flags may name others).
 KUBEADM_CLIENT_CA = "/etc/kubernetes/pki/ca.crt"

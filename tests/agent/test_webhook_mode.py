@@ -206,7 +206,7 @@ def test_the_probe_waits_for_the_webhook_to_answer_from_the_new_snapshot(
     server, layout = running_webhook
     server.shutdown()  # answers stay, the refreshes are the test's: no race with its thread
     stale = AuthnWebhook(server.files, ("127.0.0.1", 0))
-    thread = threading.Thread(target=stale.server.serve_forever, daemon=True)
+    thread = threading.Thread(target=partial(stale.serve, look=False), daemon=True)
     thread.start()
     try:
         assert webhook_answers(layout, stale.port) is None
@@ -302,6 +302,6 @@ def test_an_earlier_versions_files_move_out_of_the_webhooks_reach(
     assert [path.read_bytes() for path in ca_files(webhook)] == [ca_cert, ca_key], "same CA"
     assert webhook_kubeconfig(webhook).read_bytes() == kubeconfig, "no restart needed"
     assert sorted(p.name for p in webhook.webhook_dir.iterdir()) == [
-        "identities.json", "serving.crt", "serving.key"]  # fmt: skip
+        "confirmed.json", "identities.json", "serving.crt", "serving.key"]  # fmt: skip
     assert not (webhook.state_dir / "identities.json").exists()
     assert _clear_tokens_on(webhook.root, [long_token("tok-alice")]) == []

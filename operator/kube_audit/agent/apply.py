@@ -41,7 +41,7 @@ from kube_audit.agent.records import (
     with_failures,
     write_state,
 )
-from kube_audit.agent.webhook_files import webhook_answers, write_identities
+from kube_audit.agent.webhook_files import webhook_answers, write_confirmation, write_identities
 from kube_audit.core.diff import render_plan
 from kube_audit.core.manifest import (
     WEBHOOK_CONFIG_FLAG,
@@ -64,9 +64,12 @@ def publish_identities(
     layout: HostLayout, desired: DesiredState, wall: Callable[[], float] = time.time
 ) -> list[str]:
     """The webhook's snapshot and certificates brought to ``desired`` on their own: in webhook
-    mode this is the whole of an identity change, never held back by a failure of a policy."""
+    mode this is the whole of an identity change, never held back by a failure of a policy.
+    The operator calls it on every reconcile, right after listing the cluster: the snapshot
+    is confirmed current then (the webhook's staleness bound counts from it)."""
     with hostfs.host_lock(layout.lock_file):
         written = write_identities(layout, desired, _wall_datetime(wall))
+        write_confirmation(layout, _wall_datetime(wall))
         removed = _clear_tokens_gone(layout)
         return written + [f"(removed backup {name}: it held tokens in clear)" for name in removed]
 

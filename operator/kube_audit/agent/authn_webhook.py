@@ -2,144 +2,89 @@
 
 Its own container of the DaemonSet's pod, so an operator crash or restart does not stop it, and
 it answers from memory: after a node reboot the apiserver starts before any pod can reach the
-API. It answers only the client whose certificate is pinned (the apiserver's own client
-certificate, re-read when kubeadm renews it): any other local process gets 403. The snapshot
-and the pinned certificate are re-read within a second of a change; a snapshot that does not
-parse keeps the last good one, and says so in the log and a metric.
+API. Reviews are answered only to a client presenting kube-apiserver's client certificate; any
+other local process gets the health routes (no request body is ever read from it) or 403.
+
+One event loop, no thread per connection: a connection costs a socket and a few buffers, so a
+crowd of slow local clients cannot starve the apiserver's reviews or the container's memory.
+Every stage has its own deadline (the TLS handshake, a request whole, an answer written), and
+connections past a cap are closed at once. The inputs are looked at four times a second; a look
+that fails unexpectedly is logged and counted, never the end of the loop, and /healthz fails
+(kubelet restarts the container) if the loop stops looking.
 """
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.sslproto
+import contextlib
 import json
 import logging
+import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import generate_latest
 
-from kube_audit import hostfs
-from kube_audit.constants import AUTHN_SNAPSHOT_HEADER, AUTHN_WEBHOOK_PATH
-from kube_audit.core.identities import (
-    Identity,
-    SnapshotError,
-    parse_identity_snapshot,
-    review_token,
-    snapshot_digest,
+from kube_audit.agent.webhook_http import (
+    Refused,
+    close_connection,
+    content_length,
+    parse_head,
+    render_response,
 )
-from kube_audit.errors import HostError
+from kube_audit.agent.webhook_sources import (
+    ClientPin,
+    IdentitySource,
+    ServingTls,
+    WebhookFiles,
+    WebhookMetrics,
+)
+from kube_audit.constants import AUTHN_SNAPSHOT_HEADER, AUTHN_WEBHOOK_PATH
+from kube_audit.core.identities import review_token
+
+__all__ = ["AuthnWebhook", "WebhookFiles", "WebhookMetrics"]
 
 log = logging.getLogger(__name__)
 
 # kube-apiserver's TokenReview is a token and a few audiences: anything near this is not one.
 MAX_BODY = 64 * 1024
-# A client that connects and says nothing holds a thread only this long.
-CLIENT_TIMEOUT = 10.0
+# A request line and headers; client-go sends a few hundred bytes.
+MAX_HEAD = 8 * 1024
+# Deadlines, each for one stage as a whole (Guard's: 5 s to read a request, 10 s to write).
+HANDSHAKE_SECONDS = 5.0
+REQUEST_SECONDS = 5.0
+WRITE_SECONDS = 10.0
+# kube-apiserver keeps its connection between reviews; Go closes idle ones after 90 s.
+IDLE_SECONDS = 120.0
+# Connections not proven to be kube-apiserver's, at most: each holds about 70 KB (TLS state,
+# buffers), so a crowd costs at most about 36 MB. A new one pushes out the oldest known not to
+# be the apiserver (handshake done, without its certificate), else the oldest handshake older
+# than HANDSHAKE_GRACE (on loopback a real client's takes milliseconds); else it is turned away.
+# The apiserver's own connections are never pushed out.
+MAX_UNPROVEN = 256
+HANDSHAKE_GRACE = 1.0
+MAX_CONNECTIONS = 4096
 # How often the inputs are looked at (a stat of each): a new person is answered for this much
 # sooner, and the agent waits this much less before it calls them live.
 REFRESH_SECONDS = 0.25
-
-
-@dataclass(frozen=True)
-class WebhookFiles:
-    """Where the webhook reads what the node agent wrote, and the apiserver's client certificate."""
-
-    snapshot: Path
-    serving_cert: Path
-    serving_key: Path
-    client_ca: Path
-    client_cert: Path
-
-
-class WebhookMetrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.reviews = Counter(
-            "kube_audit_authn_reviews",
-            "TokenReviews answered, by result",
-            ["result"],
-            registry=self.registry,
-        )
-        self.snapshot_errors = Counter(
-            "kube_audit_authn_snapshot_errors",
-            "Identity snapshots that did not parse (the last good one was kept)",
-            registry=self.registry,
-        )
-        self.identities = Gauge(
-            "kube_audit_authn_identities",
-            "Identities in the snapshot answered from",
-            registry=self.registry,
-        )
-        self.refused_clients = Counter(
-            "kube_audit_authn_refused_clients",
-            "Requests refused: no client certificate, or not the pinned one",
-            registry=self.registry,
-        )
-
-
-class IdentitySource:
-    """The snapshot as last read whole; None until the first good read. ``digest`` names it
-    (set after the identities, so it never names a snapshot not yet answered from)."""
-
-    def __init__(self, path: Path, metrics: WebhookMetrics) -> None:
-        self.path = path
-        self.metrics = metrics
-        self.identities: Mapping[str, Identity] | None = None
-        self.digest: str | None = None
-        self._seen: tuple[int, int, int] | None = None
-
-    def refresh(self) -> None:
-        signature = hostfs.file_signature(self.path)
-        if signature is None or signature == self._seen:
-            return
-        try:
-            data = hostfs.read_bytes(self.path)
-            identities = parse_identity_snapshot(data)
-        except (HostError, SnapshotError) as error:
-            self._seen = signature
-            self.metrics.snapshot_errors.inc()
-            kept = "none loaded yet" if self.identities is None else "keeping the last good one"
-            log.error("%s: %s (%s)", self.path, error, kept)
-            return
-        self._seen = signature
-        self.identities = identities  # one reference swap: a request sees old or new, whole
-        self.digest = snapshot_digest(data)
-        self.metrics.identities.set(len(identities))
-        log.info("%s: %d identities loaded", self.path, len(identities))
-
-
-class ClientPin:
-    """The DER of the one client certificate answered (the apiserver's)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.der: bytes | None = None
-        self._seen: tuple[int, int, int] | None = None
-
-    def refresh(self) -> None:
-        signature = hostfs.file_signature(self.path)
-        if signature is None or signature == self._seen:
-            return
-        try:
-            der = ssl.PEM_cert_to_DER_cert(hostfs.read_bytes(self.path).decode("ascii"))
-        except (HostError, ValueError, UnicodeDecodeError) as error:
-            log.error("%s: cannot read the client certificate to pin: %s", self.path, error)
-            return
-        self._seen = signature
-        self.der = der
-
-    def allows(self, der: bytes | None) -> bool:
-        return der is not None and self.der is not None and der == self.der
+# /healthz fails when the loop has not looked for this long: kubelet's liveness probe restarts
+# a webhook whose refresh stopped, instead of it answering from an old snapshot unnoticed.
+REFRESH_STALLED = 30.0
+HEALTH_ROUTES = ("/healthz", "/readyz", "/metrics")
+# asyncio gives every TLS connection a 256 KiB receive buffer (``SSLProtocol.max_size``, a
+# class attribute read per connection): 2,000 idle clients took 481 MiB. A TLS record is at
+# most 16 KiB, and a review a few hundred bytes: 16 KiB chunks cost a crowd an eighth of that
+# (measured in tests/agent/test_webhook_crowd.py). Set where this process starts serving.
+TLS_READ_CHUNK = 16 * 1024
 
 
 class AuthnWebhook:
-    """The HTTPS server and the thread that re-reads its inputs when they change."""
+    """The server. ``serve`` runs it on an event loop of its own in the calling thread, until
+    ``shutdown`` (from any thread). ``refuse_after``: seconds since the operator last confirmed
+    the snapshot after which every token is refused (None: never)."""
 
     def __init__(
         self,
@@ -147,173 +92,287 @@ class AuthnWebhook:
         address: tuple[str, int],
         metrics: WebhookMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        refuse_after: float | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        max_unproven: int = MAX_UNPROVEN,
     ) -> None:
         self.files = files
         # Wall-clock seconds: a token is refused from its expiresAt on.
         self.clock = clock
         self.metrics = metrics or WebhookMetrics()
-        self.source = IdentitySource(files.snapshot, self.metrics)
+        self.source = IdentitySource(files, self.metrics)
         self.pin = ClientPin(files.client_cert)
-        self._serving_seen: tuple[Any, ...] | None = None
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        # Optional, not required: a probe without a certificate may ask /healthz; every review
-        # needs the pinned one.
-        self.context.verify_mode = ssl.CERT_OPTIONAL
-        self.context.load_verify_locations(cadata=hostfs.read_bytes(files.client_ca).decode())
+        self.tls = ServingTls(files)
+        self.refuse_after = refuse_after
+        self.max_connections = max_connections
+        self.max_unproven = max_unproven
+        # Oldest first (dicts keep insertion order): handshakes under way, with when they
+        # began (monotonic); and connections whose handshake showed another client.
+        self._handshaking: dict[asyncio.StreamWriter, float] = {}
+        self._strangers: dict[asyncio.StreamWriter, None] = {}
+        # Every open connection's handler: ended (not cancelled) at shutdown.
+        self._handlers: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
+        self.metrics.snapshot_age.set_function(self._age_metric)
         self.refresh()
-        self.server = ThreadingHTTPServer(address, _handler(self))
-        self.server.daemon_threads = True
-        self.server.socket = self.context.wrap_socket(
-            self.server.socket, server_side=True, do_handshake_on_connect=False
-        )
-        self._stop = threading.Event()
+        self._looked = time.monotonic()
+        self._open = 0
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(address)
+        self._socket.listen(1024)
+        self._socket.setblocking(False)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
 
     @property
     def port(self) -> int:
-        return int(self.server.server_address[1])
+        return int(self._socket.getsockname()[1])
 
     def refresh(self) -> None:
-        """Re-read what changed: the snapshot, the pinned certificate, the serving certificate
-        (new handshakes use a renewed one; the apiserver needs no restart)."""
+        """Re-read what changed: the snapshot and its confirmation, the pinned certificate, the
+        serving certificate (new handshakes use a renewed one; the apiserver needs no restart)."""
         self.source.refresh()
         self.pin.refresh()
-        serving = (
-            hostfs.file_signature(self.files.serving_cert),
-            hostfs.file_signature(self.files.serving_key),
-        )
-        if serving != self._serving_seen:
-            try:
-                self.context.load_cert_chain(self.files.serving_cert, self.files.serving_key)
-            except (OSError, ssl.SSLError) as error:
-                if self._serving_seen is None:
-                    raise HostError(
-                        f"cannot load the serving certificate {self.files.serving_cert}: {error}"
-                    ) from None
-                log.error("%s: %s (keeping the last good one)", self.files.serving_cert, error)
-                return
-            self._serving_seen = serving
+        self.tls.refresh()
 
-    def _refresh_often(self) -> None:
-        while not self._stop.wait(REFRESH_SECONDS):
-            try:
-                self.refresh()
-            except HostError as error:
-                log.error("%s", error)
+    def _age_metric(self) -> float:
+        age = self.source.age(self.clock())
+        return -1.0 if age is None else age
 
-    def serve(self) -> None:
-        """Serve until ``shutdown``."""
-        refresher = threading.Thread(
-            target=self._refresh_often, name="authn-webhook refresh", daemon=True
+    def stale(self) -> str | None:
+        """Why every token is refused now (None: it is not): the snapshot was not confirmed
+        within ``refuse_after``."""
+        if self.refuse_after is None:
+            return None
+        age = self.source.age(self.clock())
+        if age is not None and age <= self.refuse_after:
+            return None
+        since = "never confirmed" if age is None else f"last confirmed {age:.0f} s ago"
+        return (
+            f"the identity snapshot is {since}, over this node's bound of "
+            f"{self.refuse_after:.0f} s (--refuse-after): every token is refused until the "
+            "operator on this node confirms it again"
         )
-        refresher.start()
+
+    async def _look_often(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception as error:
+                self.metrics.refresh_errors.inc()
+                log.error("looking at the inputs failed: %s: %s", type(error).__name__, error)
+            self._looked = time.monotonic()
+            await asyncio.sleep(REFRESH_SECONDS)
+
+    def serve(self, *, look: bool = True) -> None:
+        """Serve until ``shutdown``. ``look`` False: the inputs are read again only when
+        ``refresh`` is called (tests that step it themselves)."""
+        asyncio.run(self._serve(look))
+
+    async def _serve(self, look: bool) -> None:
+        if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_CHUNK:
+            asyncio.sslproto.SSLProtocol.max_size = TLS_READ_CHUNK
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._connection, sock=self._socket, limit=MAX_HEAD)
+        looker = asyncio.create_task(self._look_often() if look else asyncio.Event().wait())
         try:
-            self.server.serve_forever(poll_interval=0.2)
+            await self._stop.wait()
         finally:
-            self._stop.set()
-            refresher.join()
-            self.server.server_close()
+            looker.cancel()
+            server.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await looker
+            for writer in list(self._handlers):
+                writer.transport.abort()  # each handler ends on its own, none is cancelled
+            if self._handlers:
+                await asyncio.wait(list(self._handlers.values()), timeout=2.0)
+            await server.wait_closed()
 
     def shutdown(self) -> None:
-        self.server.shutdown()
+        """Stop serving; callable from any thread, before or after ``serve`` started."""
+        loop, stop = self._loop, self._stop
+        while loop is None or stop is None:
+            time.sleep(0.01)
+            loop, stop = self._loop, self._stop
+        with contextlib.suppress(RuntimeError):  # its loop ended already: stopped
+            loop.call_soon_threadsafe(stop.set)
 
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.max_connections:
+            self.metrics.refused_connections.inc()
+            writer.transport.abort()
+            return
+        if not self._make_room():
+            self.metrics.refused_connections.inc()
+            writer.transport.abort()
+            return
+        self._handshaking[writer] = time.monotonic()
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers[writer] = task
+        self._open += 1
+        self.metrics.connections.set(self._open)
+        answered = False
+        try:
+            await self._converse(reader, writer)
+        except Refused:
+            answered = True  # what it was told is on its way: close after it
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        except TimeoutError as timeout:
+            self.metrics.timeouts.labels(str(timeout) or "request").inc()
+        finally:
+            self._handlers.pop(writer, None)
+            self._handshaking.pop(writer, None)
+            self._strangers.pop(writer, None)
+            self._open -= 1
+            self.metrics.connections.set(self._open)
+            await close_connection(writer, flush=answered)
 
-def _handler(webhook: AuthnWebhook) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        timeout = CLIENT_TIMEOUT
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out as two writes: with Nagle's algorithm the second waits for
-        # the client's delayed ACK, 40 ms on every review (measured by bench/webhook_bench.py).
-        disable_nagle_algorithm = True
+    def _make_room(self) -> bool:
+        """Room for one more unproven connection: push out a stranger, else a handshake past
+        its grace; False if every unproven one may still be the apiserver's."""
+        if len(self._handshaking) + len(self._strangers) < self.max_unproven:
+            return True
+        if self._strangers:
+            victim = next(iter(self._strangers))
+            del self._strangers[victim]
+        else:
+            victim, began = next(iter(self._handshaking.items()))
+            if time.monotonic() - began < HANDSHAKE_GRACE:
+                return False
+            del self._handshaking[victim]
+        self.metrics.refused_connections.inc()
+        victim.transport.abort()
+        return True
 
-        def setup(self) -> None:
-            super().setup()
-            connection: ssl.SSLSocket = self.request
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Headers and body go out as two writes: with Nagle's algorithm the second waits
+            # for the client's delayed ACK, 40 ms on every review.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        context = self.tls.context
+        if context is None:
+            raise Refused
+        plain = writer.transport
+        try:
+            await writer.start_tls(context, ssl_handshake_timeout=HANDSHAKE_SECONDS)
+        except (TimeoutError, ConnectionAbortedError):
+            raise TimeoutError("handshake") from None  # asyncio aborts a handshake past it
+        except AttributeError:
+            # Closed during the handshake (pushed out, or the client left): asyncio's
+            # start_tls returns no transport then, and the writer keeps None (CPython 3.11,
+            # 3.12). It gets its own back, so closing it (and its finalizer) can work.
+            writer._transport = plain  # type: ignore[attr-defined]
+            raise ConnectionAbortedError("closed during the handshake") from None
+        ssl_object = writer.get_extra_info("ssl_object")
+        peer = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        apiserver = self.pin.allows(peer)
+        self._handshaking.pop(writer, None)
+        if not apiserver:
+            self._strangers[writer] = None
+        idle = IDLE_SECONDS if apiserver else REQUEST_SECONDS
+        while True:
             try:
-                connection.do_handshake()
-                self.peer = connection.getpeercert(binary_form=True)
-            except (OSError, ssl.SSLError) as error:
-                log.debug("TLS handshake with %s failed: %s", self.client_address, error)
-                self.peer = None
-                self.close_connection = True
-                self.rfile.close()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), idle)
+            except asyncio.LimitOverrunError:
+                await self._send(writer, 431, b"request head too large\n", close=True)
+                raise Refused from None
+            except TimeoutError:
+                raise TimeoutError("request") from None
+            await self._answer(reader, writer, head, apiserver)
 
-        def handle(self) -> None:
-            if not self.rfile.closed:
-                super().handle()
-
-        def _send(
-            self,
-            status: int,
-            body: bytes,
-            content_type: str,
-            headers: Mapping[str, str] | None = None,
-        ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, body: dict[str, Any]) -> None:
-            self._send(status, json.dumps(body).encode(), "application/json")
-
-        def _route(self) -> str:
-            """The path without its query: client-go asks ``/authenticate?timeout=30s``."""
-            return urlsplit(self.path).path
-
-        def do_GET(self) -> None:
-            route = self._route()
-            if route == "/healthz":
-                digest = webhook.source.digest
-                if digest is None:
-                    self._send(503, b"not loaded\n", "text/plain")
-                else:
-                    self._send(200, b"ok\n", "text/plain", {AUTHN_SNAPSHOT_HEADER: digest})
-            elif route == "/metrics":
-                self._send(200, generate_latest(webhook.metrics.registry), "text/plain")
+    async def _answer(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        head: bytes,
+        apiserver: bool,
+    ) -> None:
+        started = time.monotonic()
+        method, route, headers = parse_head(head)
+        length = content_length(headers)
+        if not apiserver:
+            # Not kube-apiserver: the health routes, bodiless, and nothing else; no body read.
+            if method == "GET" and route in HEALTH_ROUTES and length == 0:
+                await self._health(writer, route, close=True)
             else:
-                self._json(
-                    404, {"error": f"no {route}; TokenReviews go to POST {AUTHN_WEBHOOK_PATH}"}
-                )
+                self.metrics.refused_clients.inc()
+                error = {"error": "only kube-apiserver's client certificate is answered"}
+                await self._json(writer, 403, error, close=True)
+            raise Refused
+        chunked = "chunked" in headers.get("transfer-encoding", "")
+        if length is None or not 0 <= length <= MAX_BODY or chunked:
+            error = {"error": f"a TokenReview is at most {MAX_BODY} bytes, with a Content-Length"}
+            await self._json(writer, 413, error, close=True)
+            raise Refused
+        left = REQUEST_SECONDS - (time.monotonic() - started)
+        try:
+            body = await asyncio.wait_for(reader.readexactly(length), max(left, 0.001))
+        except TimeoutError:
+            raise TimeoutError("request") from None
+        if method == "GET" and route in HEALTH_ROUTES:
+            await self._health(writer, route)
+        elif method == "POST" and route == AUTHN_WEBHOOK_PATH:
+            await self._review(writer, body)
+        else:
+            error = {"error": f"no {method} {route}; TokenReviews go to POST {AUTHN_WEBHOOK_PATH}"}
+            await self._json(writer, 404, error)
 
-        def do_POST(self) -> None:
-            # The body is read before any answer: one left unread on a kept-alive connection
-            # would be taken for the client's next request.
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if not 0 <= length <= MAX_BODY:
-                self.close_connection = True
-                self._json(413, {"error": f"a TokenReview is at most {MAX_BODY} bytes here"})
-                return
-            body = self.rfile.read(length)
-            route = self._route()
-            if route != AUTHN_WEBHOOK_PATH:
-                self._json(
-                    404, {"error": f"no {route}; TokenReviews go to POST {AUTHN_WEBHOOK_PATH}"}
-                )
-                return
-            if not webhook.pin.allows(self.peer):
-                webhook.metrics.refused_clients.inc()
-                self.close_connection = True
-                self._json(403, {"error": "only kube-apiserver's client certificate is answered"})
-                return
-            answer = review_token(webhook.source.identities, body, webhook.clock())
-            status = answer.body.get("status") or {}
-            result = (
-                "invalid" if answer.status != 200
-                else "error" if status.get("error")
-                else "authenticated" if status.get("authenticated")
-                else "unknown"
-            )  # fmt: skip
-            webhook.metrics.reviews.labels(result).inc()
-            self._json(answer.status, answer.body)
+    async def _review(self, writer: asyncio.StreamWriter, body: bytes) -> None:
+        answer = review_token(self.source.identities, body, self.clock(), self.stale())
+        status = answer.body.get("status") or {}
+        result = (
+            "invalid" if answer.status != 200
+            else "error" if status.get("error")
+            else "authenticated" if status.get("authenticated")
+            else "unknown"
+        )  # fmt: skip
+        self.metrics.reviews.labels(result).inc()
+        await self._json(writer, answer.status, answer.body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s %s", self.client_address[0], format % args)
+    async def _health(self, writer: asyncio.StreamWriter, route: str, close: bool = False) -> None:
+        if route == "/metrics":
+            await self._send(writer, 200, generate_latest(self.metrics.registry), close=close)
+            return
+        digest = self.source.digest
+        stalled = time.monotonic() - self._looked > REFRESH_STALLED
+        if stalled:
+            await self._send(writer, 503, b"the inputs are not looked at any more\n", close=close)
+        elif digest is None:
+            await self._send(writer, 503, b"not loaded\n", close=close)
+        else:
+            headers = {AUTHN_SNAPSHOT_HEADER: digest}
+            await self._send(writer, 200, b"ok\n", close=close, headers=headers)
 
-    return Handler
+    async def _json(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: Mapping[str, Any],
+        *,
+        close: bool = False,
+    ) -> None:
+        data = json.dumps(body).encode()
+        await self._send(writer, status, data, close=close, content_type="application/json")
+
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        *,
+        close: bool = False,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        writer.write(render_response(status, body, content_type, close=close, headers=headers))
+        try:
+            await asyncio.wait_for(writer.drain(), WRITE_SECONDS)
+        except TimeoutError:
+            raise TimeoutError("write") from None

@@ -20,12 +20,17 @@ from kube_audit import hostfs
 from kube_audit.agent import pki
 from kube_audit.agent.layout import HostLayout
 from kube_audit.constants import (
+    AUTHN_CONFIRMATION,
     AUTHN_SNAPSHOT_HEADER,
     AUTHN_WEBHOOK_PORT,
     KUBEADM_APISERVER_CLIENT_CERT,
     KUBEADM_APISERVER_CLIENT_KEY,
 )
-from kube_audit.core.identities import render_webhook_kubeconfig, snapshot_digest
+from kube_audit.core.identities import (
+    render_confirmation,
+    render_webhook_kubeconfig,
+    snapshot_digest,
+)
 from kube_audit.core.plan import WEBHOOK_KUBECONFIG, DesiredState
 
 SERVING_NAME = "kube-audit-authn-webhook"
@@ -110,6 +115,15 @@ def write_identities(layout: HostLayout, desired: DesiredState, now: datetime) -
         )
         _write_if_changed(webhook_kubeconfig(layout), kubeconfig, written)
     return written
+
+
+def write_confirmation(layout: HostLayout, now: datetime) -> None:
+    """The snapshot on disk is current as of ``now``: the operator has just planned from a
+    fresh list of the cluster. The webhook counts the snapshot's age from here."""
+    snapshot = hostfs.read_optional(layout.identity_snapshot)
+    if snapshot is not None:
+        confirmation = render_confirmation(snapshot_digest(snapshot), now)
+        hostfs.write_atomic(layout.webhook_dir / AUTHN_CONFIRMATION, confirmation)
 
 
 def remove_identities(layout: HostLayout) -> None:

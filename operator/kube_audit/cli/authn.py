@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import resource
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
-from kube_audit.agent.authn_webhook import AuthnWebhook, WebhookFiles
+from kube_audit.agent.authn_webhook import MAX_CONNECTIONS, AuthnWebhook, WebhookFiles
 from kube_audit.agent.layout import HostLayout
 from kube_audit.cli.common import host_flags
 from kube_audit.cli.env import env_str
@@ -45,6 +47,27 @@ def files_of(args: argparse.Namespace) -> WebhookFiles:
     )
 
 
+def _raise_open_files_limit() -> None:
+    """Each connection is a descriptor: the soft limit (often 1,024) up to the hard one, so
+    the connection cap, not the limit, decides when a crowd is turned away."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CONNECTIONS + 64
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected seconds, 0 or more (0: never)")
+    return seconds
+
+
 def cmd_authn_webhook(args: argparse.Namespace) -> int:
     """Serve until SIGTERM. Signals are blocked in every thread and waited for here, so one
     arriving at any moment stops the server, never a request half-answered."""
@@ -62,8 +85,9 @@ def cmd_authn_webhook(args: argparse.Namespace) -> int:
         if early is not None:
             log.info("%s: stopping", signal.Signals(early.si_signo).name)
             return 0
+    _raise_open_files_limit()
     try:
-        webhook = AuthnWebhook(files, args.listen)
+        webhook = AuthnWebhook(files, args.listen, refuse_after=args.refuse_after or None)
     except OSError as error:
         raise HostError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {error}") from None
     server = threading.Thread(target=webhook.serve, name="authn-webhook", daemon=True)
@@ -93,6 +117,16 @@ def add_parsers(sub: Any) -> None:
         metavar="HOST:PORT",
         help=f"where to serve (default 127.0.0.1:{AUTHN_WEBHOOK_PORT}, or "
         "$KUBE_AUDIT_AUTHN_LISTEN)",
+    )
+    cmd.add_argument(
+        "--refuse-after",
+        type=_seconds,
+        default=env_str("KUBE_AUDIT_AUTHN_REFUSE_AFTER", "0"),
+        metavar="SECONDS",
+        help="refuse every token once the operator on this node has not confirmed the snapshot "
+        "for this long (its container stuck or cut off from the API: a person deleted since "
+        "would still be answered); 0: never, the snapshot's age is only reported (default 0, "
+        "or $KUBE_AUDIT_AUTHN_REFUSE_AFTER). See docs/identity-modes.md for the trade-off",
     )
     cmd.add_argument(
         "--client-ca",

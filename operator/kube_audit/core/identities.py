@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from kube_audit.constants import AUTHN_WEBHOOK_PATH
@@ -128,6 +129,25 @@ def parse_identity_snapshot(data: bytes) -> dict[str, Identity]:
     return identities
 
 
+def render_confirmation(digest: str, confirmed_at: datetime) -> bytes:
+    """What the node agent writes beside the snapshot each time the operator has planned from
+    a fresh list of the cluster: which snapshot, confirmed current when. The webhook's
+    staleness bound counts from it."""
+    stamp = confirmed_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (json.dumps({"snapshot": digest, "confirmedAt": stamp}) + "\n").encode()
+
+
+def parse_confirmation(data: bytes) -> float:
+    """Epoch seconds of a confirmation ``render_confirmation`` wrote."""
+    try:
+        document = json.loads(data)
+        return parse_rfc3339(document["confirmedAt"]).timestamp()
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise SnapshotError(
+            f"snapshot confirmation: not what the node agent writes: {error}"
+        ) from None
+
+
 class ReviewAnswer(NamedTuple):
     """The HTTP status and JSON body the webhook sends back."""
 
@@ -140,14 +160,18 @@ def _bad_request(message: str) -> ReviewAnswer:
 
 
 def review_token(
-    identities: Mapping[str, Identity] | None, body: bytes, now: float | None = None
+    identities: Mapping[str, Identity] | None,
+    body: bytes,
+    now: float | None = None,
+    refuse: str | None = None,
 ) -> ReviewAnswer:
     """kube-apiserver's question, answered (``now``: epoch seconds, for expiry).
 
     An unknown token: ``authenticated: false``, which the apiserver caches for its TTL. Nothing
-    loaded yet: ``status.error``, which it never caches, so the answer after the first load is
-    not held back. A ``system:`` group or kubeadm's admin group is never given, whatever the
-    snapshot says: an identity from us is never one of the cluster's own.
+    loaded yet, or ``refuse`` (why every token is refused now: a snapshot older than its
+    bound): ``status.error``, which it never caches, so the answer after that is not held
+    back. A ``system:`` group or kubeadm's admin group is never given, whatever the snapshot
+    says: an identity from us is never one of the cluster's own.
     """
     try:
         review = json.loads(body)
@@ -166,8 +190,9 @@ def review_token(
     if not isinstance(token, str):
         return _bad_request("spec.token must be a string")
     status: dict[str, Any]
-    if identities is None:
-        status = {"authenticated": False, "error": "kube-audit: identities not loaded yet"}
+    if identities is None or refuse is not None:
+        why = refuse or "identities not loaded yet"
+        status = {"authenticated": False, "error": f"kube-audit: {why}"}
     else:
         found = identities.get(token_digest(token)) if token else None
         if found is not None and found.expires is not None and now is not None:
