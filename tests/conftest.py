@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The real node tier first: its work unit is the longest, so it starts at once."""
     items.sort(key=lambda item: not _work_unit(item.nodeid).startswith(REAL_NODE_TIER))
+
+
+@pytest.fixture
+def open_files() -> Iterator[None]:
+    """Thousands of sockets in this process (a crowd of clients): the soft open-files limit
+    raised to 4,096."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.fail(f"the open-files hard limit {hard} is under the {wanted} this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -15,7 +15,6 @@ import http.client
 import json
 import os
 import random
-import resource
 import ssl
 import subprocess
 import threading
@@ -23,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.agent.test_authn_webhook import (  # noqa: F401 - pki is a fixture
@@ -52,7 +50,7 @@ SETTLE_SECONDS = 6.0
 COME_BACK = (5.0, 13.0)
 
 
-def _memory_limit_mib() -> int:
+def memory_limit_mib() -> int:
     """The authn-webhook container's memory limit in deploy/daemonset.yaml."""
     daemonset = yaml.safe_load((REPO / "deploy/daemonset.yaml").read_text())
     containers = daemonset["spec"]["template"]["spec"]["containers"]
@@ -62,7 +60,7 @@ def _memory_limit_mib() -> int:
     return int(limit.removesuffix("Mi"))
 
 
-def _peak_rss_mib(pid: int) -> float:
+def peak_rss_mib(pid: int) -> float:
     """VmHWM: the most resident memory the process ever had."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -194,18 +192,6 @@ def _fresh_review_seconds(
     raise AssertionError("unreachable")
 
 
-@pytest.fixture
-def open_files() -> Any:
-    """The crowd is 2,000 sockets in this process: the soft limit up to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = CROWD + 2 * OTHERS + 512
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.fail(f"the open-files hard limit {hard} is under the {wanted} this test needs")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 def test_2000_slow_clients_neither_starve_reviews_nor_exhaust_memory(
     pki: Pki,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
@@ -248,7 +234,7 @@ def test_2000_slow_clients_neither_starve_reviews_nor_exhaust_memory(
             fresh.append(_fresh_review_seconds(port, context, turned_away))
             time.sleep(0.2)
         kept.close()
-        peak_mib = _peak_rss_mib(process.pid)
+        peak_mib = peak_rss_mib(process.pid)
         crowd.stop()
         assert process.poll() is None, log.read_text()
     finally:
@@ -256,7 +242,7 @@ def test_2000_slow_clients_neither_starve_reviews_nor_exhaust_memory(
         process.terminate()
         process.wait(30)
     output = log.read_text()
-    limit = _memory_limit_mib()
+    limit = memory_limit_mib()
     print(f"authn-webhook under {CROWD} slow clients: a review took at most {max(timed):.3f} s "
           f"on kube-apiserver's kept-alive connection, {max(fresh):.3f} s on a new one "
           f"(medians {sorted(timed)[len(timed) // 2]:.3f} s, {sorted(fresh)[len(fresh) // 2]:.3f}"

@@ -15,6 +15,7 @@ import yaml
 from lupa import LuaRuntime
 
 from kube_audit.cli import build_parser
+from kube_audit.constants import AUTHN_WEBHOOK_PORT
 from kube_audit.core.crd import render_crd
 from kube_audit.core.rbac import render_secrets_grant
 from kube_audit.core.status import (
@@ -431,3 +432,8 @@ def test_the_authn_webhook_runs_apart_with_read_only_mounts_and_no_token(
     ]
     assert spec["automountServiceAccountToken"] is False
     assert not any("serviceaccount" in m for m in mounts)
+    # Issue 36 finding 5: kubelet probes it (HTTPS, no client certificate: bodiless routes).
+    for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
+        get = webhook[probe]["httpGet"]
+        assert (get["path"], get["port"], get["scheme"], get["host"]) == (
+            path, AUTHN_WEBHOOK_PORT, "HTTPS", "127.0.0.1")  # fmt: skip

@@ -73,7 +73,10 @@ REFRESH_SECONDS = 0.25
 # /healthz fails when the loop has not looked for this long: kubelet's liveness probe restarts
 # a webhook whose refresh stopped, instead of it answering from an old snapshot unnoticed.
 REFRESH_STALLED = 30.0
-HEALTH_ROUTES = ("/healthz", "/readyz", "/metrics")
+# Bodiless routes any local client may ask: /livez (the loop still looks at its inputs: kubelet's
+# liveness), /readyz (and a snapshot is loaded: readiness), /healthz (the same, naming the
+# snapshot answered from: the node agent's probe), /metrics.
+HEALTH_ROUTES = ("/livez", "/readyz", "/healthz", "/metrics")
 # asyncio gives every TLS connection a 256 KiB receive buffer (``SSLProtocol.max_size``, a
 # class attribute read per connection): 2,000 idle clients took 481 MiB. A TLS record is at
 # most 16 KiB, and a review a few hundred bytes: 16 KiB chunks cost a crowd an eighth of that
@@ -344,6 +347,8 @@ class AuthnWebhook:
         stalled = time.monotonic() - self._looked > REFRESH_STALLED
         if stalled:
             await self._send(writer, 503, b"the inputs are not looked at any more\n", close=close)
+        elif route == "/livez":
+            await self._send(writer, 200, b"ok\n", close=close)
         elif digest is None:
             await self._send(writer, 503, b"not loaded\n", close=close)
         else:
