@@ -67,3 +67,7 @@ NODE_APPLIED_ANNOTATION = f"{GROUP}/applied-at"
 NODE_ROLLBACK_ANNOTATION = f"{GROUP}/rolled-back-at"
 
 EVENT_NAMESPACE = "default"
+# user.extra key kube-apiserver writes into every audit event: which credential made the
+# request (the authn-webhook names the token's fingerprint there; x509 and ServiceAccount
+# tokens have their own). `who -o wide` shows it.
+CREDENTIAL_ID = "authentication.kubernetes.io/credential-id"

@@ -22,8 +22,9 @@ import pytest
 
 from kube_audit.agent.authn_webhook import AuthnWebhook, WebhookFiles
 from kube_audit.agent.pki import KeyPair, generate_ca, issue, needs_renewal, not_after
+from kube_audit.constants import CREDENTIAL_ID
 from kube_audit.core.identities import render_identity_snapshot
-from kube_audit.core.tokens import TokenRecord
+from kube_audit.core.tokens import TokenRecord, fingerprint
 from tests.controlplane.cluster import KUBE_AUDIT
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -123,7 +124,12 @@ def test_the_apiservers_certificate_gets_answers(
     assert status == 200
     assert body["status"] == {
         "authenticated": True,
-        "user": {"username": "alice", "uid": "u-alice", "groups": ["dev"]},
+        "user": {
+            "username": "alice",
+            "uid": "u-alice",
+            "groups": ["dev"],
+            "extra": {CREDENTIAL_ID: [f"kube-audit-token={fingerprint(ALICE.token)}"]},
+        },
     }
     assert _ask(webhook, apiserver, BOB.token) == (
         200,

@@ -5,7 +5,9 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
+from kube_audit.constants import CREDENTIAL_ID
 from kube_audit.core.audit_query import (
+    WIDE_HEADER,
     Query,
     matches,
     may_match,
@@ -123,3 +125,15 @@ def test_a_cut_user_agent_ends_with_an_ellipsis() -> None:
 def test_relative_times_combine_units() -> None:
     assert parse_time("1h30m", NOW) == "2026-11-27T10:30:00.000000Z"
     assert parse_time("2d12h", NOW) == "2026-11-25T00:00:00.000000Z"
+
+
+def test_wide_shows_the_credential_that_made_the_request() -> None:
+    """Issue 36 finding 7: the webhook names the token's fingerprint as the credential ID, and
+    kube-apiserver writes it into the event: a rotated or leaked token's requests stand apart.
+    x509 and ServiceAccount tokens carry their own; an event without one shows -."""
+    rotated = {**EVENT, "user": {**EVENT["user"], "extra": {
+        CREDENTIAL_ID: ["kube-audit-token=sha256:0123456789ab"]}}}  # fmt: skip
+    column = WIDE_HEADER.index("CREDENTIAL")
+    assert table_row(rotated, wide=True)[column] == "kube-audit-token=sha256:0123456789ab"
+    assert table_row(EVENT, wide=True)[column] == "-"
+    assert len(table_row(EVENT, wide=True)) == len(WIDE_HEADER)

@@ -107,13 +107,17 @@ def test_the_plan_leaves_an_expired_person_out_from_that_time() -> None:
     assert webhook_before.config_hash == webhook_after.config_hash, "webhook mode: none"
 
 
-def test_the_webhook_refuses_the_token_at_that_second() -> None:
-    """From the snapshot planned before the expiry: the operator need not be there."""
+def test_the_webhook_refuses_the_token_before_any_cached_success_outlives_it() -> None:
+    """From the snapshot planned before the expiry: the operator need not be there. Issue 36
+    finding 10: refused from expiresAt less what kube-apiserver may still serve from its
+    cache (the webhook TTL, 10 s by default, plus 10 s), so no request is accepted after
+    expiresAt; before, a success cached a second before it served for 20 s more."""
     snapshot = _plan(AT - timedelta(hours=1), "webhook").identities
     assert json.loads(snapshot)["identities"][0]["expiresAt"] == "2027-01-31T18:00:00+00:00"
+    assert json.loads(snapshot)["refuseBeforeExpirySeconds"] == 20
     alice = long_token("tok-alice")
-    assert _review(snapshot, alice, AT.timestamp() - 0.001)["authenticated"] is True
-    assert _review(snapshot, alice, AT.timestamp()) == {"authenticated": False}
+    assert _review(snapshot, alice, AT.timestamp() - 20.001)["authenticated"] is True
+    assert _review(snapshot, alice, AT.timestamp() - 20) == {"authenticated": False}
     assert _review(snapshot, long_token("tok-bob"), AT.timestamp() + 1e6)["authenticated"] is True
 
 

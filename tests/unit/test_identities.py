@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 from hypothesis import given, strategies as st
 
+from kube_audit.constants import CREDENTIAL_ID
 from kube_audit.core.identities import (
+    Allowed,
     Identity,
     SnapshotError,
     parse_identity_snapshot,
@@ -16,7 +18,7 @@ from kube_audit.core.identities import (
     review_token,
     token_digest,
 )
-from kube_audit.core.tokens import TokenRecord
+from kube_audit.core.tokens import TokenRecord, fingerprint
 
 ALICE = TokenRecord("alice", "u-alice", ("dev", "ops"), "A" * 43)
 BOB = TokenRecord("bob", "u-bob", (), "B" * 43)
@@ -106,7 +108,12 @@ def test_a_known_token_gets_its_person_exactly_in_the_version_asked() -> None:
             "kind": "TokenReview",
             "status": {
                 "authenticated": True,
-                "user": {"username": "alice", "uid": "u-alice", "groups": ["dev", "ops"]},
+                "user": {
+                    "username": "alice",
+                    "uid": "u-alice",
+                    "groups": ["dev", "ops"],
+                    "extra": {CREDENTIAL_ID: [f"kube-audit-token={fingerprint(ALICE.token)}"]},
+                },
             },
         }
 
@@ -161,3 +168,21 @@ def test_a_question_that_is_not_a_token_review_is_a_bad_request(body: bytes, say
     answer = review_token({}, body)
     assert answer.status == 400
     assert says in answer.body["error"]
+
+
+def test_a_system_user_name_is_never_given_but_the_guard_allows_it() -> None:
+    """Issue 36 finding 7: validation refuses ``system:`` user names, and the webhook holds the
+    same line on its own (one like system:serviceaccount:kube-system:x would match
+    ServiceAccount subjects in RBAC); a name or group the operator's guard allows is given, as
+    token-file mode gives it."""
+    sneaky = TokenRecord("system:serviceaccount:kube-system:x", "u-x", ("system:nodes", "dev"),
+                         "x" * 43)  # fmt: skip
+    identities = parse_identity_snapshot(render_identity_snapshot([sneaky]))
+    review = _review(sneaky.token, "authentication.k8s.io/v1")
+    assert review_token(identities, review).body["status"] == {"authenticated": False}
+    allowed = Allowed(frozenset({sneaky.username}), frozenset({"system:nodes"}))
+    user = review_token(identities, review, allowed=allowed).body["status"]["user"]
+    assert (user["username"], user["groups"]) == (sneaky.username, ["system:nodes", "dev"])
+    only_user = Allowed(frozenset({sneaky.username}))
+    user = review_token(identities, review, allowed=only_user).body["status"]["user"]
+    assert user["groups"] == ["dev"]

@@ -43,7 +43,7 @@ from kube_audit.agent.webhook_sources import (
     WebhookMetrics,
 )
 from kube_audit.constants import AUTHN_SNAPSHOT_HEADER, AUTHN_WEBHOOK_PATH
-from kube_audit.core.identities import review_token
+from kube_audit.core.identities import NONE_ALLOWED, Allowed, review_token
 
 __all__ = ["AuthnWebhook", "WebhookFiles", "WebhookMetrics"]
 
@@ -87,7 +87,8 @@ TLS_READ_CHUNK = 16 * 1024
 class AuthnWebhook:
     """The server. ``serve`` runs it on an event loop of its own in the calling thread, until
     ``shutdown`` (from any thread). ``refuse_after``: seconds since the operator last confirmed
-    the snapshot after which every token is refused (None: never)."""
+    the snapshot after which every token is refused (None: never); ``allowed``: the ``system:``
+    names the operator's guard flags allow (the same flags and variables as the operator's)."""
 
     def __init__(
         self,
@@ -97,6 +98,7 @@ class AuthnWebhook:
         clock: Callable[[], float] = time.time,
         *,
         refuse_after: float | None = None,
+        allowed: Allowed = NONE_ALLOWED,
         max_connections: int = MAX_CONNECTIONS,
         max_unproven: int = MAX_UNPROVEN,
     ) -> None:
@@ -108,6 +110,7 @@ class AuthnWebhook:
         self.pin = ClientPin(files.client_cert)
         self.tls = ServingTls(files)
         self.refuse_after = refuse_after
+        self.allowed = allowed
         self.max_connections = max_connections
         self.max_unproven = max_unproven
         # Oldest first (dicts keep insertion order): handshakes under way, with when they
@@ -328,7 +331,9 @@ class AuthnWebhook:
             await self._json(writer, 404, error)
 
     async def _review(self, writer: asyncio.StreamWriter, body: bytes) -> None:
-        answer = review_token(self.source.identities, body, self.clock(), self.stale())
+        answer = review_token(
+            self.source.identities, body, self.clock(), self.stale(), self.allowed
+        )
         status = answer.body.get("status") or {}
         result = (
             "invalid" if answer.status != 200

@@ -13,13 +13,14 @@ from typing import Any
 
 from kube_audit.agent.authn_webhook import MAX_CONNECTIONS, AuthnWebhook, WebhookFiles
 from kube_audit.agent.layout import HostLayout
-from kube_audit.cli.common import host_flags
+from kube_audit.cli.common import guard_flags, host_flags
 from kube_audit.cli.env import env_str
 from kube_audit.constants import (
     AUTHN_WEBHOOK_PORT,
     KUBEADM_APISERVER_CLIENT_CERT,
     KUBEADM_CLIENT_CA,
 )
+from kube_audit.core.identities import Allowed
 from kube_audit.core.settings import Settings
 from kube_audit.errors import HostError
 
@@ -87,7 +88,12 @@ def cmd_authn_webhook(args: argparse.Namespace) -> int:
             return 0
     _raise_open_files_limit()
     try:
-        webhook = AuthnWebhook(files, args.listen, refuse_after=args.refuse_after or None)
+        allowed = Allowed(
+            frozenset(args.allow_system_user or ()), frozenset(args.allow_system_group or ())
+        )
+        webhook = AuthnWebhook(
+            files, args.listen, refuse_after=args.refuse_after or None, allowed=allowed
+        )
     except OSError as error:
         raise HostError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {error}") from None
     server = threading.Thread(target=webhook.serve, name="authn-webhook", daemon=True)
@@ -103,7 +109,7 @@ def cmd_authn_webhook(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     cmd = sub.add_parser(
         "authn-webhook",
-        parents=[host_flags(from_env=True)],
+        parents=[host_flags(from_env=True), guard_flags()],
         help="serve kube-apiserver's TokenReviews from this node's identity snapshot",
         description="Webhook mode's authenticator: answers TokenReviews (v1 and v1beta1) from "
         "the identity snapshot the node agent keeps under ROOT/var/lib/kube-audit, only to the "

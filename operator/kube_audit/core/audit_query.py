@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from kube_audit.constants import WHO_NODE_ANNOTATION
+from kube_audit.constants import CREDENTIAL_ID, WHO_NODE_ANNOTATION
 
 STAGE_RANK = {"RequestReceived": 0, "ResponseStarted": 1, "ResponseComplete": 2, "Panic": 3}
 
@@ -256,8 +256,10 @@ def table_row(event: Mapping[str, Any], wide: bool) -> list[str]:
     ]
     if wide:
         groups = [g for g in user.get("groups") or [] if g != "system:authenticated"]
+        credential = (user.get("extra") or {}).get(CREDENTIAL_ID) or ["-"]
         row += [
             ",".join(groups),
+            ",".join(str(c) for c in credential),
             str(event.get("stage") or ""),
             str(event.get("auditID") or ""),
             str(event.get("requestURI") or ""),
@@ -275,7 +277,7 @@ HEADER = [
     "SOURCE IP",
     "USER AGENT",
 ]
-WIDE_HEADER = [*HEADER, "GROUPS", "STAGE", "AUDIT ID", "URI"]
+WIDE_HEADER = [*HEADER, "GROUPS", "CREDENTIAL", "STAGE", "AUDIT ID", "URI"]
 
 
 # Room the columns start with when rows are printed as they are found: a UTC time, a person or

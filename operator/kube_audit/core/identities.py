@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from kube_audit.constants import AUTHN_WEBHOOK_PATH
+from kube_audit.constants import AUTHN_WEBHOOK_PATH, CREDENTIAL_ID
 from kube_audit.core.models import parse_rfc3339
-from kube_audit.core.tokens import TokenRecord, name_problem
+from kube_audit.core.tokens import TokenRecord, fingerprint, name_problem
 from kube_audit.core.users import is_privileged_group
 from kube_audit.errors import KubeAuditError
 
@@ -54,14 +54,20 @@ def snapshot_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def render_identity_snapshot(records: Iterable[TokenRecord]) -> bytes:
-    """The snapshot of ``records``: sorted by person, so the same people give the same bytes."""
+def render_identity_snapshot(records: Iterable[TokenRecord], cached_for: float = 0) -> bytes:
+    """The snapshot of ``records``: sorted by person, so the same people give the same bytes.
+    ``cached_for``: seconds kube-apiserver may still serve a success it cached (its webhook
+    cache TTL, plus 10 s): an expiring token is refused that long before its expiresAt, so no
+    request is accepted after it."""
     identities = [
         {"sha256": token_digest(token), "username": username, "uid": uid, "groups": list(groups)}
         | ({"expiresAt": expires_at} if expires_at else {})
         for username, uid, groups, token, expires_at in sorted(records)
     ]
-    document = {"apiVersion": SNAPSHOT_API_VERSION, "kind": SNAPSHOT_KIND, "identities": identities}
+    document: dict[str, Any] = {"apiVersion": SNAPSHOT_API_VERSION, "kind": SNAPSHOT_KIND}
+    if cached_for > 0:
+        document["refuseBeforeExpirySeconds"] = cached_for
+    document["identities"] = identities
     return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
 
 
@@ -117,9 +123,14 @@ def parse_identity_snapshot(data: bytes) -> dict[str, Identity]:
     entries = document.get("identities")
     if not isinstance(entries, list):
         raise SnapshotError("identity snapshot: identities: must be a list")
+    early = document.get("refuseBeforeExpirySeconds", 0)
+    if not isinstance(early, int | float) or isinstance(early, bool) or early < 0:
+        raise SnapshotError("identity snapshot: refuseBeforeExpirySeconds: must be 0 or more")
     identities: dict[str, Identity] = {}
     for index, entry in enumerate(entries):
         digest, identity = _identity(index, entry)
+        if identity.expires is not None:
+            identity = identity._replace(expires=identity.expires - early)
         if digest in identities:
             raise SnapshotError(
                 f"identity snapshot: identities[{index}].sha256: the token of "
@@ -148,6 +159,21 @@ def parse_confirmation(data: bytes) -> float:
         ) from None
 
 
+def credential_id(token: str) -> str:
+    """The token's fingerprint as the status and ``kube-audit rotate`` show it."""
+    return "kube-audit-token=" + fingerprint(token)
+
+
+class Allowed(NamedTuple):
+    """The ``system:`` user names and groups the operator's guard flags allow (none by default)."""
+
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+
+NONE_ALLOWED = Allowed()
+
+
 class ReviewAnswer(NamedTuple):
     """The HTTP status and JSON body the webhook sends back."""
 
@@ -164,14 +190,17 @@ def review_token(
     body: bytes,
     now: float | None = None,
     refuse: str | None = None,
+    allowed: Allowed = NONE_ALLOWED,
 ) -> ReviewAnswer:
     """kube-apiserver's question, answered (``now``: epoch seconds, for expiry).
 
     An unknown token: ``authenticated: false``, which the apiserver caches for its TTL. Nothing
     loaded yet, or ``refuse`` (why every token is refused now: a snapshot older than its
     bound): ``status.error``, which it never caches, so the answer after that is not held
-    back. A ``system:`` group or kubeadm's admin group is never given, whatever the snapshot
-    says: an identity from us is never one of the cluster's own.
+    back. A ``system:`` user name, a ``system:`` group or kubeadm's admin group is never given,
+    whatever the snapshot says, but for those the operator's guard flags name (``allowed``):
+    an identity from us is never one of the cluster's own. The token's fingerprint goes out as
+    its credential ID, which kube-apiserver writes into every audit event of the request.
     """
     try:
         review = json.loads(body)
@@ -197,11 +226,14 @@ def review_token(
         found = identities.get(token_digest(token)) if token else None
         if found is not None and found.expires is not None and now is not None:
             found = found if now < found.expires else None  # expired: as if unknown
+        if found is not None and found.username.startswith("system:"):
+            found = found if found.username in allowed.users else None
         if found is None:
             status = {"authenticated": False}
         else:
-            groups = [g for g in found.groups if not is_privileged_group(g)]
-            user = {"username": found.username, "uid": found.uid, "groups": groups}
+            groups = [g for g in found.groups if g in allowed.groups or not is_privileged_group(g)]
+            user = {"username": found.username, "uid": found.uid, "groups": groups,
+                    "extra": {CREDENTIAL_ID: [credential_id(token)]}}  # fmt: skip
             status = {"authenticated": True, "user": user}
     return ReviewAnswer(200, {"apiVersion": api_version, "kind": "TokenReview", "status": status})
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from kube_audit.constants import API_VERSION, AUDIT_POLICY, AUDIT_USER
 from kube_audit.core import yamlio
+from kube_audit.core.audit_query import parse_duration
 from kube_audit.core.identities import render_identity_snapshot
 from kube_audit.core.manifest import (
     WEBHOOK_CONFIG_FLAG,
@@ -35,6 +36,9 @@ from kube_audit.core.users import UserResolution, identity_problems, resolve_use
 from kube_audit.errors import InvalidInput, Problem
 
 TOKEN_FILE = "tokens.csv"
+# kube-apiserver keeps a webhook's success this much longer than its cache TTL (measured on the
+# real apiserver: tests/controlplane/test_authn_webhook.py).
+SUCCESS_CACHE_EXTRA = 10.0
 POLICY_FILE = "audit-policy.yaml"
 # Webhook mode: in the config folder itself, not in a content folder. It embeds this node's own
 # webhook CA, so it differs per node and stays out of the content hash the nodes compare; it is
@@ -248,7 +252,9 @@ def plan_desired(
         # Webhook mode is managed with no people and no policy too: the first person then
         # needs no restart.
         config_hash=config_hash(files, settings) if files or webhook else "",
-        identities=render_identity_snapshot(resolution.records),
+        identities=render_identity_snapshot(
+            resolution.records, parse_duration(settings.webhook_cache_ttl) + SUCCESS_CACHE_EXTRA
+        ),
         users=resolution,
         policies_accepted=tuple(p.meta.name for p in inputs.policies),
         problems=tuple(
