@@ -4,6 +4,7 @@ what it does when the snapshot or the certificates change under it."""
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from kube_audit.agent.authn_webhook import AuthnWebhook, WebhookFiles
 from kube_audit.agent.pki import KeyPair, generate_ca, issue, needs_renewal, not_after
@@ -386,6 +388,37 @@ def test_an_expired_token_is_refused_at_that_second(
         assert _ask(server, apiserver, ALICE.token)[1]["status"]["authenticated"] is True
         clock[0] = expires.timestamp()
         assert _ask(server, apiserver, ALICE.token)[1]["status"] == {"authenticated": False}
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def test_the_webhook_ca_signs_for_the_loopback_only(files: WebhookFiles, pki: Pki) -> None:
+    """Issue 36 finding 9: the CA a new node makes is name-constrained to 127.0.0.1, so a
+    certificate it signed for any other address is refused by a verifying client (OpenSSL
+    here, Go in kube-apiserver): its key, should it leak, serves nothing beyond the node."""
+    constraints = x509.load_pem_x509_certificate(
+        pki.webhook_ca.cert
+    ).extensions.get_extension_for_class(x509.NameConstraints)
+    assert constraints.critical
+    assert constraints.value.permitted_subtrees == [
+        x509.IPAddress(ipaddress.ip_network("127.0.0.1/32"))
+    ]
+    wider = issue(
+        pki.webhook_ca, datetime.now(UTC), common_name="x", hosts=("127.0.0.1", "10.0.0.1")
+    )
+    _write(files.serving_cert, wider.cert)
+    _write(files.serving_key, wider.key)
+    server = AuthnWebhook(files, ("127.0.0.1", 0))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        context = ssl.create_default_context(cadata=pki.webhook_ca.cert.decode())
+        with (
+            pytest.raises(ssl.SSLCertVerificationError, match="subtree"),
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw,
+        ):
+            context.wrap_socket(raw, server_hostname="127.0.0.1").close()
     finally:
         server.shutdown()
         thread.join(10)

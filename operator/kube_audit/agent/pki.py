@@ -9,7 +9,7 @@ are ECDSA P-256: small, fast, and accepted by Go's TLS.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from typing import NamedTuple
 
 from cryptography import x509
@@ -41,7 +41,19 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def generate_ca(now: datetime, name: str = "kube-audit authn-webhook CA") -> KeyPair:
+# What a webhook CA may sign for: the node's loopback, where the webhook serves. Should its key
+# ever leak, a certificate from it is good for nothing else (Go's TLS, kube-apiserver's
+# client, enforces name constraints).
+LOOPBACK_ONLY = (x509.IPAddress(ip_network("127.0.0.1/32")),)
+
+
+def generate_ca(
+    now: datetime,
+    name: str = "kube-audit authn-webhook CA",
+    constrained_to: tuple[x509.GeneralName, ...] = LOOPBACK_ONLY,
+) -> KeyPair:
+    """A CA of its own (``constrained_to`` the names it may sign for; the tests' stand-in for
+    the cluster CA passes none)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
@@ -68,6 +80,10 @@ def generate_ca(now: datetime, name: str = "kube-audit authn-webhook CA") -> Key
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=[*constrained_to], excluded_subtrees=None),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
