@@ -8,7 +8,6 @@ old files or the new manifest with the new files; the next apply finishes the jo
 
 from __future__ import annotations
 
-import posixpath
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -247,8 +246,7 @@ def _finish(
                 written=written,
             )
         how = outcome.reason
-    keep = {posixpath.basename(s) for s in [subdir_of(layout, read_current(layout).manifest)] if s}
-    collect_garbage(layout, keep)
+    collect_garbage(layout, read_current(layout).manifest)
     failures = failures_of(state)
     failures.pop(target_hash, None)
     write_state(

@@ -102,11 +102,12 @@ def write_manifest(layout: HostLayout, text: str, mode: int) -> None:
     hostfs.write_atomic(layout.manifest, text.encode(), mode=mode or 0o600)
 
 
-def collect_garbage(layout: HostLayout, keep: set[str]) -> None:
-    """Remove content folders neither the running manifest nor a backup refers to.
+def collect_garbage(layout: HostLayout, manifest: Manifest) -> None:
+    """Remove content folders neither ``manifest`` (the running one) nor a backup refers to.
 
     A backup folder is named ``<seq>-<hash16>``, the name of the content folder it needs.
     """
+    keep = {posixpath.basename(s) for s in [subdir_of(layout, manifest)] if s}
     keep |= {b.name.split("-", 1)[1] for b in hostfs.list_dirs(layout.backups) if "-" in b.name}
     for folder in hostfs.list_dirs(layout.config_dir):
         if folder.name not in keep:
@@ -126,9 +127,7 @@ def remove_clear_tokens(layout: HostLayout, current: Current) -> list[str]:
     ]
     for backup in removed:
         hostfs.remove_tree(backup)
-    collect_garbage(
-        layout, {posixpath.basename(s) for s in [subdir_of(layout, current.manifest)] if s}
-    )
+    collect_garbage(layout, current.manifest)
     return [backup.name for backup in removed]
 
 
