@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from kube_audit.agent.pki import KeyPair, generate_ca, issue
-from kube_audit.constants import AUTHN_WEBHOOK_PORT
-from kube_audit.core.identities import render_identity_snapshot
+from kube_audit.constants import AUTHN_WEBHOOK_PORT, CREDENTIAL_ID
+from kube_audit.core.identities import credential_id, render_identity_snapshot
 from kube_audit.core.tokens import TokenRecord
 from tests.agent.test_webhook_crowd import (
     CROWD,
@@ -184,6 +184,8 @@ def test_identities_change_with_no_apiserver_restart(webhook: WebhookNode) -> No
         "username": "alice",
         "uid": "u-alice",
         "groups": ["dev", "system:authenticated"],
+        # issue 36 finding 7: kube-apiserver takes the token's fingerprint as the credential ID
+        "extra": {CREDENTIAL_ID: [credential_id(ALICE.token)]},
     }
     assert _accepted(cp, BOB) is None
     changed = time.monotonic()
@@ -207,6 +209,7 @@ def test_a_system_group_in_the_snapshot_is_never_given(webhook: WebhookNode) -> 
         "username": "mallory",
         "uid": "u-mallory",
         "groups": ["dev", "system:authenticated"],
+        "extra": {CREDENTIAL_ID: [credential_id(MALLORY.token)]},
     }
     config = cp.token_kubeconfig(cp.base / "mallory.kubeconfig", MALLORY.token)
     denied = cp.kubectl("get", "secrets", "-A", kubeconfig=config, check=False)
