@@ -120,8 +120,8 @@ def add_parsers(sub: Any) -> None:
     crds.add_argument(
         "--out",
         metavar="DIR",
-        help="write one file per CRD into this folder (default, or -: print them on stdout, "
-        "for kubectl apply -f -)",
+        help="write one file per CRD into this folder; without it, or with -, print them on "
+        "stdout (for kubectl apply -f -)",
     )
     crds.set_defaults(func=cmd_crds, writes=True)
     grant = sub.add_parser(
