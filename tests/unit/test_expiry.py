@@ -138,3 +138,14 @@ def test_the_status_says_expired() -> None:
     assert ready["Stalled"]["status"] == ready["Reconciling"]["status"] == "False"
     earlier = compute_conditions(obj, ["cp-1", "cp-2"], "2027-01-31T17:59:59Z", "")
     assert {c["type"]: c for c in earlier["conditions"]}["Ready"]["reason"] != EXPIRED
+
+
+@pytest.mark.parametrize(
+    ("ttl", "seconds"),
+    [("10s", 20.0), ("1m30s", 100.0), ("250us", 10.00025), ("1.5s", 11.5), ("0", 10.0)],
+)
+def test_every_go_duration_the_ttl_takes_sets_the_margin(ttl: str, seconds: float) -> None:
+    """The CLI takes any Go duration for the cache TTL; the snapshot's margin reads them all."""
+    settings = Settings(identity_mode="webhook", webhook_cache_ttl=ttl)
+    snapshot = plan_desired(collect_inputs([]), settings).identities
+    assert json.loads(snapshot)["refuseBeforeExpirySeconds"] == pytest.approx(seconds)

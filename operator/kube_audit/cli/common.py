@@ -4,7 +4,6 @@ groups built once (argparse parents) with their environment fallbacks."""
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING
 from kube_audit import hostfs
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG
 from kube_audit.cli.env import env_bool, env_int, env_list, env_str
-from kube_audit.core.settings import IDENTITY_MODES, IdentityMode, Settings
+from kube_audit.core.settings import GO_DURATION, IDENTITY_MODES, IdentityMode, Settings
 from kube_audit.errors import InvalidInput, Problem
 
 if TYPE_CHECKING:
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
 
 _YAML_SUFFIXES = (".yaml", ".yml", ".json")
 ROTATION = (("maxage", "days"), ("maxbackup", "files"), ("maxsize", "MB"))
-GO_DURATION = re.compile(r"0|(?:[0-9]+(?:\.[0-9]*)?(?:ns|us|µs|ms|s|m|h))+")
 
 
 def input_files(paths: Sequence[str], problems: list[Problem]) -> list[Path]:

@@ -12,7 +12,6 @@ from typing import Any
 
 from kube_audit.constants import API_VERSION, AUDIT_POLICY, AUDIT_USER
 from kube_audit.core import yamlio
-from kube_audit.core.audit_query import parse_duration
 from kube_audit.core.identities import render_identity_snapshot
 from kube_audit.core.manifest import (
     WEBHOOK_CONFIG_FLAG,
@@ -30,7 +29,7 @@ from kube_audit.core.models import (
     parse_secret,
 )
 from kube_audit.core.policy import parse_audit_policy, render_audit_policy
-from kube_audit.core.settings import Settings
+from kube_audit.core.settings import Settings, go_duration_seconds
 from kube_audit.core.tokens import render_token_file
 from kube_audit.core.users import UserResolution, identity_problems, resolve_users
 from kube_audit.errors import InvalidInput, Problem
@@ -253,7 +252,8 @@ def plan_desired(
         # needs no restart.
         config_hash=config_hash(files, settings) if files or webhook else "",
         identities=render_identity_snapshot(
-            resolution.records, parse_duration(settings.webhook_cache_ttl) + SUCCESS_CACHE_EXTRA
+            resolution.records,
+            go_duration_seconds(settings.webhook_cache_ttl) + SUCCESS_CACHE_EXTRA,
         ),
         users=resolution,
         policies_accepted=tuple(p.meta.name for p in inputs.policies),

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
+
+# A Go time.Duration as kube-apiserver's flags take it (the webhook cache TTL).
+GO_DURATION = re.compile(r"0|(?:[0-9]+(?:\.[0-9]*)?(?:ns|us|µs|ms|s|m|h))+")
+_GO_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?)(ns|us|µs|ms|s|m|h)")
+_GO_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 IdentityMode = Literal["token-file", "webhook"]
 IDENTITY_MODES: tuple[IdentityMode, ...] = ("token-file", "webhook")
@@ -30,3 +36,10 @@ class Settings:
     # --authentication-token-webhook-cache-ttl: how long a refused or removed token may still
     # be answered from the apiserver's cache (a Go duration).
     webhook_cache_ttl: str = "10s"
+
+
+def go_duration_seconds(value: str) -> float:
+    """Seconds of a Go duration (``10s``, ``1m30s``, ``250ms``); ValueError if it is not one."""
+    if not GO_DURATION.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Go duration (e.g. 10s, 1m30s)")
+    return sum(float(amount) * _GO_UNIT[unit] for amount, unit in _GO_PART.findall(value))
