@@ -15,7 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kube_audit.constants import ROLLOUT_LEASE
+from kube_audit.constants import (
+    NODE_LEASE_PREFIX,
+    NODE_MESSAGE_ANNOTATION,
+    NODE_OUTCOME_ANNOTATION,
+    ROLLOUT_LEASE,
+)
 from tests.contract import OPERATOR_USER
 from tests.controlplane.cluster import KUBE_AUDIT, ROOT, KubectlError, wait_for
 from tests.controlplane.test_job import is_ready, status_of, token_of, who, whoami
@@ -551,38 +556,44 @@ def _patch_pod_template(real: Real, webhook_command: str, mode: str) -> None:
 def test_a_switch_the_webhook_cannot_take_never_keeps_a_deleted_person(real: Real) -> None:
     """Issue 36 finding 1 on the real kubelet and kube-apiserver: the DaemonSet asks for webhook
     mode while its authn-webhook container does not answer. The node keeps its token file and
-    says why; frank, deleted meanwhile, is refused by that apiserver within one restart. Before,
-    the switch failed on every try and nothing took frank's line out: his token worked there
-    for as long as the webhook was silent. (A rollback out of webhook mode, automatic or by an
-    admin, is the same hold and the same revocation: tests/agent/test_holds.py.)"""
+    its record says why (``kube-audit status``: Pending); ivy, deleted meanwhile, is refused by
+    that apiserver within one restart. Before, the switch failed on every try and nothing took
+    ivy's line out: her token worked there for as long as the webhook was silent. (A rollback
+    out of webhook mode, automatic or by an admin, is the same hold and the same revocation:
+    tests/agent/test_holds.py.)"""
     cp, node = real.cp, real.node
-    frank = token_of(cp, "frank")
-    wait_for("frank accepted", lambda: _user(whoami(cp, frank)), 60, 1)
-    manifest = node.manifest.read_bytes()
-    _patch_pod_template(real, "standby", "webhook")
-
-    def node_entry() -> dict[str, Any]:
-        status = status_of(cp, "auditpolicies", "developers")["obj"].get("status") or {}
-        return dict((status.get("nodes") or {}).get(node.name) or {})
-
-    wait_for("the node waiting for its webhook",
-             lambda: "does not answer" in node_entry().get("message", ""), 300, 2)  # fmt: skip
-    assert node_entry()["outcome"] == "Pending", node_entry()
-    assert node.manifest.read_bytes() == manifest, "no switch to a webhook that is not there"
-    container = real.apiserver_container()
-    started = time.monotonic()
-    cp.kubectl("delete", "audituser", "frank")
-    wait_for("frank refused while the switch waits",
-             lambda: _user(whoami(cp, frank)) is None, 300, 1)  # fmt: skip
-    refused = time.monotonic() - started
+    _add_user(real, "ivy")
+    _works(real, "ivy")
     _settled(real)
-    after = node.manifest.read_bytes()
-    assert b"--token-auth-file=" in after and b"webhook-config-file" not in after
-    assert real.apiserver_container() != container, "one restart took frank's line out"
-    _patch_pod_template(real, "authn-webhook", "token-file")
+    ivy = token_of(cp, "ivy")
+    manifest = node.manifest.read_bytes()
+    lease = f"{NODE_LEASE_PREFIX}{node.name}"
+
+    def record() -> dict[str, str]:
+        body = cp.kubectl_json("get", "lease", "-n", NAMESPACE, lease)
+        return dict(body["metadata"].get("annotations") or {})
+
+    _patch_pod_template(real, "standby", "webhook")
+    try:
+        wait_for("the node's record: waiting for its webhook",
+                 lambda: "does not answer" in record().get(NODE_MESSAGE_ANNOTATION, ""), 300, 2)  # fmt: skip
+        assert record()[NODE_OUTCOME_ANNOTATION] == "Pending", record()
+        assert node.manifest.read_bytes() == manifest, "no switch to a webhook that is not there"
+        container = real.apiserver_container()
+        started = time.monotonic()
+        cp.kubectl("delete", "audituser", "ivy")
+        wait_for("ivy refused while the switch waits",
+                 lambda: _user(whoami(cp, ivy)) is None, 300, 1)  # fmt: skip
+        refused = time.monotonic() - started
+        _settled(real)
+        after = node.manifest.read_bytes()
+        assert b"--token-auth-file=" in after and b"webhook-config-file" not in after
+        assert real.apiserver_container() != container, "one restart took ivy's line out"
+    finally:
+        _patch_pod_template(real, "authn-webhook", "token-file")
     wait_operator_ready(cp)
     _settled(real)
-    print(f"webhook mode asked with a silent authn-webhook: frank deleted -> refused by the "
+    print(f"webhook mode asked with a silent authn-webhook: ivy deleted -> refused by the "
           f"token-file apiserver in {refused:.1f}s (one restart)")  # fmt: skip
 
 
