@@ -550,7 +550,10 @@ def _patch_pod_template(real: Real, webhook_command: str, mode: str) -> None:
         {"name": "authn-webhook", "command": ["kube-audit", webhook_command]},
         {"name": "operator", "env": [{"name": "KUBE_AUDIT_IDENTITY_MODE", "value": mode}]},
     ]}}}}  # fmt: skip
-    real.cp.kubectl("-n", NAMESPACE, "patch", "daemonset", "kube-audit", "-p", json.dumps(patch))
+    # Right after an apiserver restart it may answer before its RBAC caches are filled.
+    wait_for("the DaemonSet's pod template patched",
+             lambda: real.cp.kubectl("-n", NAMESPACE, "patch", "daemonset", "kube-audit",
+                                     "-p", json.dumps(patch)), 60, 2)  # fmt: skip
 
 
 def test_a_switch_the_webhook_cannot_take_never_keeps_a_deleted_person(real: Real) -> None:
@@ -562,8 +565,10 @@ def test_a_switch_the_webhook_cannot_take_never_keeps_a_deleted_person(real: Rea
     out of webhook mode, automatic or by an admin, is the same hold and the same revocation:
     tests/agent/test_holds.py.)"""
     cp, node = real.cp, real.node
-    _add_user(real, "ivy")
+    for name in ("ivy", "jade"):  # jade stays: the node keeps a token file
+        _add_user(real, name)
     _works(real, "ivy")
+    _works(real, "jade")
     _settled(real)
     ivy = token_of(cp, "ivy")
     manifest = node.manifest.read_bytes()
