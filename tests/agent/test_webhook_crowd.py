@@ -77,7 +77,7 @@ class Crowd(threading.Thread):
     def __init__(self, port: int, kinds: tuple[int, int, int]) -> None:
         super().__init__(daemon=True)
         self.port, self.kinds, self.size = port, kinds, sum(kinds)
-        self.attempts = self.open = self.peak = self.connected = self.closed_by_server = 0
+        self.attempts = self.open = self.peak = self.closed_by_server = 0
         self._halt = threading.Event()
         self.ready = threading.Event()
 
@@ -118,7 +118,6 @@ class Crowd(threading.Thread):
                 self.closed_by_server += 1  # cut during its handshake
                 await asyncio.sleep(chance.uniform(*COME_BACK))
                 continue
-            self.connected += 1
             self.open += 1
             self.peak = max(self.peak, self.open)
             try:
