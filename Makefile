@@ -7,6 +7,7 @@ DEMO   := build/demo
 GO     ?= go
 CP_SRC := tests/controlplane
 CP_BIN := build/controlplane/bin
+VL_BIN := build/victorialogs/bin
 ACTIONLINT_VERSION := v1.7.12
 ACTIONLINT := build/tools/actionlint-$(ACTIONLINT_VERSION)/actionlint
 K8S_VERSION := $(shell sed -n 's|^[[:space:]]*k8s.io/kubernetes \(v[0-9.]*\)$$|\1|p' $(CP_SRC)/go.mod)
@@ -16,7 +17,7 @@ CP_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
 	-X k8s.io/component-base/version.gitTreeState=clean
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test unit lint bench demo crds clean controlplane haproxy image node-tools gitops-health
+.PHONY: help setup test unit lint bench demo crds clean controlplane haproxy image node-tools gitops-health victorialogs
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install the project with its test extras
 
 test: setup lint ## lint, build the real programs and the image where Go is, run every test
-	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory controlplane haproxy node-tools gitops-health; \
+	@if $(GO) version >/dev/null 2>&1; then $(MAKE) --no-print-directory controlplane haproxy node-tools gitops-health victorialogs; \
 	   if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory image; \
 	   else echo "make test: not root: no image is built and the real node tests (tests/realnode) will skip"; fi; \
 	 else echo "make test: no Go on PATH: the control-plane and real node tests will skip"; fi
@@ -62,6 +63,13 @@ gitops-health: ## build Flux's kstatus and CEL evaluator and Argo CD's Lua healt
 	   cd tests/gitops && GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
 	   $(GO) build -trimpath -o $(abspath build/gitops/bin)/gitops-health ./health; \
 	 else echo "gitops-health: needs Go 1.26+, found $$($(GO) version): tests/gitops will skip"; fi
+
+victorialogs: ## build VictoriaLogs (victoria-logs) and vlagent from their Go module for the audit-store tests (Go 1.26+)
+	@if $(GO) version | grep -Eq 'go1\.(2[6-9]|[3-9][0-9])'; then \
+	   cd tests/store && GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
+	   $(GO) build -trimpath -ldflags '-s -w' -o $(abspath $(VL_BIN))/ \
+	     github.com/VictoriaMetrics/VictoriaLogs/app/victoria-logs github.com/VictoriaMetrics/VictoriaLogs/app/vlagent; \
+	 else echo "victorialogs: needs Go 1.26+, found $$($(GO) version): tests/store will skip"; fi
 
 unit: setup ## only the fast pure-core tests
 	$(BIN)/python -m pytest tests/unit

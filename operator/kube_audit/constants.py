@@ -32,6 +32,16 @@ WHO_CONTAINER = "who"
 DEFAULT_INSTALL_NAMESPACE = "kube-audit"
 # On each event `who --cluster -o json` prints: the control-plane node whose apiserver wrote it.
 WHO_NODE_ANNOTATION = f"{GROUP}/node"
+# How many requests `who` holds back to order its answer, and how far the log must have moved
+# past a request before it is printed (its later stages are logged within this time unless it
+# runs longer, a watch): the same for files and the store, so both answer alike.
+WHO_WINDOW = 20_000
+WHO_LAG_SECONDS = 60.0
+# The audit store (VictoriaLogs): the fields vlagent adds to each event, both stream fields.
+STORE_NODE_FIELD = "node"
+STORE_CLUSTER_FIELD = "cluster"
+# The ship container's metrics (loopback, beside the operator's 10281-10283).
+SHIP_METRICS_PORT = 10284
 
 # Webhook mode: kube-apiserver asks https://127.0.0.1:AUTHN_WEBHOOK_PORT/authenticate who holds a
 # token (the pod is on the host network; not a port kubeadm's components use).

@@ -121,3 +121,7 @@ class PartialAnswer(KubeAuditError):
     """A question asked of every node got answers from some only; the others are named."""
 
     exit_code = 7
+
+
+class StoreError(PartialAnswer):
+    """The audit store did not answer, or broke off: the answer is partial or missing."""

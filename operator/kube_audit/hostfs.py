@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import gzip
+import io
 import os
 import shutil
 import time
@@ -269,3 +270,60 @@ def read_blocks(path: Path, size: int = 1 << 22) -> Iterator[bytes]:
                 yield chunk
     except (OSError, EOFError) as error:
         raise HostError(f"cannot read {path}: {error}") from None
+
+
+_FIRST_LINE_MAX = 1 << 20
+
+
+def _first_line(handle: gzip.GzipFile | io.BufferedReader) -> bytes | None:
+    line = handle.readline(_FIRST_LINE_MAX)
+    return line if line.endswith(b"\n") else None
+
+
+def _open_log(path: Path) -> gzip.GzipFile | io.BufferedReader:
+    return gzip.GzipFile(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def audit_log_identities(folder: Path, log_file: str) -> list[tuple[Path, bytes, int]]:
+    """Each audit log file with its first line and content size (-1 for a ``.gz``), oldest
+    first; a file without a whole first line yet (just created) is left for the next look."""
+    try:
+        paths = audit_log_files(folder, log_file)
+    except OSError as error:
+        raise HostError(f"cannot list {folder}: {_describe(error)}") from None
+    found = []
+    for path in paths:
+        try:
+            with _open_log(path) as handle:
+                first = _first_line(handle)
+                size = -1 if path.name.endswith(".gz") else os.fstat(handle.fileno()).st_size
+        except FileNotFoundError:
+            continue  # rotated away or compressed since the listing
+        except (OSError, EOFError) as error:
+            raise HostError(f"cannot read {path}: {_describe_any(error)}") from None
+        if first is not None:
+            found.append((path, first, size))
+    return found
+
+
+def read_log_range(
+    path: Path, first_line: bytes, start: int, limit: int
+) -> tuple[bytes, bool] | None:
+    """Up to ``limit`` bytes of the file's content from ``start``, and whether its end was
+    reached; None when the file at ``path`` is no longer the one that begins with
+    ``first_line`` (renamed or removed since it was listed: look again)."""
+    try:
+        with _open_log(path) as handle:
+            if _first_line(handle) != first_line:
+                return None
+            handle.seek(start)
+            data = handle.read(limit)
+    except FileNotFoundError:
+        return None
+    except (OSError, EOFError) as error:
+        raise HostError(f"cannot read {path}: {_describe_any(error)}") from None
+    return data, len(data) < limit
+
+
+def _describe_any(error: OSError | EOFError) -> str:
+    return _describe(error) if isinstance(error, OSError) else f"cut short ({error})"

@@ -17,7 +17,7 @@ import pytest
 from kube_audit import hostfs
 from kube_audit.cli import main
 from kube_audit.core.audit_query import GrowingTable, Query, parse_duration
-from kube_audit.who import run_who
+from kube_audit.who.files import run_who
 from tests.auditlog import generate
 
 
@@ -140,7 +140,7 @@ def test_bad_filters_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_window_keeps_memory_bounded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("kube_audit.who.WINDOW", 50)
+    monkeypatch.setattr("kube_audit.who.files.WINDOW", 50)
     log = tmp_path / "audit.log"
     log.write_bytes(b"".join(itertools.islice(generate(2000), 4000)))
     assert main(["who", str(log), "-o", "json"]) == 0

@@ -19,7 +19,7 @@ import pytest
 from kube_audit.core.audit_query import Query
 from kube_audit.errors import ClusterError, PartialAnswer
 from kube_audit.kube import ExecResult
-from kube_audit.who_cluster import plan_targets, run_who_cluster
+from kube_audit.who.pods import plan_targets, run_who_cluster
 from tests.auditlog import event
 
 KUBE_AUDIT = str(Path(sys.executable).parent / "kube-audit")

@@ -27,6 +27,7 @@ COMMANDS = {
     "operator": "operator",
     "who": "who",
     "standby": "who",
+    "ship": "ship",
     "authn-webhook": "authn",
     "kubeconfig": "cluster",
     "status": "cluster",

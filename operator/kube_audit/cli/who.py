@@ -24,7 +24,7 @@ from kube_audit.core.audit_query import (
 )
 from kube_audit.core.settings import Settings
 from kube_audit.errors import InvalidInput, Problem
-from kube_audit.who import run_who
+from kube_audit.who.files import run_who
 
 DEFAULT_LOG_DIR = Settings().log_dir
 
@@ -66,17 +66,46 @@ def cmd_who(args: argparse.Namespace) -> int:
     )
     if args.cluster and args.path:
         problems.append(Problem("who", "path", "--cluster asks every node's pod; give no paths"))
+    if args.store and (args.path or args.cluster):
+        what = "paths" if args.path else "--cluster"
+        problems.append(Problem("who", "--store", f"asks the store alone; give no {what}"))
     if not args.cluster:
-        for flag in ("kubeconfig", "context", "operator_namespace", "request_timeout"):
+        for flag in ("kubeconfig", "context", "operator_namespace"):
             if getattr(args, flag) is not None:
                 name = "--" + flag.replace("_", "-")
                 problems.append(Problem("who", name, "only used with --cluster"))
+    if not args.cluster and not args.store and args.request_timeout is not None:
+        problems.append(Problem("who", "--request-timeout", "only used with --cluster or --store"))
+    if not args.store:
+        for flag in ("store_ca", "store_token_file", "store_user"):
+            if getattr(args, flag) is not None:
+                name = "--" + flag.replace("_", "-")
+                problems.append(Problem("who", name, "only used with --store"))
+    if args.store_token_file and args.store_user:
+        problems.append(
+            Problem("who", "--store-user", "give either --store-user or --store-token-file")
+        )
     timeout = _request_timeout(args.request_timeout, problems)
     if problems:
         raise InvalidInput(problems)
+    if args.store:
+        from kube_audit.logstore import LogStore, StoreAccess  # noqa: PLC0415
+        from kube_audit.who.store import run_who_store  # noqa: PLC0415
+
+        access = StoreAccess(
+            url=args.store,
+            ca_file=args.store_ca,
+            token_file=args.store_token_file,
+            user=args.store_user,
+            password=env_str("KUBE_AUDIT_STORE_PASSWORD", "") or None,
+            timeout=timeout,
+        )
+        return run_who_store(
+            LogStore(access), query, output=args.output, out=sys.stdout, err=sys.stderr, now=now
+        )
     if args.cluster:
         from kube_audit.kube import KubeApi, load_api_client  # noqa: PLC0415 - slow import
-        from kube_audit.who_cluster import run_who_cluster  # noqa: PLC0415
+        from kube_audit.who.pods import run_who_cluster  # noqa: PLC0415
 
         api = KubeApi(load_api_client(args.kubeconfig, args.context))
         return run_who_cluster(
@@ -166,9 +195,29 @@ def add_parsers(sub: Any) -> None:
     cmd.add_argument(
         "--request-timeout",
         metavar="DURATION",
-        help="with --cluster: give up on a node that has not answered after this long, as "
+        help="with --cluster or --store: give up on a node, or the store, that has not "
+        "answered after this long, as "
         "kubectl takes it (30s, 1m, or a number of seconds; default 5m, or "
         "$KUBE_AUDIT_REQUEST_TIMEOUT)",
+    )
+    cmd.add_argument(
+        "--store",
+        metavar="URL",
+        default=env_str("KUBE_AUDIT_STORE", "") or None,
+        help="ask the audit store instead: VictoriaLogs' HTTP address, a single node or "
+        "vlselect (http(s)://HOST:PORT, or $KUBE_AUDIT_STORE); every node's events, with a "
+        "NODE column; exits 7 when the store does not answer in full",
+    )
+    cmd.add_argument("--store-ca", metavar="FILE", help="with --store: the CA bundle of https")
+    cmd.add_argument(
+        "--store-token-file",
+        metavar="FILE",
+        help="with --store: send the bearer token this file holds",
+    )
+    cmd.add_argument(
+        "--store-user",
+        metavar="USER",
+        help="with --store: basic auth as USER, the password from $KUBE_AUDIT_STORE_PASSWORD",
     )
     cmd.add_argument("--user", action="append", help="user name")
     cmd.add_argument("--group", action="append", help="one of the user's groups")

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import orjson
 
 from kube_audit import hostfs
+from kube_audit.constants import WHO_LAG_SECONDS, WHO_WINDOW
 from kube_audit.core.audit_query import (
     HEADER,
     STAGE_RANK,
@@ -31,10 +32,8 @@ from kube_audit.core.audit_query import (
 )
 from kube_audit.errors import HostError, InvalidInput, PartialAnswer, Problem
 
-WINDOW = 20_000
-# How far the log must have moved past a request before it is printed: its later stages are
-# logged within this time unless it runs longer (a watch), and output keeps request-time order.
-LAG_SECONDS = 60.0
+WINDOW = WHO_WINDOW
+LAG_SECONDS = WHO_LAG_SECONDS
 
 
 @dataclass

@@ -1,0 +1,218 @@
+"""``kube-audit ship``: this node's audit log, sent to the audit store, nothing lost.
+
+kube-apiserver's log files are the buffer: nothing is copied to a second one, a position per
+file (``core.shipping``) says how far the store has it, and the state file holding it is
+rewritten atomically after each acknowledged batch. Whatever stops the shipper (SIGKILL, a
+freeze while the log rotates, the store down), it resumes from what the store has kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from kube_audit import hostfs
+from kube_audit.core.shipping import (
+    LogFile,
+    ShipState,
+    last_logged,
+    parse_state,
+    pending_bytes,
+    plan_reads,
+    record_ack,
+    record_end,
+    render_insert_params,
+    render_state,
+    settle,
+    unsettled,
+    whole_lines,
+)
+from kube_audit.errors import HostError, StoreError
+from kube_audit.logstore import LogStore
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "ship-state.json"
+
+
+@dataclass
+class ShipMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.shipped_bytes = Counter(
+            "kube_audit_ship_bytes", "Audit log bytes the store acknowledged", registry=r
+        )
+        self.lost_bytes = Counter(
+            "kube_audit_ship_lost_bytes",
+            "Audit log bytes removed from the node before the store had them (rotated away "
+            "while the store was unreachable longer than the backups last)",
+            registry=r,
+        )
+        self.errors = Counter(
+            "kube_audit_ship_errors", "Batches the store did not acknowledge", registry=r
+        )
+        self.pending = Gauge(
+            "kube_audit_ship_pending_bytes",
+            "Bytes of the node's audit log the store has not acknowledged",
+            registry=r,
+        )
+        self.logged_until = Gauge(
+            "kube_audit_ship_logged_until_seconds",
+            "Event time (stageTimestamp, Unix seconds) of the last event the store acknowledged",
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "kube_audit_ship_last_success_timestamp_seconds",
+            "When the store last acknowledged a batch, or confirmed nothing was pending",
+            registry=r,
+        )
+
+
+@dataclass
+class Shipper:
+    """One node's shipper. ``monotonic`` and ``wall`` are injected: tests move time on."""
+
+    folder: Path
+    log_file: str
+    state_dir: Path
+    store: LogStore
+    node: str
+    cluster: str = ""
+    keep_after: float = 10.0
+    batch_bytes: int = 4 << 20
+    metrics: ShipMetrics = field(default_factory=ShipMetrics)
+    monotonic: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    state: ShipState = field(init=False)
+    resume_from_kept: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        hostfs.ensure_dir(self.state_dir)
+        path = self.state_dir / STATE_FILE
+        try:
+            self.state = parse_state(hostfs.read_optional(path))
+        except ValueError as error:
+            raise HostError(
+                f"{path}: {error}; move it away to ship the folder from its start again"
+            ) from None
+        self.params = render_insert_params(self.node, self.cluster)
+
+    def _listing(self) -> list[tuple[LogFile, Path, bytes]]:
+        found = hostfs.audit_log_identities(self.folder, self.log_file)
+        return [
+            (
+                LogFile(
+                    name=path.name,
+                    fingerprint=hashlib.sha256(first).hexdigest()[:32],
+                    size=size,
+                    order=order,
+                    compressed=path.name.endswith(".gz"),
+                ),
+                path,
+                first,
+            )
+            for order, (path, first, size) in enumerate(found)
+        ]
+
+    def poll(self) -> None:
+        """Send everything new, oldest file first; ``StoreError`` when the store did not take
+        a batch (sent again, from what the store has kept, at the next poll)."""
+        listing = self._listing()
+        files = [f for f, _, _ in listing]
+        plan = plan_reads(files, self.state, resume_from_kept=self.resume_from_kept)
+        self.resume_from_kept = False
+        for name, missing in plan.lost:
+            log.error("%s left %s before %d byte(s) of it were shipped", name, self.folder, missing)
+            self.metrics.lost_bytes.inc(missing)
+        self.state = plan.state
+        where = {f.fingerprint: (path, first) for f, path, first in listing}
+        try:
+            sent = False
+            for read in plan.reads:
+                path, first = where[read.file.fingerprint]
+                sent |= self._send(read.file, path, first, read.start)
+            if not sent and unsettled(self.state):
+                # Quiet, with lines the store may still lose: a store that restarted since
+                # has broken the connection, and they are sent again.
+                self.store.check()
+        except StoreError:
+            self.metrics.errors.inc()
+            self.resume_from_kept = True
+            raise
+        finally:
+            self.state = settle(self.state, self.monotonic(), self.keep_after)
+            self._save()
+            self.metrics.pending.set(pending_bytes(files, self.state))
+        self.metrics.last_success.set(self.wall())
+
+    def _send(self, file: LogFile, path: Path, first: bytes, start: int) -> bool:
+        """The file from ``start`` to its last whole line, batch by batch (a line longer than a
+        batch is read whole: the batch grows for it)."""
+        offset, limit = start, self.batch_bytes
+        while True:
+            got = hostfs.read_log_range(path, first, offset, limit)
+            if got is None:
+                return offset > start  # renamed or compressed since the listing: next poll
+            data, at_end = got
+            lines = whole_lines(data)
+            if not lines:
+                if at_end:
+                    break
+                limit *= 2
+                continue
+            limit = self.batch_bytes
+            self.store.insert(lines, self.params)
+            offset += len(lines)
+            until = last_logged(lines)
+            self.state = record_ack(self.state, file.fingerprint, offset, self.monotonic(), until)
+            self.metrics.shipped_bytes.inc(len(lines))
+            if until:
+                self.metrics.logged_until.set(_unix(until))
+            self._save()
+            if at_end:
+                break
+        if file.compressed:  # read to its end: its content's size is known now
+            self.state = record_end(self.state, file.fingerprint, offset)
+        return offset > start
+
+    def _save(self) -> None:
+        hostfs.write_atomic(self.state_dir / STATE_FILE, render_state(self.state), sync_dir=False)
+
+    def run(
+        self, stop: Callable[[], bool], sleep: Callable[[float], object], interval: float = 1.0
+    ) -> None:
+        """Poll until ``stop()``, every ``interval``; back off to 30 s while the store does not
+        answer."""
+        backoff = interval
+        while not stop():
+            try:
+                self.poll()
+                backoff = interval
+            except StoreError as error:
+                log.warning("%s; sending again from what the store has kept", error)
+                backoff = min(backoff * 2, 30.0)
+                sleep(backoff)
+                continue
+            except HostError as error:
+                log.error("%s", error)
+            sleep(interval)
+
+
+def _unix(stage_timestamp: str) -> float:
+    try:
+        return datetime.fromisoformat(stage_timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def serve_metrics(metrics: ShipMetrics, address: str, port: int) -> None:
+    start_http_server(port, addr=address, registry=metrics.registry)

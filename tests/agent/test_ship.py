@@ -1,0 +1,226 @@
+"""``kube-audit ship`` over real files and a store that fails as told: every line of the log
+reaches the store whatever stops the shipper, counted line by line."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from kube_audit.agent.ship import STATE_FILE, Shipper
+from kube_audit.errors import HostError, StoreError
+from tests.auditlog import generate
+from tests.logwriter import RotatingLog
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeStore:
+    """Keeps what it acknowledged, with when; ``crash`` loses what it acknowledged within the
+    last ``unflushed`` seconds (as VictoriaLogs' in-memory rows) and closes the connection."""
+
+    url = "http://store.test"
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.rows: list[tuple[float, bytes]] = []
+        self.down = False
+        self.broken_connection = False
+        self.inserts = 0
+
+    def insert(self, lines: bytes, params: dict[str, str]) -> None:
+        assert params["extra_fields"].startswith("node=cp-1")
+        if self.down or self.broken_connection:
+            self.broken_connection = False
+            raise StoreError("the store at http://store.test did not take the lines: refused")
+        self.inserts += 1
+        self.rows += [(self.clock(), line) for line in lines.splitlines(keepends=True)]
+
+    def check(self) -> None:
+        if self.down or self.broken_connection:
+            self.broken_connection = False
+            raise StoreError("the store at http://store.test broke the connection: reset")
+
+    def crash(self, unflushed: float) -> None:
+        self.rows = [(t, r) for t, r in self.rows if t <= self.clock() - unflushed]
+        self.broken_connection = True
+
+    def keys(self) -> list[tuple[str, str]]:
+        return [_key(line) for _, line in self.rows]
+
+
+def _key(line: bytes) -> tuple[str, str]:
+    event = orjson.loads(line)
+    return (event["auditID"], event["stage"])
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(clock: Clock) -> FakeStore:
+    return FakeStore(clock)
+
+
+def _shipper(tmp_path: Path, store: FakeStore, clock: Clock, **kw: object) -> Shipper:
+    return Shipper(
+        folder=tmp_path / "log",
+        log_file="audit.log",
+        state_dir=tmp_path / "state",
+        store=store,  # type: ignore[arg-type]
+        node="cp-1",
+        monotonic=clock,
+        wall=clock,
+        batch_bytes=kw.pop("batch_bytes", 64 << 10),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _lines(count: int, seed: int) -> list[bytes]:
+    return list(generate(count, seed=seed, start=datetime(2026, 11, 1, tzinfo=UTC)))
+
+
+def test_two_rotations_and_a_gzip_while_stopped_lose_nothing_and_send_nothing_twice(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    log = RotatingLog(tmp_path / "log", max_bytes=200_000, compress=True)
+    lines = _lines(1500, seed=1)
+    log.write(lines[:400])
+    first = _shipper(tmp_path, store, clock)
+    first.poll()
+    clock.now += 60
+    first.poll()  # what was sent is kept by now, and the state file says so
+    log.write(lines[400:])  # the shipper is gone (SIGKILL): the log rotates, backups gzipped
+    assert log.rotations >= 2
+    _shipper(tmp_path, store, clock).poll()
+    assert sorted(store.keys()) == sorted(_key(line) for line in lines)
+
+
+def test_a_kill_between_acknowledgement_and_state_file_only_sends_lines_again(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    log = RotatingLog(tmp_path / "log", max_bytes=300_000)
+    lines = _lines(800, seed=2)
+    log.write(lines[:500])
+    shipper = _shipper(tmp_path, store, clock)
+    shipper.poll()
+    state_before = (tmp_path / "state" / STATE_FILE).read_bytes()
+    log.write(lines[500:])
+    shipper.poll()
+    (tmp_path / "state" / STATE_FILE).write_bytes(state_before)  # the last save never happened
+    _shipper(tmp_path, store, clock).poll()
+    keys = store.keys()
+    assert set(keys) == {_key(line) for line in lines}
+    assert len(keys) > len(lines)  # sent again, never lost: who counts a line once
+
+
+def test_lines_the_store_lost_in_a_crash_after_acknowledging_are_sent_again(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    log = RotatingLog(tmp_path / "log", max_bytes=250_000)
+    lines = _lines(1200, seed=3)
+    shipper = _shipper(tmp_path, store, clock, keep_after=10.0)
+    for start in range(0, len(lines), 100):
+        log.write(lines[start : start + 100])
+        shipper.poll()
+        clock.now += 1.0
+    store.crash(unflushed=5.0)  # acknowledged in the last 5 s: gone with the store's memory
+    assert len(set(store.keys())) < len({_key(line) for line in lines})
+    with pytest.raises(StoreError):
+        shipper.poll()  # the old connection is broken: the shipper learns of the restart
+    shipper.poll()
+    assert set(store.keys()) == {_key(line) for line in lines}
+
+
+def test_the_store_down_while_the_log_rotates_loses_nothing(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    log = RotatingLog(tmp_path / "log", max_bytes=150_000, compress=True)
+    lines = _lines(1500, seed=4)
+    shipper = _shipper(tmp_path, store, clock)
+    log.write(lines[:300])
+    shipper.poll()
+    store.down = True
+    log.write(lines[300:])
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            shipper.poll()
+        clock.now += 40
+    assert log.rotations >= 2
+    store.down = False
+    shipper.poll()
+    assert set(store.keys()) == {_key(line) for line in lines}
+    assert shipper.metrics.lost_bytes._value.get() == 0
+
+
+def test_a_backup_removed_before_it_was_shipped_is_counted_as_lost(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    log = RotatingLog(tmp_path / "log", max_bytes=100_000, max_backups=2)
+    lines = _lines(1000, seed=5)
+    shipper = _shipper(tmp_path, store, clock)
+    log.write(lines[:100])
+    shipper.poll()
+    store.down = True
+    log.write(lines[100:300])  # the shipper sees these backups but cannot send them
+    with pytest.raises(StoreError):
+        shipper.poll()
+    seen = {p.name: p.stat().st_size for p in (tmp_path / "log").iterdir()}
+    log.write(lines[300:])  # rotations remove the backups it saw
+    store.down = False
+    shipper.poll()
+    gone = {name: size for name, size in seen.items() if not (tmp_path / "log" / name).exists()}
+    assert gone
+    shipped_of_gone = 0  # the first file was partly shipped before it became a backup
+    lost = shipper.metrics.lost_bytes._value.get()
+    assert 0 < lost <= sum(gone.values()) - shipped_of_gone
+    sent = {_key(line) for _, line in store.rows}
+    assert [line for line in lines if _key(line) not in sent]
+
+
+def test_a_line_longer_than_a_batch_is_sent_whole(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    log = RotatingLog(tmp_path / "log", max_bytes=10 << 20)
+    event = orjson.loads(_lines(1, seed=6)[0])
+    event["requestObject"] = {"data": {"big": "x" * 200_000}}
+    big = orjson.dumps(event) + b"\n"
+    log.write([big, *_lines(5, seed=7)])
+    _shipper(tmp_path, store, clock, batch_bytes=4096).poll()
+    assert store.rows[0][1] == big
+    assert len(store.rows) == 1 + len(_lines(5, seed=7))
+
+
+def test_a_line_still_being_written_waits_for_its_end(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    (tmp_path / "log").mkdir()
+    whole, *_ = _lines(1, seed=8)
+    (tmp_path / "log" / "audit.log").write_bytes(whole + whole[:40])
+    shipper = _shipper(tmp_path, store, clock)
+    shipper.poll()
+    assert len(store.rows) == 1
+    with (tmp_path / "log" / "audit.log").open("ab") as fh:
+        fh.write(whole[40:])
+    shipper.poll()
+    assert len(store.rows) == 2
+
+
+def test_a_damaged_state_file_is_named_and_left_alone(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / STATE_FILE).write_bytes(b"{not json")
+    with pytest.raises(HostError, match=r"ship-state.json: not JSON.*move it away"):
+        _shipper(tmp_path, store, clock)
+    assert (tmp_path / "state" / STATE_FILE).read_bytes() == b"{not json"
