@@ -11,13 +11,15 @@ from __future__ import annotations
 import base64
 import http.client
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kube_audit.core.shipping import StoreVitals, parse_store_vitals, plan_store_failure
 from kube_audit.errors import InvalidInput, Problem, StoreError
 
 QUERY_PATH = "/select/logsql/query"
@@ -41,7 +43,9 @@ class StoreAccess:
 class LogStore:
     """A VictoriaLogs single node, or its vlselect (questions) or vlinsert (lines shipped)."""
 
-    def __init__(self, access: StoreAccess) -> None:
+    def __init__(
+        self, access: StoreAccess, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         parsed = urllib.parse.urlsplit(access.url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InvalidInput(
@@ -50,6 +54,9 @@ class LogStore:
         self.url = access.url.rstrip("/")
         self.scheme, self.netloc, self.path = parsed.scheme, parsed.netloc, parsed.path.rstrip("/")
         self.connection: http.client.HTTPConnection | None = None
+        self.read_metrics = True
+        self.monotonic = monotonic
+        self.vitals: StoreVitals | None = None
         self.timeout = access.timeout
         self.headers = {"Accept": "application/x-ndjson"}
         if access.token_file:
@@ -105,20 +112,32 @@ class LogStore:
             )
 
     def check(self) -> None:
-        """Ask the store's /health on the kept connection: ``StoreError`` when it is broken
-        (the store restarted, or closed it) or the store is not healthy."""
+        """``StoreError`` when the store may have lost acknowledged rows since the last check:
+        the kept connection broke (it restarted, or closed it), its start time changed, or a
+        storage node behind a vlinsert began failing (``core.shipping.plan_store_failure``).
+        A store whose /metrics is not ours to read is asked its /health only."""
+        path = "/metrics" if self.read_metrics else "/health"
         try:
             if self.connection is None:
                 self.connection = self._connect()
-            self.connection.request("GET", self.path + "/health", headers=self.headers)
+            self.connection.request("GET", self.path + path, headers=self.headers)
             response = self.connection.getresponse()
-            response.read(2000)
+            body = response.read()
         except (OSError, http.client.HTTPException) as error:
             self.close()
             raise StoreError(f"the store at {self.url} broke the connection: {error}") from None
+        if path == "/metrics" and response.status in (401, 403, 404):
+            self.read_metrics = False
+            return self.check()
         if response.status // 100 != 2:
             self.close()
             raise StoreError(f"the store at {self.url} is not healthy: HTTP {response.status}")
+        if path == "/metrics":
+            vitals = parse_store_vitals(body.decode("utf-8", "replace"))
+            self.vitals, why = plan_store_failure(self.vitals, vitals, self.monotonic())
+            if why:
+                raise StoreError(f"{self.url}: {why}")
+        return None
 
     def _connect(self) -> http.client.HTTPConnection:
         if self.scheme == "https":

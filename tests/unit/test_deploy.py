@@ -437,3 +437,41 @@ def test_the_authn_webhook_runs_apart_with_read_only_mounts_and_no_token(
         get = webhook[probe]["httpGet"]
         assert (get["path"], get["port"], get["scheme"], get["host"]) == (
             path, AUTHN_WEBHOOK_PORT, "HTTPS", "127.0.0.1")  # fmt: skip
+
+
+@needs_kubectl
+def test_the_victorialogs_component_adds_a_shipper_that_can_write_only_its_position() -> None:
+    """Issue 35: one component, named in an overlay (examples/audit-store), adds the ship
+    container: the audit log read-only, its position on the host (pod restarts and upgrades
+    lose nothing), no API credential, the store's address from a ConfigMap."""
+    built = _build("examples/audit-store")
+    spec = _one(built, "DaemonSet")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert set(containers) == {"operator", "who", "authn-webhook", "ship"}
+    ship = containers["ship"]
+    parsed = build_parser().parse_args(ship["command"][1:])
+    assert parsed.command == "ship"
+    mounts = {m["mountPath"]: m for m in ship["volumeMounts"]}
+    assert mounts["/host/var/log/kubernetes/audit"]["readOnly"] is True
+    writable = [m for m in mounts.values() if not m.get("readOnly")]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert [volumes[m["name"]]["hostPath"]["path"] for m in writable] == [
+        "/var/lib/kube-audit/ship"
+    ]
+    assert [m["mountPath"] for m in writable] == ["/host/var/lib/kube-audit/ship"]
+    env = {e["name"]: e for e in ship["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["KUBE_AUDIT_HOST_ROOT"]["value"] == "/host"
+    store = _one(built, "ConfigMap", "kube-audit-store")
+    for name, key in (("KUBE_AUDIT_STORE", "url"), ("KUBE_AUDIT_CLUSTER_NAME", "cluster-name")):
+        ref = env[name]["valueFrom"]["configMapKeyRef"]
+        assert (ref["name"], ref["key"]) == ("kube-audit-store", key) and key in store["data"]
+    assert store["data"]["cluster-name"] == "prod-eu-1"
+    security = ship["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == [
+        "ALL"
+    ]
+    assert ship["resources"]["limits"]["memory"] and spec["automountServiceAccountToken"] is False
+    assert not any("serviceaccount" in m for m in mounts)
+    base = _one(_build("deploy"), "DaemonSet")["spec"]["template"]["spec"]
+    assert "ship" not in {c["name"] for c in base["containers"]}, "shipping is optional"

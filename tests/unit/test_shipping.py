@@ -9,8 +9,10 @@ from kube_audit.core.shipping import (
     ShipState,
     last_logged,
     parse_state,
+    parse_store_vitals,
     pending_bytes,
     plan_reads,
+    plan_store_failure,
     record_ack,
     record_end,
     render_insert_params,
@@ -140,3 +142,26 @@ def test_a_file_that_grew_after_it_was_last_seen_and_was_gzipped_is_read_on() ->
         ("audit-1.log.gz", 100),
         ("audit.log", 0),
     ]
+
+
+VLINSERT = """# HELP x
+process_start_time_seconds 1700000000
+vl_insert_remote_send_errors_total{addr="127.0.0.1:1"} 0
+vl_insert_remote_send_errors_total{addr="127.0.0.1:2"} %d
+"""
+
+
+def test_a_storage_node_failing_behind_vlinsert_is_one_loss_to_resend_for() -> None:
+    seen, why = plan_store_failure(None, parse_store_vitals(VLINSERT % 0), 0.0)
+    assert (seen.started, seen.send_errors, why) == (1700000000.0, 0.0, "")
+    steps = [(1, 0, ""), (2, 3, "storage node"), (3, 9, ""), (20, 12, ""), (45, 12, ""),
+             (48, 13, ""), (90, 14, "storage node")]  # fmt: skip
+    for at, errors, expected in steps:
+        seen, why = plan_store_failure(seen, parse_store_vitals(VLINSERT % errors), at)
+        assert (expected in why) if expected else why == "", (at, errors, why)
+
+
+def test_a_restarted_store_is_seen_by_its_start_time() -> None:
+    seen, _ = plan_store_failure(None, parse_store_vitals("process_start_time_seconds 5\n"), 0)
+    _, why = plan_store_failure(seen, parse_store_vitals("process_start_time_seconds 9\n"), 1)
+    assert "restarted" in why

@@ -31,7 +31,6 @@ from kube_audit.core.shipping import (
     render_insert_params,
     render_state,
     settle,
-    unsettled,
     whole_lines,
 )
 from kube_audit.errors import HostError, StoreError
@@ -136,14 +135,12 @@ class Shipper:
         self.state = plan.state
         where = {f.fingerprint: (path, first) for f, path, first in listing}
         try:
-            sent = False
+            # Before sending: a store that may have lost acknowledged rows since the last poll
+            # (restarted, a storage node behind it failed) gets them again from the kept mark.
+            self.store.check()
             for read in plan.reads:
                 path, first = where[read.file.fingerprint]
-                sent |= self._send(read.file, path, first, read.start)
-            if not sent and unsettled(self.state):
-                # Quiet, with lines the store may still lose: a store that restarted since
-                # has broken the connection, and they are sent again.
-                self.store.check()
+                self._send(read.file, path, first, read.start)
         except StoreError:
             self.metrics.errors.inc()
             self.resume_from_kept = True

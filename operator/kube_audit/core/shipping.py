@@ -231,3 +231,56 @@ def pending_bytes(files: Iterable[LogFile], state: ShipState) -> int:
         if not file.compressed:
             total += file.size - (position.acked if position else 0)
     return total
+
+
+@dataclass(frozen=True)
+class StoreVitals:
+    """What the store's ``/metrics`` tells of failures an insert cannot see: when the process
+    started, and (a vlinsert) how often sending to its storage nodes failed. A vlinsert answers
+    an insert before its storage nodes have the rows, so a vlstorage killed with rows in memory
+    shows only here. ``last_error_at`` is when they last grew (monotonic seconds)."""
+
+    started: float
+    send_errors: float
+    last_error_at: float | None = None
+
+
+ERRORS_QUIET = 30.0
+"""Seconds without a new send error after which the next one is a new failure: a vlstorage
+that is down adds errors each time the vlinsert tries it (every 10 s per block), and its rows
+meanwhile go to the other nodes, lost by nobody."""
+
+
+def parse_store_vitals(text: str) -> StoreVitals:
+    started, errors = 0.0, 0.0
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == "process_start_time_seconds":
+            started = _number(value)
+        elif name.startswith("vl_insert_remote_send_errors_total"):
+            errors += _number(value)
+    return StoreVitals(started, errors)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+def plan_store_failure(
+    before: StoreVitals | None, now: StoreVitals, at: float
+) -> tuple[StoreVitals, str]:
+    """The vitals to keep and, when the store may have lost acknowledged rows since ``before``,
+    why: it restarted, or its send errors began to grow (again, after ``ERRORS_QUIET``)."""
+    if before is None:
+        return now, ""
+    increased = now.send_errors > before.send_errors
+    kept = replace(now, last_error_at=at if increased else before.last_error_at)
+    if now.started != before.started:
+        return kept, f"the store restarted (started at {now.started:.0f}, was {before.started:.0f})"
+    quiet = before.last_error_at is None or at - before.last_error_at > ERRORS_QUIET
+    if increased and quiet:
+        return kept, "a storage node behind the store failed (vl_insert_remote_send_errors_total)"
+    return kept, ""
