@@ -7,7 +7,8 @@ snapshot (webhook_bench.py), the real control plane
 (controlplane_bench.py: apply -> working token, apiserver downtime; ha_bench.py: failed requests
 through HAProxy during a rollout over three nodes, rollout time, identities missing after a
 kubeadm rewrite; realnode_bench.py: the image and its pod on the real kubelet;
-BENCH_SKIP_CONTROLPLANE=1 skips the three) and the operator with 10,000
+BENCH_SKIP_CONTROLPLANE=1 skips the three), shipping to the real VictoriaLogs against vlagent
+(store_bench.py; BENCH_SKIP_STORE=1 skips it) and the operator with 10,000
 AuditUsers (operator_bench.py; BENCH_SKIP_OPERATOR=1 skips it, it takes minutes).
 """
 
@@ -128,6 +129,8 @@ def main() -> int:
         failed += subprocess.call([sys.executable, str(REPO / "bench/controlplane_bench.py")]) != 0
         failed += subprocess.call([sys.executable, str(REPO / "bench/ha_bench.py")]) != 0
         failed += subprocess.call([sys.executable, str(REPO / "bench/realnode_bench.py")]) != 0
+    if os.environ.get("BENCH_SKIP_STORE") != "1":
+        failed += subprocess.call([sys.executable, str(REPO / "bench/store_bench.py")]) != 0
     if os.environ.get("BENCH_SKIP_OPERATOR") != "1":
         failed += subprocess.call([sys.executable, str(REPO / "bench/operator_bench.py")]) != 0
     return 1 if failed else 0

@@ -40,6 +40,10 @@ WHO_LAG_SECONDS = 60.0
 # The audit store (VictoriaLogs): the fields vlagent adds to each event, both stream fields.
 STORE_NODE_FIELD = "node"
 STORE_CLUSTER_FIELD = "cluster"
+# The VictoriaLogs component's ConfigMap in the install namespace: `url` where the ship container
+# sends, `query-url` (else `url`) where `who --cluster` asks, through the API server's service
+# proxy when it names a Service (http://NAME.NAMESPACE.svc:PORT).
+STORE_CONFIGMAP = "kube-audit-store"
 # The ship container's metrics (loopback, beside the operator's 10281-10283).
 SHIP_METRICS_PORT = 10284
 

@@ -194,3 +194,80 @@ def test_a_pod_without_the_who_container_is_not_asked(pods: Pods) -> None:
     assert code == "partial answer: 2 of 3 control-plane node(s) answered"
     assert "cp-2: not asked: its kube-audit pod ka-2 has no 'who' container" in err
     assert "ka-2" not in [pod for pod, _ in pods.asked]
+
+
+class StoreApi:
+    """The two calls ``who --cluster`` makes when the install may name an audit store."""
+
+    def __init__(
+        self, config: dict[str, str] | ClusterError | None, answer: bytes | ClusterError
+    ) -> None:
+        self.config, self.answer = config, answer
+        self.asked: list[tuple[str, dict[str, str]]] = []
+
+    def audit_store_config(self, namespace: str) -> dict[str, str] | None:
+        assert namespace == "kube-audit"
+        if isinstance(self.config, ClusterError):
+            raise self.config
+        return self.config
+
+    def get_through_service(
+        self, proxy_path: str, params: dict[str, str], what: str, timeout: float
+    ) -> bytes:
+        self.asked.append((proxy_path, params))
+        if isinstance(self.answer, ClusterError):
+            raise self.answer
+        return self.answer
+
+
+def test_cluster_asks_the_store_the_install_names_through_the_service_proxy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kube_audit.cli.who import _installed_store  # noqa: PLC0415
+    from kube_audit.logstore import LogStore  # noqa: PLC0415
+    from kube_audit.who.store import ProxiedStore, run_who_store  # noqa: PLC0415
+
+    row = {"_time": "2026-11-01T00:00:01Z", "node": "cp-2", "auditID": "a-1",
+           "stage": "ResponseComplete", "verb": "delete", "user.username": "alice",
+           "objectRef.resource": "secrets", "objectRef.namespace": "team",
+           "objectRef.name": "db", "responseStatus.code": "200",
+           "requestReceivedTimestamp": "2026-11-01T00:00:01.000000Z",
+           "stageTimestamp": "2026-11-01T00:00:01.020000Z"}  # fmt: skip
+    api = StoreApi({"url": "http://vlinsert.logging.svc:9481",
+                    "query-url": "http://vlselect.logging.svc:9471"},
+                   json.dumps(row).encode() + b"\n")  # fmt: skip
+    store = _installed_store(api, "kube-audit", 30.0)
+    assert isinstance(store, ProxiedStore) and "logging/vlselect:9471" in store.url
+    out, err = io.StringIO(), io.StringIO()
+    query = Query(users=frozenset({"alice"}), since="2026-11-01T00:00:00Z",
+                  until="2026-11-01T00:10:00Z")  # fmt: skip
+    assert run_who_store(store, query, output="json", out=out, err=err, now=START) == 0
+    (event,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert event["auditID"] == "a-1" and event["annotations"]["kube-audit.io/node"] == "cp-2"
+    paths = {path for path, _ in api.asked}
+    assert paths == {
+        "/api/v1/namespaces/logging/services/http:vlselect:9471/proxy/select/logsql/query"
+    }
+    assert all(params["allow_partial_response"] == "0" for _, params in api.asked)
+    # No ConfigMap: the pods answer. Not allowed to read it: said, and the pods answer.
+    assert _installed_store(StoreApi(None, b""), "kube-audit", 30.0) is None
+    denied = StoreApi(ClusterError("get ConfigMap kube-audit/kube-audit-store: HTTP 403", 403), b"")
+    assert _installed_store(denied, "kube-audit", 30.0) is None
+    assert "asking the nodes' pods" in capsys.readouterr().err
+    # An address outside the cluster is asked directly.
+    direct = _installed_store(StoreApi({"url": "https://logs.example.com"}, b""), "kube-audit", 5)
+    assert isinstance(direct, LogStore)
+
+
+def test_a_store_behind_the_proxy_that_fails_is_a_partial_answer() -> None:
+    from kube_audit.core.logsql import ServiceAddress  # noqa: PLC0415
+    from kube_audit.errors import StoreError  # noqa: PLC0415
+    from kube_audit.who.store import ProxiedStore, run_who_store  # noqa: PLC0415
+
+    failing = StoreApi(None, ClusterError("the store at service logging/vl:9428: HTTP 503", 503))
+    store = ProxiedStore(failing, ServiceAddress("http", "logging", "vl", "9428"), 30.0)
+    with pytest.raises(StoreError, match="HTTP 503") as raised:
+        run_who_store(
+            store, Query(), output="table", out=io.StringIO(), err=io.StringIO(), now=START
+        )
+    assert raised.value.exit_code == 7

@@ -23,6 +23,7 @@ from tests.realnode.node import (
     operator_archive,
     remove_cgroups,
 )
+from tests.store.store import Server
 
 NAMESPACE = "kube-audit"
 LOCAL_IMAGE = "local/kube-audit-operator"
@@ -40,6 +41,7 @@ class Real:
     image: str
     overlay: Path
     kubeadm_manifest: bytes
+    store: Server
 
     def operator_pod(self) -> dict[str, Any]:
         pods = self.cp.kubectl_json("get", "pods", "-n", NAMESPACE, "-l",
@@ -94,9 +96,12 @@ def set_identity_mode(cp: ControlPlane, nodes: list[RealNode], mode: str) -> Non
     wait_for(f"the pods in {mode} mode Ready", pods_ready, 300, 2)
 
 
-def install_with_local_image(cp: ControlPlane, env: dict[str, str] | None = None) -> str:
+def install_with_local_image(
+    cp: ControlPlane, env: dict[str, str] | None = None, store: str | None = None
+) -> str:
     """``kubectl apply -k`` of an overlay of deploy/ that names the image built here and, as
-    docs/settings.md shows, sets the operator container's ``env``."""
+    docs/settings.md shows, sets the operator container's ``env``; with ``store``, the
+    VictoriaLogs component sending to it, as docs/audit-store.md shows."""
     version = operator_archive().name.removeprefix("kube-audit-operator-").removesuffix(".tar")
     overlay = cp.base / "overlay"
     overlay.mkdir(exist_ok=True)
@@ -122,6 +127,15 @@ def install_with_local_image(cp: ControlPlane, env: dict[str, str] | None = None
             ]}}},
         }  # fmt: skip
         kustomization["patches"] = [{"patch": yaml.safe_dump(patch)}]
+    if store:
+        kustomization["components"] = [
+            os.path.relpath(ROOT / "deploy" / "components" / "victorialogs", overlay)
+        ]
+        config = {"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": {"name": "kube-audit-store", "namespace": NAMESPACE},
+                  "data": {"url": store, "cluster-name": "realnode",
+                           "query-url": f"http://{STORE_SERVICE}.{STORE_SERVICE_NAMESPACE}.svc:9428"}}  # fmt: skip
+        kustomization.setdefault("patches", []).append({"patch": yaml.safe_dump(config)})
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     cp.kubectl("apply", "-k", str(overlay))
     cp.kubectl("wait", "--for=condition=established", "--timeout=60s",
@@ -173,9 +187,36 @@ def real_node(base: Path) -> Iterator[Real]:
         node = kubeadm_init(cp)
         wait_for(f"{node.name} Ready", lambda: node_ready(cp, node.name), 180, 2)
         kubeadm_manifest = node.manifest.read_bytes()
-        image = install_with_local_image(cp)
-        wait_operator_ready(cp)
-        yield Real(cp, node, image, cp.base / "overlay", kubeadm_manifest)
+        # The audit store in the node's network (the pod has the node's): its ship container
+        # sends the real apiserver's events there from the start; who --cluster asks it as a
+        # Service through kube-apiserver's proxy.
+        store = Server("victoria-logs", base / "victorialogs", host=node.address).start()
+        try:
+            image = install_with_local_image(cp, store=store.url)
+            cp.apply(store_service(node.name, node.address, store.port))
+            wait_operator_ready(cp)
+            yield Real(cp, node, image, cp.base / "overlay", kubeadm_manifest, store)
+        finally:
+            store.stop()
+
+
+STORE_SERVICE = "victorialogs"
+STORE_SERVICE_NAMESPACE = "kube-system"
+
+
+def store_service(node: str, address: str, port: int) -> list[dict[str, Any]]:
+    """The store as a Service. kube-apiserver's service proxy goes only to an address a pod of
+    the Service's namespace has: the store runs on the node's network, as a hostNetwork pod
+    would, so its endpoint names the node's kube-apiserver mirror pod, whose address it is."""
+    meta = {"name": STORE_SERVICE, "namespace": STORE_SERVICE_NAMESPACE}
+    target = {"kind": "Pod", "namespace": STORE_SERVICE_NAMESPACE, "name": f"kube-apiserver-{node}"}
+    return [
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+         "spec": {"ports": [{"name": "http", "port": 9428, "targetPort": port}]}},
+        {"apiVersion": "v1", "kind": "Endpoints", "metadata": meta,
+         "subsets": [{"addresses": [{"ip": address, "targetRef": target}],
+                      "ports": [{"name": "http", "port": port}]}]},
+    ]  # fmt: skip
 
 
 @dataclass

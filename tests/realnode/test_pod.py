@@ -112,15 +112,16 @@ def _user(answer: dict[str, Any] | str) -> dict[str, Any] | None:
 
 
 def test_who_in_cluster_mode_through_the_real_kubelets_exec(real: Real) -> None:
-    """``kube-audit who --cluster`` from the admin's machine: pods/exec through kube-apiserver
-    to the real kubelet and containerd, into the DaemonSet's pod, which reads the node's log."""
+    """``kube-audit who --cluster --pods`` from the admin's machine (the install names a store,
+    which --cluster would ask): pods/exec through kube-apiserver to the real kubelet and
+    containerd, into the DaemonSet's pod, which reads the node's log."""
     cp, node = real.cp, real.node
     cp.kubectl("create", "configmap", "who-real", "-n", "default")
 
     def found() -> list[dict[str, Any]] | None:
         result = subprocess.run(
-            [KUBE_AUDIT, "who", "--cluster", "--kubeconfig", str(node.admin_kubeconfig),
-             "--name", "who-real", "--verb", "create", "-o", "json"],
+            [KUBE_AUDIT, "who", "--cluster", "--pods", "--kubeconfig",
+             str(node.admin_kubeconfig), "--name", "who-real", "--verb", "create", "-o", "json"],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
@@ -185,6 +186,25 @@ def test_the_flow_of_a_user(real: Real, tmp_path: Path) -> None:
                            "--tcp=80:80", kubeconfig=alice, check=False).returncode == 0,
         60, 1,
     )  # fmt: skip
+    created = time.monotonic()
+    # Issue 35: the ship container has sent it to the audit store, and who --cluster asks the
+    # store the install names, through kube-apiserver's service proxy.
+    question = ["--cluster", "--kubeconfig", str(node.admin_kubeconfig), "--user", "alice",
+                "--resource", "svc", "--name", "alice-svc", "--verb", "create", "-o", "json"]  # fmt: skip
+    found: list[dict[str, Any]] = []
+    while not found and time.monotonic() - created < 30:
+        answer = subprocess.run([str(KUBE_AUDIT), "who", *question], capture_output=True,
+                                text=True, timeout=30, check=False)  # fmt: skip
+        assert answer.returncode == 0, answer.stderr
+        assert "asking the audit store, service kube-system/victorialogs" in answer.stderr
+        found = [json.loads(line) for line in answer.stdout.splitlines()]
+        time.sleep(0 if found else 0.25)
+    answered_after = time.monotonic() - created
+    assert found, "alice's create never reached the audit store"
+    assert answered_after < 5, f"the store answered {answered_after:.1f} s after the request"
+    print(f"alice's request answered by who --cluster from the store: {answered_after:.1f} s")
+    assert {e["annotations"]["kube-audit.io/node"] for e in found} == {node.name}
+    assert found[-1]["responseStatus"]["code"] == 201
     wait_for(
         "alice's create in the node's audit log",
         lambda: any(e["user"]["username"] == "alice" for e in who(node, "--resource", "svc",

@@ -52,9 +52,12 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> Non
 class Server:
     """One victoria-logs process; its port and data folder survive a restart."""
 
-    def __init__(self, name: str, work: Path, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, name: str, work: Path, args: Sequence[str] = (), host: str = "127.0.0.1"
+    ) -> None:
         self.name = name
         self.work = work
+        self.host = host
         self.port = free_port()
         self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -62,12 +65,12 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> Server:
         log = open(self.work / "server.log", "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
-            [str(require_store()), f"-httpListenAddr=127.0.0.1:{self.port}",
+            [str(require_store()), f"-httpListenAddr={self.host}:{self.port}",
              f"-storageDataPath={self.work / 'data'}", "-retentionPeriod=100y",
              "-loggerLevel=WARN", *self.args],
             stdout=log, stderr=subprocess.STDOUT,

@@ -449,6 +449,12 @@ def test_the_victorialogs_component_adds_a_shipper_that_can_write_only_its_posit
     containers = {c["name"]: c for c in spec["containers"]}
     assert set(containers) == {"operator", "who", "authn-webhook", "ship"}
     ship = containers["ship"]
+    (named,) = yaml.safe_load((REPO / "deploy" / "kustomization.yaml").read_text())["images"]
+    assert (
+        ship["image"]
+        == containers["operator"]["image"]
+        == (f"{named['newName']}:{named['newTag']}")
+    ), "the same image, as the base names it"
     parsed = build_parser().parse_args(ship["command"][1:])
     assert parsed.command == "ship"
     mounts = {m["mountPath"]: m for m in ship["volumeMounts"]}

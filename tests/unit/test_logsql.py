@@ -12,6 +12,7 @@ from kube_audit.core.logsql import (
     StoreRow,
     next_width,
     order_requests,
+    parse_service_url,
     parse_store_row,
     parse_store_time,
     quote,
@@ -175,3 +176,29 @@ def test_slices_widen_when_sparse_and_narrow_when_dense() -> None:
     assert next_width(ten, 80_000) == ten / 2
     assert next_width(timedelta(days=1), 0) == timedelta(days=1)
     assert next_width(timedelta(seconds=1), 10**6) == timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://victorialogs.logging.svc:9428", ("http", "logging", "victorialogs", "9428")),
+        ("https://vlselect.obs.svc.cluster.local", ("https", "obs", "vlselect", "443")),
+        ("http://vl.logging.svc.cluster.local.:9471/", ("http", "logging", "vl", "9471")),
+        ("http://victorialogs.example.com:9428", None),
+        ("http://10.0.0.5:9428", None),
+        ("http://vl.logging.svc:9428/select", None),
+    ],
+)
+def test_a_service_address_is_asked_through_the_api_servers_proxy(
+    url: str, expected: tuple[str, str, str, str] | None
+) -> None:
+    found = parse_service_url(url)
+    if expected is None:
+        assert found is None
+        return
+    assert found is not None
+    assert (found.scheme, found.namespace, found.name, found.port) == expected
+    assert found.proxy_path("/select/logsql/query") == (
+        f"/api/v1/namespaces/{expected[1]}/services/{expected[0]}:{expected[2]}:{expected[3]}"
+        "/proxy/select/logsql/query"
+    )

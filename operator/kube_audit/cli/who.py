@@ -70,8 +70,8 @@ def cmd_who(args: argparse.Namespace) -> int:
         what = "paths" if args.path else "--cluster"
         problems.append(Problem("who", "--store", f"asks the store alone; give no {what}"))
     if not args.cluster:
-        for flag in ("kubeconfig", "context", "operator_namespace"):
-            if getattr(args, flag) is not None:
+        for flag in ("kubeconfig", "context", "operator_namespace", "pods"):
+            if getattr(args, flag) not in (None, False):
                 name = "--" + flag.replace("_", "-")
                 problems.append(Problem("who", name, "only used with --cluster"))
     if not args.cluster and not args.store and args.request_timeout is not None:
@@ -108,9 +108,19 @@ def cmd_who(args: argparse.Namespace) -> int:
         from kube_audit.who.pods import run_who_cluster  # noqa: PLC0415
 
         api = KubeApi(load_api_client(args.kubeconfig, args.context))
+        namespace = args.operator_namespace or env_str("POD_NAMESPACE", DEFAULT_INSTALL_NAMESPACE)
+        if not args.pods:
+            from kube_audit.who.store import run_who_store  # noqa: PLC0415
+
+            store = _installed_store(api, namespace, timeout)
+            if store is not None:
+                sys.stderr.write(f"kube-audit: asking the audit store, {store.url}\n")
+                return run_who_store(
+                    store, query, output=args.output, out=sys.stdout, err=sys.stderr, now=now
+                )
         return run_who_cluster(
             api,
-            args.operator_namespace or env_str("POD_NAMESPACE", DEFAULT_INSTALL_NAMESPACE),
+            namespace,
             query,
             output=args.output,
             out=sys.stdout,
@@ -122,6 +132,31 @@ def cmd_who(args: argparse.Namespace) -> int:
     return run_who(
         paths, query, output=args.output, out=sys.stdout, err=sys.stderr, log_file=settings.log_file
     )
+
+
+def _installed_store(api: Any, namespace: str, timeout: float) -> Any:
+    """The store the install names (the VictoriaLogs component's ConfigMap), as ``who``
+    reaches it: a Service through the API server's proxy, another address directly; None
+    without one, or when the caller may not read the ConfigMap (then the pods answer)."""
+    from kube_audit.core.logsql import parse_service_url  # noqa: PLC0415
+    from kube_audit.errors import ClusterError  # noqa: PLC0415
+    from kube_audit.logstore import LogStore, StoreAccess  # noqa: PLC0415
+    from kube_audit.who.store import ProxiedStore  # noqa: PLC0415
+
+    try:
+        config = api.audit_store_config(namespace)
+    except ClusterError as error:
+        if error.status != 403:
+            raise
+        sys.stderr.write(f"kube-audit: {error}; asking the nodes' pods\n")
+        return None
+    url = (config or {}).get("query-url") or (config or {}).get("url") or ""
+    if not url:
+        return None
+    address = parse_service_url(url)
+    if address is not None:
+        return ProxiedStore(api, address, timeout)
+    return LogStore(StoreAccess(url=url, timeout=timeout))
 
 
 def _request_timeout(given: str | None, problems: list[Problem]) -> float:
@@ -165,7 +200,8 @@ def add_parsers(sub: Any) -> None:
         "Filters combine with AND; a repeated filter (or a comma list) matches any of its values. "
         "On a node (or in its kube-audit pod) it reads that node's log; with --cluster, from "
         "anywhere kubectl works, it asks the kube-audit pod on every control-plane node "
-        "(pods/exec) and merges their answers with a NODE column.",
+        "(pods/exec) and merges their answers with a NODE column, or, when the install names an "
+        "audit store, asks the store.",
     )
     cmd.add_argument(
         "path",
@@ -185,6 +221,13 @@ def add_parsers(sub: Any) -> None:
         help="ask every control-plane node's kube-audit pod through the API (its read-only "
         "who container; needs list on Nodes and Pods, create on pods/exec in the operator's "
         "namespace); exits 7 with a warning per node when some node could not be asked",
+    )
+    cmd.add_argument(
+        "--pods",
+        action="store_true",
+        help="with --cluster: ask the nodes' pods even when the install names an audit store "
+        "(the kube-audit-store ConfigMap, which --cluster otherwise asks through the API "
+        "server's service proxy: needs get on that ConfigMap and on services/proxy)",
     )
     cmd.add_argument(
         "--operator-namespace",

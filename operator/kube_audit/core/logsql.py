@@ -12,6 +12,7 @@ order kube-apiserver writes its fields, with the types the audit.k8s.io/v1 schem
 from __future__ import annotations
 
 import heapq
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -255,3 +256,38 @@ def order_requests(rows: Iterable[StoreRow], q: Query, lag: timedelta) -> Iterat
             yield pop()
     while heap:
         yield pop()
+
+
+@dataclass(frozen=True)
+class ServiceAddress:
+    """A store reached through the API server's service proxy: the caller's own credentials
+    and RBAC (``get`` on ``services/proxy``), no route into the cluster needed."""
+
+    scheme: str
+    namespace: str
+    name: str
+    port: str
+
+    def proxy_path(self, path: str) -> str:
+        return (
+            f"/api/v1/namespaces/{self.namespace}/services/"
+            f"{self.scheme}:{self.name}:{self.port}/proxy{path}"
+        )
+
+
+_SERVICE_URL = re.compile(
+    r"(?P<scheme>https?)://(?P<name>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\."
+    r"(?P<namespace>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\.cluster\.local)?\.?"
+    r"(:(?P<port>[0-9]{1,5}))?/?"
+)
+
+
+def parse_service_url(url: str) -> ServiceAddress | None:
+    """``http(s)://NAME.NAMESPACE.svc[.cluster.local][:PORT]`` as a Service, else None (an
+    address reached directly)."""
+    found = _SERVICE_URL.fullmatch(url.strip())
+    if found is None:
+        return None
+    scheme = found["scheme"]
+    port = found["port"] or ("443" if scheme == "https" else "80")
+    return ServiceAddress(scheme, found["namespace"], found["name"], port)

@@ -7,10 +7,11 @@ from kube_audit.kube.leases import Leases
 from kube_audit.kube.objects import Objects
 from kube_audit.kube.podexec import Exec
 from kube_audit.kube.secrets import Secrets
+from kube_audit.kube.services import Services
 from kube_audit.kube.watches import Watches
 
 
-class KubeApi(Objects, Secrets, Watches, Exec, Events, Leases):
+class KubeApi(Objects, Secrets, Services, Watches, Exec, Events, Leases):
     """Typed calls for what kube-audit needs; nothing else in the project imports the client.
 
     Requests are built by the official client's ``ApiClient`` (configuration, credentials and

@@ -2,14 +2,15 @@
 
 The answer is read in slices of log time, oldest first, each sorted by the store, so the first
 rows print at once and memory stays bounded however broad the question; rows delivered twice
-(vlagent sends at least once) count once. The time range is always in the query itself.
+(the shipper sends at least once) count once. The time range is always in the query itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import orjson
 
@@ -23,6 +24,7 @@ from kube_audit.core.audit_query import (
     table_row,
 )
 from kube_audit.core.logsql import (
+    ServiceAddress,
     StoreRow,
     next_width,
     order_requests,
@@ -31,13 +33,54 @@ from kube_audit.core.logsql import (
     render_first_query,
     render_window_query,
 )
-from kube_audit.errors import StoreError
-from kube_audit.logstore import LogStore
+from kube_audit.errors import ClusterError, StoreError
+from kube_audit.logstore import QUERY_PATH
 
 FIRST_WIDTH = timedelta(minutes=10)
 
 
-def _rows(store: LogStore, query: Query, start: datetime, end: datetime) -> Iterator[StoreRow]:
+class Store(Protocol):
+    """What a question needs of the store: a name for messages and a LogsQL query."""
+
+    @property
+    def url(self) -> str: ...
+
+    def query(self, logsql: str) -> Iterator[bytes]: ...
+
+
+class ServiceGet(Protocol):
+    def get_through_service(
+        self, proxy_path: str, params: dict[str, str], what: str, timeout: float
+    ) -> bytes: ...
+
+
+@dataclass
+class ProxiedStore:
+    """The store as a Service, asked through the API server (``who --cluster`` when the
+    install names one): the caller's kubeconfig and RBAC, no route into the cluster."""
+
+    api: ServiceGet
+    address: ServiceAddress
+    timeout: float
+
+    @property
+    def url(self) -> str:
+        a = self.address
+        return f"service {a.namespace}/{a.name}:{a.port} (through the API server)"
+
+    def query(self, logsql: str) -> Iterator[bytes]:
+        params = {"query": logsql, "allow_partial_response": "0"}
+        path = self.address.proxy_path(QUERY_PATH)
+        try:
+            data = self.api.get_through_service(
+                path, params, f"the store at {self.url}", self.timeout
+            )
+        except ClusterError as error:
+            raise StoreError(str(error)) from None
+        yield from data.splitlines()
+
+
+def _rows(store: Store, query: Query, start: datetime, end: datetime) -> Iterator[StoreRow]:
     width = FIRST_WIDTH
     while start < end:
         stop = min(start + width, end)
@@ -57,7 +100,7 @@ def _rows(store: LogStore, query: Query, start: datetime, end: datetime) -> Iter
         width = next_width(width, count)
 
 
-def _first_logged(store: LogStore, query: Query, end: datetime) -> datetime | None:
+def _first_logged(store: Store, query: Query, end: datetime) -> datetime | None:
     for line in store.query(render_first_query(query, end)):
         if line.strip():
             first = str(orjson.loads(line).get("first") or "")
@@ -66,7 +109,7 @@ def _first_logged(store: LogStore, query: Query, end: datetime) -> datetime | No
 
 
 def run_who_store(
-    store: LogStore, query: Query, *, output: str, out: TextIO, err: TextIO, now: datetime
+    store: Store, query: Query, *, output: str, out: TextIO, err: TextIO, now: datetime
 ) -> int:
     """Rows print as they are found, with the node that logged each; exit 7 (``StoreError``)
     when the store does not answer in full, after the rows it did give."""
