@@ -10,7 +10,6 @@ Needs ``make victorialogs`` (Go 1.26+). BENCH_SHIP_EVENTS sets the size (default
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -43,6 +42,13 @@ def _write(log: RotatingLog, lines: object, count: int) -> int:
     return written + len(batch)
 
 
+def _peak_rss_kb(pid: int) -> int:
+    """The process's own peak (VmHWM starts again at exec; a child's getrusage would count the
+    parent's pages it was forked with)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
 def throughput(work: Path) -> tuple[float, float, int, int]:
     """(events/s, peak RSS MB, events, files) for one shipper sending a rotated, gzipped log."""
     log = RotatingLog(work / "audit", ROTATE, compress=True)
@@ -53,8 +59,9 @@ def throughput(work: Path) -> tuple[float, float, int, int]:
         started = time.monotonic()
         wait_for("every event in the store", lambda: count_stored(store.url)[1] >= events, 1800)
         took = time.monotonic() - started
+        assert ship.proc is not None
+        peak_kb = _peak_rss_kb(ship.proc.pid)
         ship.stop()
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     finally:
         store.stop()
     return events / took, peak_kb / 1024, events, log.rotations + 1

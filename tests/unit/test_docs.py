@@ -76,3 +76,42 @@ def test_readme_leads_with_the_users_path() -> None:
     assert "What `make test` installs and leaves" in develop
     assert "tests/realnode" not in readme.split("## Develop")[0]
     assert (REPO / "docs/testing.md").is_file()
+
+
+def _exported(registry: object) -> set[str]:
+    """The names Prometheus scrapes: a counter's with ``_total``."""
+    names = set()
+    for family in registry.collect():  # type: ignore[attr-defined]
+        names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+def test_every_metric_the_code_exports_is_in_docs_settings() -> None:
+    """Issue 37: the metrics reference is held to the code: the operator's, the authn-webhook's
+    and the shipper's registries, as they are built, each name in docs/settings.md."""
+    from kube_audit.agent.ship import ShipMetrics  # noqa: PLC0415
+    from kube_audit.agent.webhook_sources import WebhookMetrics  # noqa: PLC0415
+    from kube_audit.controller.metrics import Metrics  # noqa: PLC0415
+
+    exported = set()
+    for metrics in (Metrics(), WebhookMetrics(), ShipMetrics()):
+        exported |= _exported(metrics.registry)
+    assert len(exported) >= 25
+    missing = sorted(name for name in exported if f"`{name}" not in SETTINGS)
+    assert not missing, f"exported, not in docs/settings.md: {missing}"
+    documented = set(re.findall(r"`(kube_audit_[a-z_]+)", SETTINGS))
+    assert not documented - exported, f"documented, exported by nothing: {documented - exported}"
+
+
+def test_every_port_the_pod_listens_on_is_in_the_ports_table() -> None:
+    from kube_audit.constants import AUTHN_WEBHOOK_PORT, SHIP_METRICS_PORT  # noqa: PLC0415
+
+    table = SETTINGS.split("## Ports", 1)[1].split("\n## ", 1)[0]
+    daemonset = (REPO / "deploy/daemonset.yaml").read_text()
+    ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d{4,5})", daemonset)}
+    ports |= {int(p) for p in re.findall(r"port: (\d{4,5})", daemonset)}
+    ports |= {int(p) for p in re.findall(r'_PORT\n\s+value: "(\d{4,5})"', daemonset)}
+    ports |= {AUTHN_WEBHOOK_PORT, SHIP_METRICS_PORT}
+    assert ports >= {6441, 10281, 10282, 10283, 10284}
+    missing = sorted(p for p in ports if f"| {p} |" not in table)
+    assert not missing, f"listened on, not in the ports table: {missing}"
