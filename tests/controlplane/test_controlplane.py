@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import ssl
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -11,7 +13,13 @@ import kubernetes.config
 
 from kube_audit.agent.health import HealthCheck, HealthOutcome
 from kube_audit.kube import KubeApi
-from tests.controlplane.cluster import ROOT, ControlPlane, kubernetes_version, wait_for
+from tests.controlplane.cluster import (
+    KUBE_AUDIT,
+    ROOT,
+    ControlPlane,
+    kubernetes_version,
+    wait_for,
+)
 
 
 def test_apiserver_reports_the_built_version(cp: ControlPlane) -> None:
@@ -248,3 +256,35 @@ def test_the_exec_guard_holds_people_to_the_who_container(cp: ControlPlane) -> N
             "--grace-period=0",
             "--force",
         )
+
+
+def test_the_crds_let_through_the_system_names_the_guard_flags_allow(cp: ControlPlane) -> None:
+    """Issue 37 item 5: ``kube-audit crds --allow-system-group`` on the real apiserver (its CEL
+    compiler and its validation): the allowed group is taken, any other system: group still
+    refused; the default CRDs are put back."""
+    allowing = subprocess.run(
+        [str(KUBE_AUDIT), "crds", "--allow-system-group", "system:monitoring",
+         "--allow-system-user", "system:kube-audit-probe"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    cp.kubectl("apply", "-f", "-", stdin=allowing)
+
+    def user(name: str, **spec: object) -> str:
+        return json.dumps({"apiVersion": "kube-audit.io/v1alpha1", "kind": "AuditUser",
+                           "metadata": {"name": name}, "spec": spec})  # fmt: skip
+
+    def dry_run(text: str) -> subprocess.CompletedProcess[str]:
+        return cp.kubectl("apply", "--dry-run=server", "-f", "-", stdin=text, check=False)
+
+    try:
+        wait_for("the allowing CRD served", lambda: dry_run(user(
+            "mon", groups=["system:monitoring", "developer"])).returncode == 0)  # fmt: skip
+        assert dry_run(user("probe", username="system:kube-audit-probe")).returncode == 0
+        refused = dry_run(user("root", groups=["system:monitoring", "system:masters"]))
+        assert refused.returncode != 0 and "'system:' groups" in refused.stderr, refused.stderr
+        other = dry_run(user("sched", username="system:kube-scheduler"))
+        assert other.returncode != 0 and "reserved for Kubernetes components" in other.stderr
+    finally:
+        cp.kubectl("apply", "-k", str(ROOT / "crds"))
+    wait_for("the default CRD back", lambda: dry_run(user(
+        "mon", groups=["system:monitoring"])).returncode != 0)  # fmt: skip

@@ -184,3 +184,34 @@ def test_examples_pass_the_crds() -> None:
         for obj in yaml.safe_load_all(path.read_text()):
             if obj and obj.get("apiVersion") == "kube-audit.io/v1alpha1":
                 assert not _crd_refuses(obj["kind"], obj), path
+
+
+def test_the_guard_flags_given_to_crds_let_exactly_those_names_through() -> None:
+    """Issue 37 item 5: the CRD cannot read the operator's flags, so ``kube-audit crds`` takes
+    the same ones; what it lets through is what the core lets through with them."""
+    from kube_audit.core.identities import Allowed  # noqa: PLC0415
+
+    allowed = Allowed(frozenset({"system:kube-audit-probe"}),
+                      frozenset({"system:monitoring", "kubeadm:cluster-admins"}))  # fmt: skip
+    spec = render_crd("AuditUser", allowed)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = spec["properties"]["spec"]
+    settings = Settings(allowed_system_users=allowed.users, allowed_system_groups=allowed.groups)
+    cases = [
+        ({"username": "system:kube-audit-probe"}, False),
+        ({"username": "system:kube-scheduler"}, True),
+        ({"groups": ["system:monitoring", "kubeadm:cluster-admins", "dev"]}, False),
+        ({"groups": ["system:masters"]}, True),
+        ({"groups": ["system:monitoring", "system:masters"]}, True),
+    ]
+    for fields, refused in cases:
+        obj = audit_user("probe", **fields)
+        assert bool(_cel_failures(spec, obj["spec"])) == refused, fields
+        inputs = collect_inputs([("x#0", obj)])
+        problems = [*inputs.problems, *resolve_users(inputs.users, [], settings).problems]
+        core = any("does not exist" not in p.message for p in problems)
+        assert core == refused, (fields, problems)
+    default = _schema("AuditUser")["properties"]["spec"]
+    assert _cel_failures(default, {"username": "system:kube-audit-probe"})
+    assert _cel_failures(default, {"groups": ["system:monitoring"]})
+    header = render_crd_yaml("AuditUser", allowed).splitlines()[0]
+    assert "allowing kubeadm:cluster-admins, system:kube-audit-probe, system:monitoring" in header

@@ -12,6 +12,7 @@ from kube_audit import hostfs
 from kube_audit.cli.common import guard_flags, input_flags, settings_from_args, valid_desired
 from kube_audit.constants import DEFAULT_INSTALL_NAMESPACE
 from kube_audit.core.crd import CRD_FILES, render_crd_yaml
+from kube_audit.core.identities import Allowed
 from kube_audit.core.plan import POLICY_FILE, TOKEN_FILE
 from kube_audit.core.rbac import render_secrets_grant
 from kube_audit.errors import InvalidInput, Problem
@@ -74,8 +75,11 @@ def _print_one(only: str | None, files: Mapping[str, bytes]) -> int:
 
 def cmd_crds(args: argparse.Namespace) -> int:
     """To stdout by default (``kube-audit crds | kubectl apply -f -``), or files in a folder."""
+    allowed = Allowed(
+        frozenset(args.allow_system_user or ()), frozenset(args.allow_system_group or ())
+    )
     if args.out in (None, "-"):
-        docs = [render_crd_yaml(kind) for kind in CRD_FILES]
+        docs = [render_crd_yaml(kind, allowed) for kind in CRD_FILES]
         sys.stdout.write("---\n".join(docs))
         return 0
     out = Path(args.out)
@@ -83,7 +87,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
         raise InvalidInput([Problem(str(out), "--out", "exists and is not a folder")])
     hostfs.ensure_dir(out, 0o755)
     for kind, name in CRD_FILES.items():
-        hostfs.write_atomic(out / name, render_crd_yaml(kind).encode(), mode=0o644)
+        hostfs.write_atomic(out / name, render_crd_yaml(kind, allowed).encode(), mode=0o644)
         print(f"wrote {out / name}")
     return 0
 
@@ -116,7 +120,14 @@ def add_parsers(sub: Any) -> None:
         "needed with --out - when the inputs make both",
     )
     render.set_defaults(func=cmd_render, writes=True)
-    crds = sub.add_parser("crds", help="write the CustomResourceDefinitions")
+    crds = sub.add_parser(
+        "crds",
+        parents=[guard_flags()],
+        help="write the CustomResourceDefinitions",
+        description="The CRDs of AuditUser and AuditPolicy. Their rules refuse system: user "
+        "names and groups at apply time; to allow exact ones, give the same "
+        "--allow-system-group/--allow-system-user here as to the operator.",
+    )
     crds.add_argument(
         "--out",
         metavar="DIR",
