@@ -115,3 +115,15 @@ def test_every_port_the_pod_listens_on_is_in_the_ports_table() -> None:
     assert ports >= {6441, 10281, 10282, 10283, 10284}
     missing = sorted(p for p in ports if f"| {p} |" not in table)
     assert not missing, f"listened on, not in the ports table: {missing}"
+
+
+def test_every_page_is_in_the_docs_index_and_every_link_resolves() -> None:
+    index = (REPO / "docs/README.md").read_text()
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md") if p.name != "README.md")
+    assert [p for p in pages if f"]({p})" not in index] == [], "pages missing from docs/README.md"
+    broken = []
+    for page in [*REPO.glob("*.md"), *(REPO / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
