@@ -70,6 +70,15 @@ def work(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
+def _finish(writer: Writer, ship: ShipProcess, url: str) -> str:
+    """Stops writing, waits for the store to hold every event, and counts: nothing lost."""
+    written = writer.stop()
+    rows, events = _all_there(url, written)
+    ship.stop()
+    assert events == written, f"{written - events} of {written} events lost"
+    return f"{written} events, {rows - events} sent twice"
+
+
 def _all_there(url: str, written: int, timeout: float = 180) -> tuple[int, int]:
     """Waits until every written event is in the store; (rows, events) as counted there."""
     deadline = time.monotonic() + timeout
@@ -87,12 +96,8 @@ def test_shipper_killed_three_times_mid_stream(work: Path) -> None:
             ship.signal(signal.SIGKILL)
             writer.wait_rotations(1)
             ship.start()
-        written = writer.stop()
-        rows, events = _all_there(store.url, written)
-        ship.stop()
-    assert events == written, f"{written - events} of {written} events lost"
+        print(_finish(writer, ship, store.url))
     assert writer.log.rotations >= 6
-    print(f"{written} events, {rows - events} sent twice")
 
 
 def test_shipper_frozen_across_two_rotations_then_killed(work: Path) -> None:
@@ -106,11 +111,7 @@ def test_shipper_frozen_across_two_rotations_then_killed(work: Path) -> None:
         ship.signal(signal.SIGKILL)
         ship.start()
         writer.wait_rotations(1)
-        written = writer.stop()
-        rows, events = _all_there(store.url, written)
-        ship.stop()
-    assert events == written, f"{written - events} of {written} events lost"
-    print(f"{written} events, {rows - events} sent twice")
+        print(_finish(writer, ship, store.url))
 
 
 def test_store_down_two_minutes_while_the_log_rotates(work: Path) -> None:
@@ -123,11 +124,7 @@ def test_store_down_two_minutes_while_the_log_rotates(work: Path) -> None:
         time.sleep(max(0.0, 120 - (time.monotonic() - down)))
         store.start()
         writer.wait_rotations(1)
-        written = writer.stop()
-        rows, events = _all_there(store.url, written)
-        ship.stop()
-    assert events == written, f"{written - events} of {written} events lost"
-    print(f"{written} events, {rows - events} sent twice")
+        print(_finish(writer, ship, store.url))
 
 
 def test_store_killed_right_after_it_acknowledged(work: Path) -> None:

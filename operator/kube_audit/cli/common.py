@@ -14,6 +14,7 @@ from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG
 from kube_audit.cli.env import env_bool, env_int, env_list, env_str
 from kube_audit.core.settings import GO_DURATION, IDENTITY_MODES, IdentityMode, Settings
 from kube_audit.errors import InvalidInput, Problem
+from kube_audit.logstore import StoreAccess
 
 if TYPE_CHECKING:
     from kube_audit.core.plan import DesiredState, Inputs
@@ -252,3 +253,17 @@ def cluster_flags() -> argparse.ArgumentParser:
         "--context", default=None, help="kubeconfig context (default: the current one)"
     )
     return parent
+
+
+def store_access(args: argparse.Namespace, timeout: float, command: str) -> StoreAccess:
+    """How ``who --store`` and ``ship`` reach the store: the same flags, the password only
+    from the environment (a flag would show in ``ps``)."""
+    return StoreAccess(
+        url=args.store,
+        ca_file=args.store_ca,
+        token_file=args.store_token_file,
+        user=args.store_user,
+        password=env_str("KUBE_AUDIT_STORE_PASSWORD", "") or None,
+        timeout=timeout,
+        command=command,
+    )

@@ -11,12 +11,13 @@ from typing import Any
 
 from kube_audit.agent.layout import STATE_DIR
 from kube_audit.agent.ship import Shipper, serve_metrics
+from kube_audit.cli.common import store_access
 from kube_audit.cli.env import env_str
 from kube_audit.constants import SHIP_METRICS_PORT
 from kube_audit.core.audit_query import parse_duration
 from kube_audit.core.settings import Settings
 from kube_audit.errors import InvalidInput, Problem
-from kube_audit.logstore import LogStore, StoreAccess
+from kube_audit.logstore import LogStore
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ def cmd_ship(args: argparse.Namespace) -> int:
             problems.append(
                 Problem("ship", flag, f"{value!r}: no commas, '=', quotes or outer spaces")
             )
+    if args.store_token_file and args.store_user:
+        problems.append(
+            Problem("ship", "--store-user", "give either --store-user or --store-token-file")
+        )
     keep_after = _seconds("--keep-after", args.keep_after, problems)
     interval = _seconds("--interval", args.interval, problems)
     timeout = _seconds("--request-timeout", args.request_timeout, problems)
@@ -51,15 +56,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
     settings = Settings()
     root = Path(args.host_root)
     log_dir = Path(args.log_dir) if args.log_dir else root / settings.log_dir.lstrip("/")
-    access = StoreAccess(
-        url=args.store,
-        ca_file=args.store_ca,
-        token_file=args.store_token_file,
-        user=args.store_user,
-        password=env_str("KUBE_AUDIT_STORE_PASSWORD", "") or None,
-        timeout=timeout,
-        command="ship",
-    )
+    access = store_access(args, timeout, "ship")
     shipper = Shipper(
         folder=log_dir,
         log_file=settings.log_file,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kube_audit.cli.common import cluster_flags
+from kube_audit.cli.common import cluster_flags, store_access
 from kube_audit.cli.env import env_str
 from kube_audit.constants import DEFAULT_INSTALL_NAMESPACE
 from kube_audit.core.audit_query import (
@@ -89,19 +89,16 @@ def cmd_who(args: argparse.Namespace) -> int:
     if problems:
         raise InvalidInput(problems)
     if args.store:
-        from kube_audit.logstore import LogStore, StoreAccess  # noqa: PLC0415
+        from kube_audit.logstore import LogStore  # noqa: PLC0415
         from kube_audit.who.store import run_who_store  # noqa: PLC0415
 
-        access = StoreAccess(
-            url=args.store,
-            ca_file=args.store_ca,
-            token_file=args.store_token_file,
-            user=args.store_user,
-            password=env_str("KUBE_AUDIT_STORE_PASSWORD", "") or None,
-            timeout=timeout,
-        )
         return run_who_store(
-            LogStore(access), query, output=args.output, out=sys.stdout, err=sys.stderr, now=now
+            LogStore(store_access(args, timeout, "who")),
+            query,
+            output=args.output,
+            out=sys.stdout,
+            err=sys.stderr,
+            now=now,
         )
     if args.cluster:
         from kube_audit.kube import KubeApi, load_api_client  # noqa: PLC0415 - slow import
