@@ -306,23 +306,47 @@ def audit_log_identities(folder: Path, log_file: str) -> list[tuple[Path, bytes,
     return found
 
 
-def read_log_range(
-    path: Path, first_line: bytes, start: int, limit: int
-) -> tuple[bytes, bool] | None:
-    """Up to ``limit`` bytes of the file's content from ``start``, and whether its end was
-    reached; None when the file at ``path`` is no longer the one that begins with
-    ``first_line`` (renamed or removed since it was listed: look again)."""
+class LogReader:
+    """One audit log file read forward from a position, through gzip where it is compressed:
+    kept open across batches, so a ``.gz`` is decompressed once, not again from its start for
+    each batch."""
+
+    def __init__(self, path: Path, handle: gzip.GzipFile | io.BufferedReader) -> None:
+        self.path = path
+        self.handle = handle
+
+    def read(self, limit: int) -> tuple[bytes, bool]:
+        """Up to ``limit`` bytes, and whether the file's end was reached."""
+        try:
+            data = self.handle.read(limit)
+        except (OSError, EOFError) as error:
+            raise HostError(f"cannot read {self.path}: {_describe_any(error)}") from None
+        return data, len(data) < limit
+
+
+@contextlib.contextmanager
+def open_log_reader(path: Path, first_line: bytes, start: int) -> Iterator[LogReader | None]:
+    """A reader of the file's content from ``start``; None when the file at ``path`` is no
+    longer the one that begins with ``first_line`` (renamed or removed since it was listed:
+    look again)."""
+    reader: LogReader | None = None
+    handle: gzip.GzipFile | io.BufferedReader | None = None
     try:
-        with _open_log(path) as handle:
-            if _first_line(handle) != first_line:
-                return None
+        handle = _open_log(path)
+        if _first_line(handle) == first_line:
             handle.seek(start)
-            data = handle.read(limit)
+            reader = LogReader(path, handle)
     except FileNotFoundError:
-        return None
+        reader = None
     except (OSError, EOFError) as error:
+        if handle is not None:
+            handle.close()
         raise HostError(f"cannot read {path}: {_describe_any(error)}") from None
-    return data, len(data) < limit
+    try:
+        yield reader
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def _describe_any(error: OSError | EOFError) -> str:

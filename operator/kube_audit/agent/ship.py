@@ -151,35 +151,33 @@ class Shipper:
             self.metrics.pending.set(pending_bytes(files, self.state))
         self.metrics.last_success.set(self.wall())
 
-    def _send(self, file: LogFile, path: Path, first: bytes, start: int) -> bool:
-        """The file from ``start`` to its last whole line, batch by batch (a line longer than a
-        batch is read whole: the batch grows for it)."""
-        offset, limit = start, self.batch_bytes
-        while True:
-            got = hostfs.read_log_range(path, first, offset, limit)
-            if got is None:
-                return offset > start  # renamed or compressed since the listing: next poll
-            data, at_end = got
-            lines = whole_lines(data)
-            if not lines:
+    def _send(self, file: LogFile, path: Path, first: bytes, start: int) -> None:
+        """The file from ``start`` to its last whole line, batch by batch; a line the
+        apiserver is still writing waits, and a line longer than a batch makes the batch grow."""
+        with hostfs.open_log_reader(path, first, start) as reader:
+            if reader is None:
+                return  # renamed or compressed since the listing: the next poll finds it
+            offset, pending, limit = start, b"", self.batch_bytes
+            while True:
+                data, at_end = reader.read(limit)
+                block = pending + data
+                lines = whole_lines(block)
+                pending = block[len(lines) :]
+                if lines:
+                    self.store.insert(lines, self.params)
+                    offset += len(lines)
+                    until = last_logged(lines)
+                    self.state = record_ack(
+                        self.state, file.fingerprint, offset, self.monotonic(), until
+                    )
+                    self.metrics.shipped_bytes.inc(len(lines))
+                    if until:
+                        self.metrics.logged_until.set(_unix(until))
+                    self._save()
                 if at_end:
                     break
-                limit *= 2
-                continue
-            limit = self.batch_bytes
-            self.store.insert(lines, self.params)
-            offset += len(lines)
-            until = last_logged(lines)
-            self.state = record_ack(self.state, file.fingerprint, offset, self.monotonic(), until)
-            self.metrics.shipped_bytes.inc(len(lines))
-            if until:
-                self.metrics.logged_until.set(_unix(until))
-            self._save()
-            if at_end:
-                break
         if file.compressed:  # read to its end: its content's size is known now
             self.state = record_end(self.state, file.fingerprint, offset)
-        return offset > start
 
     def _save(self) -> None:
         hostfs.write_atomic(self.state_dir / STATE_FILE, render_state(self.state), sync_dir=False)
