@@ -17,7 +17,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from kube_audit.core.shipping import StoreVitals, parse_store_vitals, plan_store_failure
 from kube_audit.errors import InvalidInput, Problem, StoreError
@@ -28,12 +27,13 @@ INSERT_PATH = "/insert/jsonline"
 
 @dataclass(frozen=True)
 class StoreAccess:
-    """Where the store answers and how to prove who asks: a bearer token read from a file, or a
-    user with a password (from the environment: never a flag, which ``ps`` shows)."""
+    """Where the store answers and how to prove who asks: a bearer token (the CLI reads it from
+    a file), or a user with a password (from the environment: never a flag, which ``ps``
+    shows)."""
 
     url: str
     ca_file: str | None = None
-    token_file: str | None = None
+    token: str | None = None
     user: str | None = None
     password: str | None = None
     timeout: float = 300.0
@@ -59,18 +59,8 @@ class LogStore:
         self.vitals: StoreVitals | None = None
         self.timeout = access.timeout
         self.headers = {"Accept": "application/x-ndjson"}
-        if access.token_file:
-            try:
-                token = Path(access.token_file).read_text().strip()
-            except OSError as error:
-                raise InvalidInput(
-                    [
-                        Problem(
-                            access.command, "--store-token-file", f"cannot read: {error.strerror}"
-                        )
-                    ]
-                ) from None
-            self.headers["Authorization"] = f"Bearer {token}"
+        if access.token:
+            self.headers["Authorization"] = f"Bearer {access.token}"
         elif access.user:
             pair = f"{access.user}:{access.password or ''}".encode()
             self.headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()

@@ -11,8 +11,6 @@ customization. ``make gitops-health`` builds them as one program (tests/gitops/h
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from kube_audit.core.status import (
     compute_conditions,
     node_entry,
 )
+from tests.toolchain import go_1_26_or_newer
 from tests.unit.test_deploy import FLUX, LUA, _flux, _health
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,13 +50,7 @@ KSTATUS_ALONE = {"expired (Ready False, reason Expired)": "InProgress"}
 def _judge_available() -> None:
     if JUDGE.is_file():
         return
-    go = shutil.which("go")
-    version = (
-        subprocess.run([go, "version"], check=False, capture_output=True, text=True).stdout
-        if go
-        else ""
-    )
-    if re.search(r"go1\.(2[6-9]|[3-9][0-9])", version):
+    if go_1_26_or_newer():
         pytest.fail(f"{JUDGE} is not built: run `make gitops-health`", pytrace=False)
     pytest.skip("needs Go 1.26+ to build Flux's kstatus and Argo CD's Lua check (`make test`)")
 

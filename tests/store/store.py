@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.toolchain import go_1_26_or_newer
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "build" / "victorialogs" / "bin"
 KUBE_AUDIT = Path(sys.executable).parent / "kube-audit"
@@ -31,13 +31,7 @@ def why_no_store() -> tuple[str, bool] | None:
     (`make victorialogs`): where that Go is and the binary is not, it is a failure."""
     if (BIN / "victoria-logs").is_file():
         return None
-    go = shutil.which("go")
-    version = (
-        subprocess.run([go, "version"], check=False, capture_output=True, text=True).stdout
-        if go
-        else ""
-    )
-    if re.search(r"go1\.(2[6-9]|[3-9][0-9])", version):
+    if go_1_26_or_newer():
         return f"{BIN / 'victoria-logs'} missing: run `make victorialogs`", True
     return "needs Go 1.26+ to build VictoriaLogs (`make victorialogs`)", False
 

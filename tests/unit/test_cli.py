@@ -146,3 +146,36 @@ def test_standby_ends_at_once_on_sigterm() -> None:
         assert process.wait(timeout=10) == 0
     finally:
         process.kill()
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["who", "--store", "ftp://logs"], "who: --store: 'ftp://logs': give http(s)://HOST:PORT"),
+        (["who", "--store", "http://logs:9428", "--store-token-file", "/nonexistent/token"],
+         "who: --store-token-file: cannot read /nonexistent/token"),
+        (["who", "--store", "http://logs:9428", "--store-token-file", "EMPTY"],
+         "who: --store-token-file: EMPTY is empty"),
+        (["who", "--store", "http://logs:9428", "--cluster"], "who: --store: asks the store alone"),
+        (["ship", "--node", "cp-1"], "ship: --store: required"),
+        (["ship", "--store", "http://logs:9428", "--node", "cp-1", "--cluster-name", "a,b"],
+         "ship: --cluster-name: 'a,b': no commas"),
+        (["ship", "--store", "http://logs:9428", "--node", "cp-1", "--keep-after", "0s"],
+         "ship: --keep-after: '0s': must be more than 0"),
+        (["ship", "--store", "http://logs:9428", "--node", "cp-1", "--store-user", "u",
+          "--store-token-file", "t"], "ship: --store-user: give either"),
+    ],
+)  # fmt: skip
+def test_store_flags_refused_name_the_command_and_flag(
+    argv: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    for name in ("KUBE_AUDIT_STORE", "NODE_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    named = named.replace("EMPTY", str(empty))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err, err

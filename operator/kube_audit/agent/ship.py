@@ -13,12 +13,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from kube_audit import hostfs
+from kube_audit.core.logsql import parse_store_time
 from kube_audit.core.shipping import (
     LogFile,
     ShipState,
@@ -204,7 +204,7 @@ class Shipper:
 
 def _unix(stage_timestamp: str) -> float:
     try:
-        return datetime.fromisoformat(stage_timestamp.replace("Z", "+00:00")).timestamp()
+        return parse_store_time(stage_timestamp).timestamp()
     except ValueError:
         return 0.0
 

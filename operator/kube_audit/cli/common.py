@@ -13,7 +13,7 @@ from kube_audit import hostfs
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG
 from kube_audit.cli.env import env_bool, env_int, env_list, env_str
 from kube_audit.core.settings import GO_DURATION, IDENTITY_MODES, IdentityMode, Settings
-from kube_audit.errors import InvalidInput, Problem
+from kube_audit.errors import HostError, InvalidInput, Problem
 from kube_audit.logstore import StoreAccess
 
 if TYPE_CHECKING:
@@ -258,10 +258,20 @@ def cluster_flags() -> argparse.ArgumentParser:
 def store_access(args: argparse.Namespace, timeout: float, command: str) -> StoreAccess:
     """How ``who --store`` and ``ship`` reach the store: the same flags, the password only
     from the environment (a flag would show in ``ps``)."""
+    token = None
+    if args.store_token_file:
+        try:
+            token = hostfs.read_bytes(Path(args.store_token_file)).decode().strip()
+        except (HostError, UnicodeDecodeError) as error:
+            raise InvalidInput([Problem(command, "--store-token-file", str(error))]) from None
+        if not token:
+            raise InvalidInput(
+                [Problem(command, "--store-token-file", f"{args.store_token_file} is empty")]
+            )
     return StoreAccess(
         url=args.store,
         ca_file=args.store_ca,
-        token_file=args.store_token_file,
+        token=token,
         user=args.store_user,
         password=env_str("KUBE_AUDIT_STORE_PASSWORD", "") or None,
         timeout=timeout,
