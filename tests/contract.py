@@ -244,13 +244,17 @@ def _leases(api: KubeApi, suffix: str) -> None:
     assert api.replace_lease(ns, name, winner)
     loser = {**first, "spec": {"holderIdentity": "cp-2"}}
     assert not api.replace_lease(ns, name, loser), "a stale resourceVersion loses"
-    api.write_node_record(ns, node, {"kube-audit.io/outcome": "Applied"}, _now())
-    api.write_node_record(ns, node, {"kube-audit.io/config-hash": "abc"}, _now())
+    confirmed = "kube-audit.io/snapshot-confirmed-at"
+    api.write_node_record(ns, node, {"kube-audit.io/outcome": "Applied", confirmed: None}, _now())
+    api.write_node_record(ns, node, {"kube-audit.io/config-hash": "abc", confirmed: "t"}, _now())
     records = api.node_records(ns)
     assert records[node] == {
         "kube-audit.io/outcome": "Applied",
         "kube-audit.io/config-hash": "abc",
+        confirmed: "t",
     }, records
+    api.write_node_record(ns, node, {confirmed: None}, _now())
+    assert confirmed not in api.node_records(ns)[node], "None removes an annotation"
 
 
 def _now() -> str:

@@ -79,6 +79,8 @@ NODE_OUTCOME_ANNOTATION = f"{GROUP}/outcome"
 NODE_MESSAGE_ANNOTATION = f"{GROUP}/message"
 NODE_APPLIED_ANNOTATION = f"{GROUP}/applied-at"
 NODE_ROLLBACK_ANNOTATION = f"{GROUP}/rolled-back-at"
+# Webhook mode: when this node's operator last confirmed its identity snapshot current.
+NODE_CONFIRMED_ANNOTATION = f"{GROUP}/snapshot-confirmed-at"
 
 EVENT_NAMESPACE = "default"
 # user.extra key kube-apiserver writes into every audit event: which credential made the

@@ -94,3 +94,47 @@ def test_a_person_is_ready_only_once_the_webhook_answers_with_them(harness: Harn
 
     behind["why"] = None
     eventually(lambda: _ready(harness, "auditusers", "bob"), what="bob Ready once answered")
+
+
+def test_a_node_whose_operator_stops_confirming_is_shown_stale(harness: Harness) -> None:
+    """Issue 36, finding 4: a node whose operator is stuck or gone keeps answering from its
+    last snapshot; the other nodes see from its record that it stopped confirming, every
+    AuditUser says so (not Ready, reason SnapshotStale) and the Node gets a Warning Event.
+    Before, the status went on saying live there."""
+    harness.add_control_plane("cp-1")
+    harness.add_control_plane("cp-2")
+    fast = {**WEBHOOK, "snapshot_stale_after": 3.0, "resync": 0.5}
+    harness.start("cp-1", **fast)
+    second = harness.start("cp-2", **fast)
+    harness.apply_policy("dev", rules=DEV_RULES)
+    harness.apply_user("alice", groups=["developer"])
+    eventually(lambda: _ready(harness, "auditusers", "alice"), timeout=30, what="alice Ready")
+
+    second.halt()  # its record keeps the last confirmation; nothing on cp-2 confirms anymore
+
+    def reason() -> str | None:
+        return (harness.condition("auditusers", "alice") or {}).get("reason")
+
+    eventually(lambda: reason() == "SnapshotStale", timeout=30, what="alice shown stale")
+    ready = harness.condition("auditusers", "alice") or {}
+    assert ready["status"] == "False" and ready["message"].startswith("node cp-2: ")
+    assert (harness.condition("auditusers", "alice", "Stalled") or {})["status"] == "True"
+    assert _ready(harness, "auditpolicies", "dev"), "a policy does not depend on the snapshot"
+
+    def node_events(reason: str) -> list[Any]:
+        events = harness.core.list_namespaced_event("default").items
+        return [
+            e
+            for e in events
+            if e.involved_object.kind == "Node"
+            and e.involved_object.name == "cp-2"
+            and e.reason == reason
+        ]
+
+    eventually(lambda: node_events("SnapshotStale"), what="a Warning Event on the Node")
+    (warning,) = node_events("SnapshotStale")
+    assert warning.type == "Warning" and "last confirmed current at" in warning.message
+
+    harness.start("cp-2", fresh=False, **fast)
+    eventually(lambda: _ready(harness, "auditusers", "alice"), timeout=30, what="Ready again")
+    eventually(lambda: node_events("SnapshotConfirmed"), what="confirmed again, said once")

@@ -49,6 +49,6 @@ def test_every_status_reason_is_explained() -> None:
     from kube_audit.core import status  # noqa: PLC0415
 
     reasons = {status.APPLIED, status.INVALID, status.PENDING, status.ROLLED_BACK,
-               status.BLOCKED, status.EXPIRED, "Progressing"}  # fmt: skip
+               status.BLOCKED, status.EXPIRED, status.STALE, "Progressing"}  # fmt: skip
     operations = (REPO / "docs/operations.md").read_text()
     assert [r for r in sorted(reasons) if f"| `{r}` |" not in operations] == []

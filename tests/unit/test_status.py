@@ -11,11 +11,13 @@ from kube_audit.core.status import (
     INVALID,
     PENDING,
     ROLLED_BACK,
+    STALE,
     compute_conditions,
     conditions_differ,
     entry_differs,
     entry_patch,
     node_entry,
+    stale_snapshots,
     summarize,
 )
 
@@ -127,6 +129,32 @@ def test_an_entry_holds_no_config_hash_and_drops_an_old_one() -> None:
     assert entry_patch(new, new) == new
 
 
+def test_a_node_whose_snapshot_is_not_confirmed_within_the_bound_is_live_for_nobody() -> None:
+    """Issue 36, finding 4: judged from each node's record by whoever writes conditions, so a
+    node whose operator is stuck or cut off is seen by the others."""
+    confirmed = "kube-audit.io/snapshot-confirmed-at"
+    records = {
+        "a": {confirmed: "2026-11-27T09:59:00Z"},
+        "b": {confirmed: "2026-11-27T09:40:00Z"},
+        "c": {},  # token-file mode: no confirmation to judge
+        "d": {confirmed: "yesterday"},
+        "gone": {confirmed: "2026-11-27T09:00:00Z"},
+    }
+    stale = stale_snapshots(records, ["a", "b", "c", "d"], NOW, 900)
+    assert sorted(stale) == ["b", "d"]
+    assert "node b" in stale["b"] and "2026-11-27T09:40:00Z" in stale["b"]
+    assert "900 s" in stale["b"] and "'yesterday'" in stale["d"]
+    assert stale_snapshots(records, ["a", "b"], NOW, 1200) == {}
+
+    obj = _obj(1, {"a": (1, APPLIED), "b": (1, APPLIED)})
+    c = _by_type(compute_conditions(obj, ["a", "b"], NOW, stale={"b": stale["b"]}))
+    assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", STALE)
+    assert (c["Stalled"]["status"], c["Reconciling"]["status"]) == ("True", "False")
+    assert c["Ready"]["message"] == stale["b"]
+    c = _by_type(compute_conditions(obj, ["a", "b"], NOW, stale={}))
+    assert c["Ready"]["status"] == "True"
+
+
 def test_summarize() -> None:
     ready = _obj(1, {"a": (1, APPLIED)})
     ready["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
@@ -138,6 +166,7 @@ def test_summarize() -> None:
             "kube-audit.io/config-hash": "abcdef0123456789ffff",
             "kube-audit.io/outcome": APPLIED,
             "kube-audit.io/applied-at": NOW,
+            "kube-audit.io/snapshot-confirmed-at": NOW,
         },
         "old": {"kube-audit.io/outcome": APPLIED},
     }
@@ -145,9 +174,9 @@ def test_summarize() -> None:
     assert objects[0] == ["AuditUser/alice", "True", "1/2 (a)", ""]
     assert objects[1] == ["AuditUser/bob", "Unknown", "0/2", "boom"]
     assert nodes == [
-        ["a", "abcdef0123456789", APPLIED, NOW, "-"],
-        ["b", "-", "-", "-", "-"],
-        ["old", "-", "Applied (not a control-plane node now)", "-", "-"],
+        ["a", "abcdef0123456789", APPLIED, NOW, "-", NOW],
+        ["b", "-", "-", "-", "-", "-"],
+        ["old", "-", "Applied (not a control-plane node now)", "-", "-", "-"],
     ]
 
 

@@ -146,7 +146,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             ],
             "nodes": [
                 dict(
-                    zip(("node", "config", "outcome", "lastApply", "lastRollback"), r, strict=True)
+                    zip(
+                        ("node", "config", "outcome", "lastApply", "lastRollback", "confirmed"),
+                        r,
+                        strict=True,
+                    )
                 )
                 for r in node_rows
             ],
@@ -162,7 +166,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no AuditUser or AuditPolicy objects")
     print()
     print(
-        render_table(node_rows, ["NODE", "CONFIG", "OUTCOME", "LAST APPLY", "LAST ROLLBACK"]),
+        render_table(
+            node_rows,
+            ["NODE", "CONFIG", "OUTCOME", "LAST APPLY", "LAST ROLLBACK", "SNAPSHOT CONFIRMED"],
+        ),
         end="",
     )
     return 0

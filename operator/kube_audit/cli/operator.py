@@ -21,7 +21,15 @@ from kube_audit.cli.env import env_bool, env_float, env_int, env_str
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.errors import InvalidInput, Problem
 
-SECONDS = ("debounce", "identity_debounce", "max_debounce", "min_ready", "resync", "timeout")
+SECONDS = (
+    "debounce",
+    "identity_debounce",
+    "max_debounce",
+    "min_ready",
+    "resync",
+    "snapshot_stale_after",
+    "timeout",
+)
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -104,6 +112,14 @@ def add_parsers(sub: Any) -> None:
         "restarts its own (at least your load balancer's time to mark a server healthy)",
     )
     _seconds(cmd, "resync", "KUBE_AUDIT_RESYNC", "re-check the host this often (drift repair)")
+    _seconds(
+        cmd,
+        "snapshot_stale_after",
+        "KUBE_AUDIT_SNAPSHOT_STALE_AFTER",
+        "webhook mode: a node whose operator has not confirmed its identity snapshot for this "
+        "long makes every AuditUser not Ready (reason SnapshotStale) with a Warning Event on "
+        "the Node; keep it above the resync",
+    )
     _seconds(
         cmd, "timeout", "KUBE_AUDIT_TIMEOUT", "how long to wait for a new apiserver to be ready"
     )

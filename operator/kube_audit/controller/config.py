@@ -27,6 +27,9 @@ class OperatorConfig:
     identity_debounce: float = 0.5
     max_debounce: float = 30.0
     resync: float = 300.0
+    # Webhook mode: a node's snapshot not confirmed for this long is shown stale on the
+    # AuditUsers' status and with an Event (it is confirmed on every reconcile: above resync).
+    snapshot_stale_after: float = 900.0
     health_url: str | None = None
     timeout: float = 180.0
     no_wait: bool = False

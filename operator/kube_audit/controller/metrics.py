@@ -31,6 +31,12 @@ class Metrics:
             ["audituser"],
             registry=r,
         )
+        self.stale_snapshots = Gauge(
+            "kube_audit_stale_snapshot_nodes",
+            "Webhook mode, on the pod that writes conditions: control-plane nodes whose "
+            "identity snapshot their operator has not confirmed within --snapshot-stale-after",
+            registry=r,
+        )
         self.blocked = Gauge(
             "kube_audit_node_blocked",
             "1 while this node cannot be managed (a manifest we must not take over, an "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from kube_audit.agent.node import NodeAgent
 from kube_audit.agent.records import NodeResult
 from kube_audit.constants import FAILED_ANNOTATION, KEEP_FAILED, ROLLOUT_LEASE
-from kube_audit.controller.clock import Clock
+from kube_audit.controller.clock import Clock, rfc3339
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.health import node_agent
 from kube_audit.controller.lease import LeaseLock
@@ -76,6 +76,9 @@ class NodeReport:
     retry_at: float | None = None
     # The plan's token fingerprints (see ``Planned.tokens``).
     tokens: Mapping[str, str] = field(default_factory=dict)
+    # Webhook mode: when this reconcile confirmed the node's identity snapshot current (RFC
+    # 3339; None: not confirmed, or token-file mode). The node record carries it for others.
+    confirmed: str | None = None
 
 
 def held_by(report: NodeReport, hold: Hold) -> NodeReport:
@@ -123,6 +126,7 @@ class Rollout:
         self._logged_hold: str | None = None
         self._logged_behind = False
         self._logged_webhook: str | None = None
+        self._confirmed: str | None = None
 
     def _agent(self) -> NodeAgent:
         return node_agent(self.config, self.api, lambda: self.clock.now().timestamp())
@@ -152,6 +156,11 @@ class Rollout:
     async def converge(self, stop: asyncio.Event) -> NodeReport:
         """Plan and, if the host differs, roll out. At most one plan is alive at a time and only
         the small report outlives it: 10,000 users' models are gone before the status writes."""
+        self._confirmed = None
+        report = await self._converge(stop)
+        return replace(report, confirmed=self._confirmed)
+
+    async def _converge(self, stop: asyncio.Event) -> NodeReport:
         planned = self.plan()
         desired = planned.desired
         facts = (desired.config_hash, desired.problems, planned.generations)
@@ -162,7 +171,10 @@ class Rollout:
 
         try:
             agent = await asyncio.to_thread(self._agent)
+            listed = rfc3339(self.clock.now())
             published = await asyncio.to_thread(agent.publish_identities, desired)
+            if desired.webhook_mode:
+                self._confirmed = listed
             if published:
                 log.info("%s: authn-webhook files written: %s", self.config.node_name,
                          ", ".join(published))  # fmt: skip

@@ -19,6 +19,7 @@ from kube_audit.constants import (
     AUDIT_USER,
     NODE_APPLIED_ANNOTATION,
     NODE_CONFIG_ANNOTATION,
+    NODE_CONFIRMED_ANNOTATION,
     NODE_MESSAGE_ANNOTATION,
     NODE_OUTCOME_ANNOTATION,
     NODE_ROLLBACK_ANNOTATION,
@@ -39,11 +40,13 @@ from kube_audit.core.status import (
     INVALID,
     PENDING,
     ROLLED_BACK,
+    STALE,
     compute_conditions,
     conditions_differ,
     entry_differs,
     entry_patch,
     node_entry,
+    stale_snapshots,
 )
 from kube_audit.errors import KubeAuditError, NotFound
 from kube_audit.kube import KubeApi
@@ -56,6 +59,7 @@ EVENT_REASONS = {
     ROLLED_BACK: "RolledBack",
     BLOCKED: "Blocked",
     EXPIRED: "Expired",
+    STALE: "SnapshotStale",
 }
 STATUS_LEASE_SECONDS = 60
 # Per-object Events one reconcile posts on one node; the rest are counted into one Event per
@@ -88,7 +92,7 @@ class StatusWriter:
             holder=config.node_name,
             duration=STATUS_LEASE_SECONDS,
         )
-        self._record: tuple[str, str, str] | None = None
+        self._record: tuple[str, str, str, str | None] | None = None
         # Conditions are written by the reconcile and, while it waits on a rollout, by the
         # status task: one at a time, so an older computation never lands after a newer one.
         self._conditions_lock = asyncio.Lock()
@@ -97,6 +101,8 @@ class StatusWriter:
         self._tokens: Mapping[str, str] = {}
         self._events_left = EVENTS_PER_RECONCILE
         self._events_over: dict[str, int] = {}
+        # Nodes the owner has posted a stale-snapshot Event for (one per episode).
+        self._stale_shown: set[str] = set()
 
     async def write_node(self, report: NodeReport, stop: asyncio.Event) -> list[KubeAuditError]:
         """This node's record, then its entry on every object whose entry changed."""
@@ -178,14 +184,17 @@ class StatusWriter:
         self._events_over = {}
 
     async def _write_record(self, report: NodeReport) -> None:
-        """The node's Lease: what it runs and its last outcome (written when they change)."""
-        record = (report.config_hash, report.outcome, report.message)
+        """The node's Lease: what it runs, its last outcome and, in webhook mode, when it last
+        confirmed its snapshot (written when they change: each resync at the least there)."""
+        record = (report.config_hash, report.outcome, report.message, report.confirmed)
         if record == self._record:
             return
         now = rfc3339(self.clock.now())
-        notes = {
+        notes: dict[str, str | None] = {
             NODE_OUTCOME_ANNOTATION: report.outcome,
             NODE_MESSAGE_ANNOTATION: report.message[:1024],
+            # A merge patch: None removes it (the node left webhook mode).
+            NODE_CONFIRMED_ANNOTATION: report.confirmed,
         }
         if report.outcome == APPLIED:
             notes[NODE_CONFIG_ANNOTATION] = report.config_hash
@@ -223,7 +232,9 @@ class StatusWriter:
         kind: str,
         outcome: str,
         message: str,
+        *,
         api_version: str | None = None,
+        reason: str | None = None,
     ) -> None:
         """Best effort: an Event the API refuses never stops the status writes."""
         extra = {"api_version": api_version} if api_version else {}
@@ -233,7 +244,7 @@ class StatusWriter:
                 obj,
                 kind,
                 "Normal" if outcome in (APPLIED, PENDING) else "Warning",
-                EVENT_REASONS.get(outcome, outcome),
+                reason or EVENT_REASONS.get(outcome, outcome),
                 message,
                 **extra,
             )
@@ -268,6 +279,7 @@ class StatusWriter:
             return []
         nodes = await asyncio.to_thread(self.api.control_plane_nodes)
         now = rfc3339(self.clock.now())
+        stale = await self._stale_snapshots(nodes, now)
 
         # Prune only from a list that holds this very node: never from an empty or odd answer.
         prune = self.config.node_name in nodes
@@ -280,8 +292,9 @@ class StatusWriter:
                     gone = {n: None for n in entries if prune and n not in nodes}
                     kept = {**status, "nodes": {n: e for n, e in entries.items() if n not in gone}}
                     token = self._tokens.get(f"{kind}/{name}") if kind == AUDIT_USER else None
+                    judged = stale if kind == AUDIT_USER else None
                     patch = {
-                        **compute_conditions({**body, "status": kept}, nodes, now, token),
+                        **compute_conditions({**body, "status": kept}, nodes, now, token, judged),
                         **_columns(kind, body),
                     }
                     if gone or conditions_differ(status, patch):
@@ -293,6 +306,33 @@ class StatusWriter:
                         )
 
         return await run_bounded(jobs(), stop, "status")
+
+    async def _stale_snapshots(self, nodes: list[str], now: str) -> dict[str, str]:
+        """Webhook mode: the nodes whose snapshot their operator has not confirmed within the
+        bound, from the node records; a Warning Event on the Node when one becomes stale, a
+        Normal one when it is confirmed again."""
+        if self.config.settings.identity_mode != "webhook":
+            self._stale_shown = set()
+            return {}
+        records = await asyncio.to_thread(self.api.node_records, self.config.namespace)
+        stale = stale_snapshots(records, nodes, now, self.config.snapshot_stale_after)
+        self.metrics.stale_snapshots.set(len(stale))
+        for node in sorted(stale.keys() - self._stale_shown):
+            log.warning("%s", stale[node])
+            await self._post_event(
+                {"metadata": {"name": node}}, "Node", STALE, stale[node], api_version="v1"
+            )
+        for node in sorted(self._stale_shown - stale.keys()):
+            await self._post_event(
+                {"metadata": {"name": node}},
+                "Node",
+                APPLIED,
+                f"node {node}: its identity snapshot is confirmed current again",
+                reason="SnapshotConfirmed",
+                api_version="v1",
+            )
+        self._stale_shown = set(stale)
+        return stale
 
     async def _write_conditions(
         self, kind: str, name: str, patch: dict[str, Any], expired: Mapping[str, Any] | None

@@ -17,6 +17,7 @@ from typing import Any
 from kube_audit.constants import (
     NODE_APPLIED_ANNOTATION,
     NODE_CONFIG_ANNOTATION,
+    NODE_CONFIRMED_ANNOTATION,
     NODE_OUTCOME_ANNOTATION,
     NODE_ROLLBACK_ANNOTATION,
 )
@@ -30,6 +31,9 @@ BLOCKED = "Blocked"
 # An AuditUser past its spec.expiresAt: not Ready, and nothing to wait for or fix (kstatus
 # Current, Argo CD Healthy): the object does what it says.
 EXPIRED = "Expired"
+# Webhook mode: a node whose operator has not confirmed its identity snapshot for longer than
+# the bound. Its webhook may still answer for people deleted, disabled or changed since.
+STALE = "SnapshotStale"
 
 
 LEGACY_ENTRY_KEYS = ("configHash",)
@@ -89,12 +93,47 @@ def _expired_at(obj: Mapping[str, Any], now: str) -> str | None:
         return None
 
 
+def stale_snapshots(
+    records: Mapping[str, Mapping[str, str]],
+    control_plane: Sequence[str],
+    now: str,
+    bound: float,
+) -> dict[str, str]:
+    """Control-plane node -> why its identity snapshot is stale: its record says its operator
+    last confirmed the snapshot more than ``bound`` seconds before ``now``. Judged from the
+    record, not by the node itself, so a node whose operator is stuck or cut off from the API
+    is seen by the others. Nodes whose record names no confirmation (token-file mode) are not
+    judged."""
+    stale: dict[str, str] = {}
+    for node in control_plane:
+        at = (records.get(node) or {}).get(NODE_CONFIRMED_ANNOTATION)
+        if not at:
+            continue
+        try:
+            age = (parse_rfc3339(now) - parse_rfc3339(at)).total_seconds()
+        except ValueError:
+            age, at = float("inf"), f"an unreadable time ({at!r})"
+        if age > bound:
+            stale[node] = (
+                f"node {node}: its identity snapshot was last confirmed current at {at}, more "
+                f"than {bound:.0f} s ago: people deleted, disabled or changed since may still "
+                "be answered there as before (see that node's operator container)"
+            )
+    return stale
+
+
 def compute_conditions(
-    obj: Mapping[str, Any], control_plane: Sequence[str], now: str, token: str | None = None
+    obj: Mapping[str, Any],
+    control_plane: Sequence[str],
+    now: str,
+    token: str | None = None,
+    stale: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """``observedGeneration`` and conditions from the node entries of the current generation.
     ``token``: the fingerprint of the person's current token; a node is live for them only
-    where it serves that one."""
+    where it serves that one. ``stale`` (AuditUsers in webhook mode): nodes whose snapshot is
+    stale, with why; they are live for nobody."""
+    stale = stale or {}
     generation = int((obj.get("metadata") or {}).get("generation") or 0)
     status = obj.get("status") or {}
     nodes: Mapping[str, Any] = status.get("nodes") or {}
@@ -107,6 +146,7 @@ def compute_conditions(
         for n in control_plane
         if (current.get(n) or {}).get("outcome") == APPLIED
         and (token is None or (current.get(n) or {}).get("token") == token)
+        and n not in stale
     ]
     total = len(control_plane)
     if invalid:
@@ -139,6 +179,13 @@ def compute_conditions(
             _condition("Ready", False, reason, message, generation),
             _condition("Reconciling", False, reason, "", generation),
             _condition("Stalled", True, reason, message, generation),
+        ]
+    elif stale:
+        message = stale[min(stale)]
+        conditions = [
+            _condition("Ready", False, STALE, message, generation),
+            _condition("Reconciling", False, STALE, "", generation),
+            _condition("Stalled", True, STALE, message, generation),
         ]
     elif total and len(live) == total:
         message = f"live on all {total} control-plane node(s)"
@@ -236,6 +283,7 @@ def summarize(
                 outcome,
                 record.get(NODE_APPLIED_ANNOTATION) or "-",
                 record.get(NODE_ROLLBACK_ANNOTATION) or "-",
+                record.get(NODE_CONFIRMED_ANNOTATION) or "-",
             ]
         )
     return object_rows, node_rows

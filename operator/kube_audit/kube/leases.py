@@ -40,10 +40,11 @@ class Leases(Transport):
         return out
 
     def write_node_record(
-        self, namespace: str, node: str, annotations: Mapping[str, str], renew_time: str
+        self, namespace: str, node: str, annotations: Mapping[str, str | None], renew_time: str
     ) -> None:
         """Create or update this node's Lease: its holder is the node, its annotations say
-        what it runs; a merge patch, so each node writes only its own and never conflicts."""
+        what it runs; a merge patch, so each node writes only its own and never conflicts
+        (an annotation given as None is removed)."""
         name = f"{NODE_LEASE_PREFIX}{node}"
         body = {
             "metadata": {"name": name, "annotations": dict(annotations)},
@@ -66,7 +67,7 @@ class Leases(Transport):
                 "metadata": {
                     "name": name,
                     "namespace": namespace,
-                    "annotations": dict(annotations),
+                    "annotations": {k: v for k, v in annotations.items() if v is not None},
                 },
                 "spec": {"holderIdentity": node, "renewTime": renew_time},
             }
