@@ -1,9 +1,9 @@
 # kube-audit-operator: the DaemonSet's image, for those who build with Docker. It describes the
 # image `make image` builds without Docker (image/build.sh), the one the real node tests run:
 # Debian bookworm, Debian's python3, a venv /opt/venv with the project and its dependencies.
-#   docker build --build-arg COMMIT=$(git rev-parse HEAD) -t ghcr.io/kube-audit/kube-audit-operator:0.1.0 .
+#   docker build --build-arg COMMIT=$(git rev-parse HEAD) -t ghcr.io/kube-audit/kube-audit-operator:0.2.0 .
 # VERSION must equal kube_audit.__version__ (a test checks it; the release workflow passes it).
-ARG VERSION=0.1.0
+ARG VERSION=0.2.0
 ARG COMMIT=unknown
 
 FROM debian:bookworm-slim AS wheels

@@ -32,10 +32,21 @@ def test_the_version_is_written_once() -> None:
     kustomization = yaml.safe_load((REPO / "deploy/kustomization.yaml").read_text())
     assert [i["newTag"] for i in kustomization["images"]] == [__version__]
     assert f"ARG VERSION={__version__}\n" in (REPO / "Dockerfile").read_text()
-    mentions = re.compile(r"kube-audit-operator[:-](\d+\.\d+\.\d+)")
-    for path in [REPO / "README.md", REPO / "Dockerfile", *sorted((REPO / "docs").glob("*.md"))]:
-        for found in mentions.findall(path.read_text()):
+    # Every way a page names what to install: an image or archive, a release asset, the PyPI
+    # package, what --version prints. The CHANGELOG alone names earlier versions.
+    mentions = re.compile(
+        r"kube-audit-operator(?:[:-]|==)(\d+\.\d+\.\d+)|releases/download/v(\d+\.\d+\.\d+)/"
+        r"|kube-audit (\d+\.\d+\.\d+) \(commit"
+    )
+    pages = [REPO / "README.md", REPO / "Dockerfile", REPO / "CONTRIBUTING.md"]
+    pages += [*sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "examples").rglob("*.y*ml"))]
+    named = 0
+    for path in pages:
+        for groups in mentions.findall(path.read_text()):
+            found = next(g for g in groups if g)
+            named += 1
             assert found == __version__, f"{path.name} names version {found}, not {__version__}"
+    assert named >= 10, "the pattern still finds the install steps"
 
 
 def test_version_names_the_commit(capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,6 +134,24 @@ def test_the_release_workflow_publishes_what_the_readme_installs() -> None:
     assert "pypa/gh-action-pypi-publish@release/v1" in str(jobs["pypi"]["steps"])
     assert 'release/install-yaml.sh "$IMAGE@$DIGEST" install.yaml' in runs
     assert "release/notes.sh" in runs and "gh release create" in runs
+    for asset in ("admission", "exec-guard"):
+        assert f"kubectl kustomize deploy/{asset} > {asset}.yaml" in runs
+        assert f" {asset}.yaml " in runs.split("gh release create")[1]
     assert workflow["env"]["IMAGE"] == IMAGE
     test_workflow = yaml.safe_load((REPO / ".github/workflows/test.yaml").read_text())
     assert "workflow_call" in test_workflow[True]
+
+
+def test_the_test_workflow_runs_the_real_node_tier() -> None:
+    """The real node tier runs only as root and with Go 1.26+ (else it skips with one line):
+    the workflow that gates a release gives it both, within CI's 90 minutes."""
+    workflow = yaml.safe_load((REPO / ".github/workflows/test.yaml").read_text())
+    (job,) = workflow["jobs"].values()
+    assert job["timeout-minutes"] <= 90
+    steps = {s.get("uses", "").split("@")[0]: s for s in job["steps"]}
+    go = str(steps["actions/setup-go"]["with"]["go-version"])
+    assert tuple(int(p) for p in go.split(".")[:2]) >= (1, 26), go
+    assert steps["actions/setup-python"]["with"]["python-version"] == "3.11"
+    (run,) = [s["run"] for s in job["steps"] if "run" in s]
+    assert run.startswith("sudo ") and run.endswith(" make test"), run
+    assert '"PATH=$PATH"' in run, "root runs the Go and Python the steps above installed"
