@@ -244,16 +244,25 @@ def test_cluster_asks_the_store_the_install_names_through_the_service_proxy(
     assert run_who_store(store, query, output="json", out=out, err=err, now=START) == 0
     (event,) = [json.loads(line) for line in out.getvalue().splitlines()]
     assert event["auditID"] == "a-1" and event["annotations"]["kube-audit.io/node"] == "cp-2"
-    paths = {path for path, _ in api.asked}
-    assert paths == {
-        "/api/v1/namespaces/logging/services/http:vlselect:9471/proxy/select/logsql/query"
-    }
-    assert all(params["allow_partial_response"] == "0" for _, params in api.asked)
+    proxy = "/api/v1/namespaces/logging/services/http:vlselect:9471/proxy"
+    assert api.asked[0] == (f"{proxy}/health", {}), "whether the caller may ask, first"
+    assert {path for path, _ in api.asked[1:]} == {f"{proxy}/select/logsql/query"}
+    assert all(params["allow_partial_response"] == "0" for _, params in api.asked[1:])
     # No ConfigMap: the pods answer. Not allowed to read it: said, and the pods answer.
     assert _installed_store(StoreApi(None, b""), "kube-audit", 30.0) is None
     denied = StoreApi(ClusterError("get ConfigMap kube-audit/kube-audit-store: HTTP 403", 403), b"")
     assert _installed_store(denied, "kube-audit", 30.0) is None
     assert "asking the nodes' pods" in capsys.readouterr().err
+    # May read the ConfigMap (as `view` allows) but not ask through the proxy: said, the pods.
+    forbidden = ClusterError('services "http:vlselect:9471" is forbidden: User "bob" cannot '
+                             'get resource "services/proxy"', 403)  # fmt: skip
+    config = {"query-url": "http://vlselect.logging.svc:9471"}
+    assert _installed_store(StoreApi(config, forbidden), "kube-audit", 30.0) is None
+    err = capsys.readouterr().err
+    assert 'cannot get resource "services/proxy"' in err and "asking the nodes' pods" in err
+    # Another failure of the store is the query's to report, not a reason to ask the pods.
+    down = StoreApi(config, ClusterError("the store: HTTP 503", 503))
+    assert isinstance(_installed_store(down, "kube-audit", 30.0), ProxiedStore)
     # An address outside the cluster is asked directly.
     direct = _installed_store(StoreApi({"url": "https://logs.example.com"}, b""), "kube-audit", 5)
     assert isinstance(direct, LogStore)

@@ -127,3 +127,41 @@ def test_every_page_is_in_the_docs_index_and_every_link_resolves() -> None:
             if "://" not in target and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO)} -> {target}")
     assert not broken, broken
+
+
+# A measured figure: a decimal or a range with a unit, a rate, a size in KiB, or an RSS. Round
+# numbers with a unit are mostly settings (100 MB rotation, 10 s TTL) and are not matched.
+MEASURED = re.compile(
+    r"(?<![\w.,-])("
+    r"\d[\d,]*\.\d+(?:-\d[\d,]*\.\d+)? ?(?:ms|s|MB|MiB|minutes)"
+    r"|\d+-\d+ ?(?:s|MB|MiB)"
+    r"|\d[\d,]* (?:events/s|per second)"
+    r"|\d,\d{3} KiB"
+    r"|\d+ MB RSS"
+    r")(?!\w)"
+)
+# Settings that read like measurements.
+NOT_MEASURED = {"0.5 s"}
+
+
+def test_every_measured_figure_quoted_is_on_the_benchmarks_page() -> None:
+    """Issue 37: one place for every figure (docs/benchmarks.md, with its command and date);
+    a page that quotes one links there and quotes it as that page says, so two pages can no
+    longer disagree."""
+    bench = (REPO / "docs/benchmarks.md").read_text()
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    stray: list[str] = []
+    unlinked: list[str] = []
+    for page in pages:
+        if page.name in ("benchmarks.md", "settings.md"):
+            continue
+        text = page.read_text()
+        figures = set(MEASURED.findall(text)) - NOT_MEASURED
+        stray += [f"{page.name}: {figure}" for figure in sorted(figures) if figure not in bench]
+        if figures and "benchmarks.md" not in text:
+            unlinked.append(page.name)
+    assert stray == [], "figures not on docs/benchmarks.md (measure, then add them there)"
+    assert unlinked == [], "pages quoting figures without a link to docs/benchmarks.md"
+    assert MEASURED.findall("p50 0.39 ms, 41,698 events/s, 86-101 MiB, 57 MB RSS") == [
+        "0.39 ms", "41,698 events/s", "86-101 MiB", "57 MB RSS"
+    ]  # fmt: skip

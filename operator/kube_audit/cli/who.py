@@ -134,7 +134,8 @@ def cmd_who(args: argparse.Namespace) -> int:
 def _installed_store(api: Any, namespace: str, timeout: float) -> Any:
     """The store the install names (the VictoriaLogs component's ConfigMap), as ``who``
     reaches it: a Service through the API server's proxy, another address directly; None
-    without one, or when the caller may not read the ConfigMap (then the pods answer)."""
+    without one, or when the caller may not read the ConfigMap or ask through the proxy
+    (then the pods answer, and the caller is told why)."""
     from kube_audit.core.logsql import parse_service_url  # noqa: PLC0415
     from kube_audit.errors import ClusterError  # noqa: PLC0415
     from kube_audit.logstore import LogStore, StoreAccess  # noqa: PLC0415
@@ -152,7 +153,12 @@ def _installed_store(api: Any, namespace: str, timeout: float) -> Any:
         return None
     address = parse_service_url(url)
     if address is not None:
-        return ProxiedStore(api, address, timeout)
+        proxied = ProxiedStore(api, address, timeout)
+        why = proxied.refusal()
+        if why is not None:
+            sys.stderr.write(f"kube-audit: {why}; asking the nodes' pods\n")
+            return None
+        return proxied
     return LogStore(StoreAccess(url=url, timeout=timeout))
 
 

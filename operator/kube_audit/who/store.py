@@ -68,6 +68,19 @@ class ProxiedStore:
         a = self.address
         return f"service {a.namespace}/{a.name}:{a.port} (through the API server)"
 
+    def refusal(self) -> str | None:
+        """Why the caller may not ask the store through the proxy (RBAC: ``get`` on
+        ``services/proxy``), from one ask of its /health; None when it may, or when the store
+        fails otherwise (the query then says how). A caller who may read the ConfigMap, as
+        ``view`` allows, need not be allowed this."""
+        try:
+            self.api.get_through_service(
+                self.address.proxy_path("/health"), {}, f"the store at {self.url}", self.timeout
+            )
+        except ClusterError as error:
+            return str(error) if error.status == 403 else None
+        return None
+
     def query(self, logsql: str) -> Iterator[bytes]:
         params = {"query": logsql, "allow_partial_response": "0"}
         path = self.address.proxy_path(QUERY_PATH)
