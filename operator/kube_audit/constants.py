@@ -57,6 +57,12 @@ AUTHN_WEBHOOK_PATH = "/authenticate"
 AUTHN_SNAPSHOT_HEADER = "X-Kube-Audit-Snapshot"
 # Beside the identity snapshot: when the operator last confirmed it current (JSON).
 AUTHN_CONFIRMATION = "confirmed.json"
+# In the token namespace: the cluster's secret that people's token fingerprints are keyed with,
+# so the status and audit events show no digest of a token (made once by the operator).
+FINGERPRINT_KEY_SECRET = "kube-audit-fingerprint-key"
+FINGERPRINT_KEY = "key"
+# Beside the identity snapshot: the node's own secret its token digests are keyed with (HMAC).
+AUTHN_DIGEST_KEY = "digest.key"
 # kubeadm's cluster CA and the client certificate kube-apiserver presents to kubelets: the
 # webhook answers only that certificate (host paths; kube-apiserver's flags may name others).
 KUBEADM_CLIENT_CA = "/etc/kubernetes/pki/ca.crt"

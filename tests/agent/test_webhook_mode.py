@@ -22,11 +22,18 @@ from kube_audit.agent.layout import HostLayout
 from kube_audit.agent.uninstall import uninstall_node
 from kube_audit.agent.webhook_files import (
     ca_files,
+    digest_key,
     serving_files,
     webhook_answers,
     webhook_kubeconfig,
 )
-from kube_audit.core.identities import parse_identity_snapshot, token_digest
+from kube_audit.core.identities import (
+    lookup_digest,
+    parse_identity_snapshot,
+    render_keyed_snapshot,
+    review_token,
+    token_digest,
+)
 from kube_audit.core.manifest import flag_value, parse_manifest
 from kube_audit.core.plan import TOKEN_FILE, DesiredState, collect_inputs, plan_desired
 from kube_audit.core.settings import Settings
@@ -101,7 +108,7 @@ def test_the_snapshot_is_published_on_its_own(layout: HostLayout) -> None:
     before = layout.manifest.read_text()
     written = publish_identities(layout, _desired(WEBHOOK, "alice"), lambda: NOW)
     assert set(written) == {"ca.key", "ca.crt", "serving.key", "serving.crt", "identities.json",
-                            "authn-webhook.kubeconfig"}  # fmt: skip
+                            "digest.key", "authn-webhook.kubeconfig"}  # fmt: skip
     assert publish_identities(layout, _desired(WEBHOOK, "alice"), lambda: NOW) == []
     assert publish_identities(layout, _desired(WEBHOOK), lambda: NOW) == ["identities.json"]
     assert _people(layout) == [] and layout.manifest.read_text() == before
@@ -190,7 +197,7 @@ def test_the_probe_passes_only_our_answering_webhook(
     assert webhook_answers(layout, server.port) is None
     assert server.source.identities is not None
     assert {i.username for i in server.source.identities.values()} == {"alice"}
-    assert token_digest(long_token("tok-alice")) in server.source.identities
+    assert lookup_digest(long_token("tok-alice"), digest_key(layout)) in server.source.identities
     closed = partial(webhook_answers, layout, 1)(timeout=2)
     assert closed is not None and "127.0.0.1:1" in closed
     ca_files(layout)[0].write_bytes(pki.generate_ca(datetime.now(UTC), "other").cert)
@@ -234,7 +241,11 @@ def test_the_plan_shows_identity_changes_as_fingerprints(
     _apply(layout, _desired(WEBHOOK, "alice"), url)
     plan = plan_node(layout, _desired(WEBHOOK, "alice", "bob"))
     assert "--- a/identities.json (webhook mode; tokens shown as fingerprints)" in plan
-    assert f"+{fingerprint(long_token('tok-bob'))} bob uid=" in plan
+    key = digest_key(layout)
+    assert key is not None
+    keyed = lookup_digest(long_token("tok-bob"), key)
+    assert f"+hmac-sha256:{keyed[:12]} bob uid=" in plan
+    assert fingerprint(long_token("tok-bob")) not in plan, "never the token's own digest"
     assert "tok-bob" not in plan and "kube-apiserver.yaml" not in plan
     assert plan_node(layout, _desired(WEBHOOK, "alice")) == ""
 
@@ -268,7 +279,7 @@ def test_no_token_in_clear_is_left_once_the_node_runs_webhook_mode(
     assert switched.outcome == "applied" and switched.restarted
     assert _clear_tokens_on(root, tokens) == []
     assert sorted(p.name for p in webhook.webhook_dir.iterdir()) == [
-        "identities.json", "serving.crt", "serving.key"]  # fmt: skip
+        "digest.key", "identities.json", "serving.crt", "serving.key"]  # fmt: skip
     assert (webhook.webhook_ca_dir / "ca.key").exists()
     backups = sorted(p.name for p in webhook.backups.iterdir())
     assert backups and all(not (webhook.backups / b / TOKEN_FILE).exists() for b in backups)
@@ -302,6 +313,38 @@ def test_an_earlier_versions_files_move_out_of_the_webhooks_reach(
     assert [path.read_bytes() for path in ca_files(webhook)] == [ca_cert, ca_key], "same CA"
     assert webhook_kubeconfig(webhook).read_bytes() == kubeconfig, "no restart needed"
     assert sorted(p.name for p in webhook.webhook_dir.iterdir()) == [
-        "confirmed.json", "identities.json", "serving.crt", "serving.key"]  # fmt: skip
+        "confirmed.json", "digest.key", "identities.json", "serving.crt", "serving.key"]  # fmt: skip
     assert not (webhook.state_dir / "identities.json").exists()
     assert _clear_tokens_on(webhook.root, [long_token("tok-alice")]) == []
+
+
+def test_the_snapshot_holds_no_digest_of_a_token_only_keyed_ones(layout: HostLayout) -> None:
+    """Issue 36, finding 8: a plain SHA-256 of a 32-character token a person chose can be
+    guessed against offline. On the node every digest is keyed with the node's own secret
+    (HMAC), so the file alone (a backup, a support bundle) is nothing to guess against; the
+    webhook finds people by the keyed digest. Before: the token's SHA-256, whose first 12 hex
+    digits were also its fingerprint on the status."""
+    layout = _webhook_layout(layout)
+    desired = _desired(WEBHOOK, "alice", "bob")
+    publish_identities(layout, desired, lambda: NOW)
+    data = layout.identity_snapshot.read_bytes()
+    tokens = [long_token("tok-alice"), long_token("tok-bob")]
+    for token in tokens:
+        assert token_digest(token) not in data.decode()
+        assert fingerprint(token).removeprefix("sha256:") not in data.decode()
+    assert json.loads(data)["digest"] == "hmac-sha256"
+    key_file = layout.webhook_dir / "digest.key"
+    key = digest_key(layout)
+    assert key is not None and len(key) == 32 and key_file.stat().st_mode & 0o777 == 0o600
+    identities = parse_identity_snapshot(data)
+    assert {i.username: d for d, i in identities.items()} == {
+        "alice": lookup_digest(tokens[0], key), "bob": lookup_digest(tokens[1], key)
+    }  # fmt: skip
+    review = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                         "spec": {"token": tokens[0]}}).encode()  # fmt: skip
+    assert review_token(identities, review, NOW, key=key).body["status"]["authenticated"]
+    assert not review_token(identities, review, NOW).body["status"]["authenticated"]
+    # Another node's key, other digests; the same node's key, the same bytes (nothing written).
+    assert render_keyed_snapshot(desired.identities, bytes(32)) != data
+    assert publish_identities(layout, desired, lambda: NOW) == []
+    assert layout.identity_snapshot.read_bytes() == data

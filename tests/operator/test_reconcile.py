@@ -5,6 +5,7 @@ Secrets it needs read, a dead core task ends the process."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,11 @@ def test_a_deleted_token_secret_is_regenerated_and_said_so(harness: Harness) -> 
     )
 
 
+def _fingerprint_key(harness: Harness) -> bytes:
+    secret = harness.core.read_namespaced_secret("kube-audit-fingerprint-key", "kube-audit")
+    return base64.b64decode(secret.data["key"])
+
+
 def test_a_rotation_that_failed_is_not_ready(harness: Harness) -> None:
     """A rotation changes the Secret, not the generation: before, the failed one left alice
     Ready True, her entry 'still live' from the generation before, though the new token she was
@@ -237,7 +243,7 @@ def test_a_rotation_that_failed_is_not_ready(harness: Harness) -> None:
     assert harness.condition("auditusers", "alice")["status"] == "False"  # type: ignore[index]
     assert _records(node)["alice"][0] == first != _token(harness, "alice")
     entry = harness.get("auditusers", "alice")["status"]["nodes"]["cp-1"]
-    assert entry["token"] == fingerprint(first), "what the node still serves"
+    assert entry["token"] == fingerprint(first, _fingerprint_key(harness)), "what it still serves"
     del harness.healthy["cp-1"]
     harness.annotate("auditusers", "alice", {"kube-audit.io/rotate-token": "2026-12-04"})
     eventually(lambda: _ready(harness, "auditusers", "alice"), what="Ready once it is live")

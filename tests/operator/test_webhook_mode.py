@@ -5,12 +5,16 @@ nor a deletion."""
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 from kube_audit.agent.records import failures_of, read_state
-from kube_audit.core.identities import parse_identity_snapshot, token_digest
+from kube_audit.agent.webhook_files import digest_key
+from kube_audit.core.identities import lookup_digest, parse_identity_snapshot, token_digest
 from kube_audit.core.manifest import flag_value, parse_manifest
 from kube_audit.core.settings import Settings
+from kube_audit.core.tokens import fingerprint
 from tests.operator.conftest import Harness, SimNode, eventually
 from tests.operator.test_operator import DEV_RULES, _ready, _token
 
@@ -21,11 +25,15 @@ WEBHOOK: dict[str, Any] = {
 
 
 def _served(node: SimNode) -> dict[str, str]:
-    """Person -> token digest, as the node's webhook would answer."""
+    """Person -> token digest (keyed with the node's secret), as the node's webhook answers."""
     path = node.layout.identity_snapshot
     if not path.exists():
         return {}
     return {i.username: digest for digest, i in parse_identity_snapshot(path.read_bytes()).items()}
+
+
+def _digest(node: SimNode, token: str) -> str:
+    return lookup_digest(token, digest_key(node.layout))
 
 
 def test_identity_changes_restart_nothing(harness: Harness) -> None:
@@ -39,7 +47,7 @@ def test_identity_changes_restart_nothing(harness: Harness) -> None:
     manifest = parse_manifest(node.layout.manifest.read_text())
     assert flag_value(manifest, "--authentication-token-webhook-config-file")
     assert flag_value(manifest, "--token-auth-file") is None
-    assert _served(node)["alice"] == token_digest(_token(harness, "alice"))
+    assert _served(node)["alice"] == _digest(node, _token(harness, "alice"))
     text, restarts = node.layout.manifest.read_text(), len(harness.journal)
 
     harness.apply_user("bob", groups=["developer"])
@@ -138,3 +146,27 @@ def test_a_node_whose_operator_stops_confirming_is_shown_stale(harness: Harness)
     harness.start("cp-2", fresh=False, **fast)
     eventually(lambda: _ready(harness, "auditusers", "alice"), timeout=30, what="Ready again")
     eventually(lambda: node_events("SnapshotConfirmed"), what="confirmed again, said once")
+
+
+def test_status_and_answers_show_no_digest_of_a_token(harness: Harness) -> None:
+    """Issue 36, finding 8: the token fingerprint on an AuditUser's status (and the credential
+    ID the webhook gives kube-apiserver for its audit events) was the start of the token's
+    SHA-256, a digest anyone who may read AuditUsers could guess a short token of a person's
+    own against. Now it is keyed with the cluster's fingerprint key (a Secret the operator
+    makes once), the same on every node, and the snapshot carries it for the webhook."""
+    harness.add_control_plane("cp-1")
+    harness.add_control_plane("cp-2")
+    nodes = [harness.start(name, **WEBHOOK) for name in ("cp-1", "cp-2")]
+    harness.apply_user("alice", groups=["developer"])
+    eventually(lambda: _ready(harness, "auditusers", "alice"), timeout=30, what="alice Ready")
+    token = _token(harness, "alice")
+    secret = harness.core.read_namespaced_secret("kube-audit-fingerprint-key", "kube-audit")
+    key = base64.b64decode(secret.data["key"])
+    entries = harness.get("auditusers", "alice")["status"]["nodes"]
+    assert {e["token"] for e in entries.values()} == {fingerprint(token, key)}
+    assert fingerprint(token, key).startswith("hmac:")
+    assert fingerprint(token).removeprefix("sha256:") not in json.dumps(entries)
+    for node in nodes:
+        (served,) = parse_identity_snapshot(node.layout.identity_snapshot.read_bytes()).values()
+        assert served.credential == "kube-audit-token=" + fingerprint(token, key)
+        assert token_digest(token) not in node.layout.identity_snapshot.read_text()

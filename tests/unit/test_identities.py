@@ -13,9 +13,12 @@ from kube_audit.core.identities import (
     Allowed,
     Identity,
     SnapshotError,
+    lookup_digest,
     parse_identity_snapshot,
     render_identity_snapshot,
+    render_keyed_snapshot,
     review_token,
+    snapshot_is_keyed,
     token_digest,
 )
 from kube_audit.core.tokens import TokenRecord, fingerprint
@@ -186,3 +189,25 @@ def test_a_system_user_name_is_never_given_but_the_guard_allows_it() -> None:
     only_user = Allowed(frozenset({sneaky.username}))
     user = review_token(identities, review, allowed=only_user).body["status"]["user"]
     assert user["groups"] == ["dev"]
+
+
+def test_the_answer_names_the_keyed_fingerprint_and_the_file_no_digest() -> None:
+    """Issue 36, finding 8: the credential ID kube-apiserver writes into every audit event is
+    the status's keyed fingerprint, carried by the snapshot (the webhook has no key of the
+    cluster's); the node keeps the snapshot with its digests keyed by its own secret."""
+    token, cluster_key, node_key = "t" * 40, b"c" * 32, b"n" * 32
+    plan = render_identity_snapshot([TokenRecord("alice", "a", ("dev",), token)], 20, cluster_key)
+    on_node = render_keyed_snapshot(plan, node_key)
+    assert snapshot_is_keyed(on_node) and not snapshot_is_keyed(plan)
+    assert token_digest(token) not in on_node.decode()
+    assert fingerprint(token).removeprefix("sha256:") not in on_node.decode()
+    identities = parse_identity_snapshot(on_node)
+    assert list(identities) == [lookup_digest(token, node_key)]
+    body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                       "spec": {"token": token}}).encode()  # fmt: skip
+    user = review_token(identities, body, 0, key=node_key).body["status"]["user"]
+    assert user["extra"]["authentication.kubernetes.io/credential-id"] == [
+        "kube-audit-token=" + fingerprint(token, cluster_key)
+    ]
+    with pytest.raises(SnapshotError, match="already keyed"):
+        render_keyed_snapshot(on_node, node_key)

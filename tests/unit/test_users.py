@@ -324,3 +324,24 @@ def test_an_unreadable_token_namespace_points_at_the_install() -> None:
 
 def _resolve_unreadable(users: list[dict[str, object]], unreadable: set[str]) -> UserResolution:
     return resolve_users([parse_audit_user(u) for u in users], [], SETTINGS, unreadable=unreadable)
+
+
+def test_fingerprints_are_keyed_with_the_clusters_key_when_it_is_there() -> None:
+    """Issue 36, finding 8: the fingerprint on status is no digest of the token once the
+    operator's fingerprint key Secret is in the inputs; a plan from files (no key) keeps the
+    SHA-256 one. The key Secret is nobody's token."""
+    key = "k" * 43
+    users = [audit_user("alice")]
+    secrets = [token_secret("audituser-alice", long_token("tok-a"))]
+    plain = _resolve(users, secrets)
+    assert plain.tokens == (("alice", fingerprint(long_token("tok-a"))),)
+    assert plain.fingerprint_key is None
+    keyed = _resolve(users, [*secrets, token_secret("kube-audit-fingerprint-key", key, key="key")])
+    ((_, tag),) = keyed.tokens
+    assert tag == fingerprint(long_token("tok-a"), key.encode()) and tag.startswith("hmac:")
+    assert tag != fingerprint(long_token("tok-a"), b"another cluster's key, 32 bytes!")
+    thief = audit_user("mallory", tokenSecretRef={"namespace": "kube-audit",
+                                                 "name": "kube-audit-fingerprint-key", "key": "key"})  # fmt: skip
+    refused = _resolve([thief], [token_secret("kube-audit-fingerprint-key", key, key="key")])
+    (problem,) = refused.problems
+    assert problem.field == "spec.tokenSecretRef" and "fingerprints" in problem.message

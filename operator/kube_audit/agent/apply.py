@@ -40,7 +40,12 @@ from kube_audit.agent.records import (
     with_failures,
     write_state,
 )
-from kube_audit.agent.webhook_files import webhook_answers, write_confirmation, write_identities
+from kube_audit.agent.webhook_files import (
+    node_snapshot,
+    webhook_answers,
+    write_confirmation,
+    write_identities,
+)
 from kube_audit.core.diff import render_plan
 from kube_audit.core.manifest import (
     WEBHOOK_CONFIG_FLAG,
@@ -113,7 +118,9 @@ def plan_node(layout: HostLayout, desired: DesiredState) -> str:
         identities_old=hostfs.read_optional(layout.identity_snapshot)
         if desired.webhook_mode
         else None,
-        identities_new=desired.identities if desired.webhook_mode else None,
+        identities_new=(node_snapshot(layout, desired.identities) or desired.identities)
+        if desired.webhook_mode
+        else None,
     )
 
 

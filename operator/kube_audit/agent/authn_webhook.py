@@ -331,9 +331,8 @@ class AuthnWebhook:
             await self._json(writer, 404, error)
 
     async def _review(self, writer: asyncio.StreamWriter, body: bytes) -> None:
-        answer = review_token(
-            self.source.identities, body, self.clock(), self.stale(), self.allowed
-        )
+        identities, key = self.source.loaded or (None, None)
+        answer = review_token(identities, body, self.clock(), self.stale(), self.allowed, key=key)
         status = answer.body.get("status") or {}
         result = (
             "invalid" if answer.status != 200

@@ -8,6 +8,7 @@ changed is written; each file by atomic rename, so the webhook never reads half 
 
 from __future__ import annotations
 
+import secrets
 import ssl
 import time
 import urllib.error
@@ -21,13 +22,18 @@ from kube_audit.agent import pki
 from kube_audit.agent.layout import HostLayout
 from kube_audit.constants import (
     AUTHN_CONFIRMATION,
+    AUTHN_DIGEST_KEY,
     AUTHN_SNAPSHOT_HEADER,
     AUTHN_WEBHOOK_PORT,
     KUBEADM_APISERVER_CLIENT_CERT,
     KUBEADM_APISERVER_CLIENT_KEY,
 )
 from kube_audit.core.identities import (
+    DIGEST_KEY_BYTES,
+    parse_digest_key,
     render_confirmation,
+    render_digest_key,
+    render_keyed_snapshot,
     render_webhook_kubeconfig,
     snapshot_digest,
 )
@@ -67,6 +73,35 @@ def webhook_kubeconfig(layout: HostLayout) -> Path:
     return layout.config_dir / WEBHOOK_KUBECONFIG
 
 
+def digest_key_file(layout: HostLayout) -> Path:
+    return layout.webhook_dir / AUTHN_DIGEST_KEY
+
+
+def digest_key(layout: HostLayout) -> bytes | None:
+    """The node's digest key, if it has one yet (reads only)."""
+    data = hostfs.read_optional(digest_key_file(layout))
+    return None if data is None else parse_digest_key(data)
+
+
+def _ensure_digest_key(layout: HostLayout, written: list[str]) -> bytes:
+    """The node's own secret the snapshot's digests are keyed with, made once. It never leaves
+    the node and is written before any snapshot keyed with it."""
+    key = digest_key(layout)
+    if key is not None:
+        return key
+    key = secrets.token_bytes(DIGEST_KEY_BYTES)
+    hostfs.write_atomic(digest_key_file(layout), render_digest_key(key))
+    written.append(AUTHN_DIGEST_KEY)
+    return key
+
+
+def node_snapshot(layout: HostLayout, identities: bytes) -> bytes | None:
+    """The plan's snapshot as this node keeps it (keyed with its digest key); None before the
+    node has a key (nothing keyed with it is on disk then)."""
+    key = digest_key(layout)
+    return None if key is None else render_keyed_snapshot(identities, key)
+
+
 def _write_if_changed(path: Path, data: bytes, written: list[str]) -> None:
     if hostfs.read_optional(path) != data:
         hostfs.write_atomic(path, data)
@@ -103,7 +138,9 @@ def write_identities(layout: HostLayout, desired: DesiredState, now: datetime) -
         hostfs.write_atomic(key_path, serving.key)
         hostfs.write_atomic(cert_path, serving.cert)
         written.extend((key_path.name, cert_path.name))
-    _write_if_changed(layout.identity_snapshot, desired.identities, written)
+    key = _ensure_digest_key(layout, written)
+    snapshot = render_keyed_snapshot(desired.identities, key)
+    _write_if_changed(layout.identity_snapshot, snapshot, written)
     hostfs.remove_tree(layout.state_dir / EARLIER_SNAPSHOT)
     if desired.webhook_mode:
         hostfs.ensure_dir(layout.config_dir)

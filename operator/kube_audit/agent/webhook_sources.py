@@ -19,13 +19,15 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kube_audit import hostfs
-from kube_audit.constants import AUTHN_CONFIRMATION
+from kube_audit.constants import AUTHN_CONFIRMATION, AUTHN_DIGEST_KEY
 from kube_audit.core.identities import (
     Identity,
     SnapshotError,
     parse_confirmation,
+    parse_digest_key,
     parse_identity_snapshot,
     snapshot_digest,
+    snapshot_is_keyed,
 )
 from kube_audit.errors import HostError
 
@@ -48,6 +50,11 @@ class WebhookFiles:
     def confirmation(self) -> Path:
         """When the operator last confirmed the snapshot current (beside it, written after it)."""
         return self.snapshot.with_name(AUTHN_CONFIRMATION)
+
+    @property
+    def digest_key(self) -> Path:
+        """The node's secret the snapshot's digests are keyed with (beside it, written first)."""
+        return self.snapshot.with_name(AUTHN_DIGEST_KEY)
 
 
 class WebhookMetrics:
@@ -108,7 +115,9 @@ class IdentitySource:
     def __init__(self, files: WebhookFiles, metrics: WebhookMetrics) -> None:
         self.files = files
         self.metrics = metrics
-        self.identities: Mapping[str, Identity] | None = None
+        # The people and the key their digests are keyed with (None: a plain snapshot), swapped
+        # as one pair: a request never looks up new people with the old key.
+        self.loaded: tuple[Mapping[str, Identity], bytes | None] | None = None
         self.digest: str | None = None
         # Epoch seconds of the operator's last confirmation (None: never confirmed).
         self.confirmed: float | None = None
@@ -127,14 +136,19 @@ class IdentitySource:
         try:
             data = hostfs.read_bytes(path)
             identities = parse_identity_snapshot(data)
+            key = (
+                parse_digest_key(hostfs.read_bytes(self.files.digest_key))
+                if snapshot_is_keyed(data)
+                else None
+            )
         except (HostError, SnapshotError) as error:
             self._seen = signature
             self.metrics.snapshot_errors.inc()
-            kept = "none loaded yet" if self.identities is None else "keeping the last good one"
+            kept = "none loaded yet" if self.loaded is None else "keeping the last good one"
             log.error("%s: %s (%s)", path, error, kept)
             return
         self._seen = signature
-        self.identities = identities  # one reference swap: a request sees old or new, whole
+        self.loaded = (identities, key)  # one reference swap: a request sees old or new, whole
         self.digest = snapshot_digest(data)
         self.metrics.identities.set(len(identities))
         log.info("%s: %d identities loaded", path, len(identities))
@@ -149,6 +163,10 @@ class IdentitySource:
             self.confirmed = parse_confirmation(hostfs.read_bytes(path))
         except (HostError, SnapshotError) as error:
             log.error("%s: %s (keeping the last confirmation)", path, error)
+
+    @property
+    def identities(self) -> Mapping[str, Identity] | None:
+        return None if self.loaded is None else self.loaded[0]
 
     def age(self, now: float) -> float | None:
         """Seconds since the last confirmation; None if there never was one."""

@@ -16,6 +16,8 @@ from typing import Any
 from kube_audit.constants import (
     API_VERSION,
     AUDIT_USER,
+    FINGERPRINT_KEY,
+    FINGERPRINT_KEY_SECRET,
     PLURALS,
     ROTATE_ANNOTATION,
     ROTATED_FOR,
@@ -66,7 +68,9 @@ class TokenSecrets:
 
     async def ensure(self, stop: asyncio.Event) -> list[KubeAuditError]:
         """Every user's Secret present and rotated as asked; the per-user failures (the others
-        go on: one Secret the API refuses must not hold back everyone's token)."""
+        go on: one Secret the API refuses must not hold back everyone's token). First the
+        cluster's fingerprint key, so no plan makes a fingerprint without it."""
+        await self._ensure_fingerprint_key()
         if any(
             user.spec.token_secret_ref is None
             and not self.store.has(SECRETS, secret_location(user, self.settings)[:2])
@@ -85,6 +89,24 @@ class TokenSecrets:
 
         jobs = (functools.partial(one, b, u) for b, u in valid_users(self.store))
         return await run_bounded(jobs, stop, "token Secret")
+
+    async def _ensure_fingerprint_key(self) -> None:
+        """The key people's token fingerprints are made with (status, audit events), made
+        once for the cluster by whichever pod is first; the others read it."""
+        ns = self.settings.token_namespace
+        if self.store.has(SECRETS, (ns, FINGERPRINT_KEY_SECRET)):
+            return
+        value = random_tokens.token_urlsafe(32)
+        raw = await asyncio.to_thread(
+            self.api.create_key_secret, ns, FINGERPRINT_KEY_SECRET, FINGERPRINT_KEY, value
+        )
+        if raw is None:
+            found = await asyncio.to_thread(self.api.read_secret, ns, FINGERPRINT_KEY_SECRET)
+            raw = found[1] if found is not None else None
+        else:
+            log.info("fingerprint key Secret %s/%s created", ns, FINGERPRINT_KEY_SECRET)
+        if raw is not None:
+            self.store.upsert(SECRETS, raw)
 
     async def _fetch_or_create(
         self, body: Mapping[str, Any], user: AuditUser, ns: str, name: str

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import difflib
 
-from kube_audit.core.identities import SnapshotError, parse_identity_snapshot
+from kube_audit.core.identities import (
+    KEYED,
+    SnapshotError,
+    parse_identity_snapshot,
+    snapshot_is_keyed,
+)
 from kube_audit.core.tokens import TokenFileError, TokenRecord, fingerprint, parse_token_file
 
 
@@ -20,16 +25,18 @@ def mask_token_file(data: bytes | None) -> list[str]:
 
 
 def mask_snapshot(data: bytes | None) -> list[str]:
-    """The identity snapshot as the token file's masked lines: the same fingerprint (the
-    digest's first 12 hex digits), person, uid and groups."""
+    """The identity snapshot as the token file's masked lines: the digest's first 12 hex
+    digits (keyed with the node's secret, as on the node: never the token's own SHA-256),
+    person, uid and groups."""
     if not data:
         return []
     try:
         identities = parse_identity_snapshot(data)
     except SnapshotError as error:
         return [f"<unreadable identity snapshot: {error}>"]
+    kind = KEYED if snapshot_is_keyed(data) else "sha256"
     return sorted(
-        f"sha256:{digest[:12]} {i.username} uid={i.uid} groups=[{','.join(i.groups)}]"
+        f"{kind}:{digest[:12]} {i.username} uid={i.uid} groups=[{','.join(i.groups)}]"
         for digest, i in identities.items()
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,11 @@ SNAPSHOT_KIND = "IdentitySnapshot"
 # the answer is in the version asked.
 REVIEW_VERSIONS = ("authentication.k8s.io/v1", "authentication.k8s.io/v1beta1")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+# A snapshot whose digests are keyed with the node's secret says so; its entries name the
+# keyed digest ``hmacSha256`` instead of ``sha256``.
+KEYED = "hmac-sha256"
+DIGEST_FIELDS = {None: "sha256", KEYED: "hmacSha256"}
+DIGEST_KEY_BYTES = 32
 
 
 class Identity(NamedTuple):
@@ -38,6 +44,9 @@ class Identity(NamedTuple):
     groups: tuple[str, ...]
     # Epoch seconds from which the token is refused (None: never).
     expires: float | None = None
+    # The token's fingerprint as status shows it, keyed with the cluster's fingerprint key (the
+    # webhook has no key of the cluster's); None in a snapshot written before it was carried.
+    credential: str | None = None
 
 
 class SnapshotError(KubeAuditError):
@@ -48,19 +57,76 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def keyed_digest(key: bytes, digest: str) -> str:
+    """A token's SHA-256 digest keyed with the node's secret: what a keyed snapshot holds."""
+    return hmac.new(key, bytes.fromhex(digest), hashlib.sha256).hexdigest()
+
+
+def lookup_digest(token: str, key: bytes | None) -> str:
+    """What a snapshot is indexed by for ``token``: keyed with ``key``, or plain without one."""
+    digest = token_digest(token)
+    return digest if key is None else keyed_digest(key, digest)
+
+
+def parse_digest_key(data: bytes) -> bytes:
+    """The node's digest key file: 64 hex digits."""
+    text = data.decode("ascii", "replace").strip()
+    if not re.fullmatch(f"[0-9a-f]{{{2 * DIGEST_KEY_BYTES}}}", text):
+        raise SnapshotError(f"digest key: not {2 * DIGEST_KEY_BYTES} lower-case hex digits")
+    return bytes.fromhex(text)
+
+
+def render_digest_key(key: bytes) -> bytes:
+    return key.hex().encode() + b"\n"
+
+
+def render_keyed_snapshot(data: bytes, key: bytes) -> bytes:
+    """The plan's snapshot as the node keeps it: each SHA-256 digest keyed with the node's
+    secret. The same plan and key give the same bytes."""
+    document = json.loads(data)
+    if document.get("digest") is not None:
+        raise SnapshotError("identity snapshot: already keyed")
+    keyed: dict[str, Any] = {
+        "apiVersion": document["apiVersion"],
+        "kind": document["kind"],
+        "digest": KEYED,
+    }
+    keyed.update({k: v for k, v in document.items() if k not in keyed and k != "identities"})
+    keyed["identities"] = [
+        {"hmacSha256": keyed_digest(key, entry["sha256"]),
+         **{k: v for k, v in entry.items() if k != "sha256"}}
+        for entry in document["identities"]
+    ]  # fmt: skip
+    return (json.dumps(keyed, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def snapshot_is_keyed(data: bytes) -> bool:
+    """Whether the snapshot's digests are keyed (then the webhook needs the node's key)."""
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("digest") == KEYED
+
+
 def snapshot_digest(data: bytes) -> str:
     """Names one snapshot's bytes: what the webhook says it answers from, and what the agent
     wrote."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def render_identity_snapshot(records: Iterable[TokenRecord], cached_for: float = 0) -> bytes:
+def render_identity_snapshot(
+    records: Iterable[TokenRecord], cached_for: float = 0, key: bytes | None = None
+) -> bytes:
     """The snapshot of ``records``: sorted by person, so the same people give the same bytes.
     ``cached_for``: seconds kube-apiserver may still serve a success it cached (its webhook
     cache TTL, plus 10 s): an expiring token is refused that long before its expiresAt, so no
-    request is accepted after it."""
+    request is accepted after it. ``key``: the cluster's fingerprint key, for each token's
+    credential ID (without one, the webhook makes it from the token, as a plan from files has
+    no key of the cluster's)."""
     identities = [
         {"sha256": token_digest(token), "username": username, "uid": uid, "groups": list(groups)}
+        | ({"credentialId": credential_id(token, key)} if key is not None else {})
         | ({"expiresAt": expires_at} if expires_at else {})
         for username, uid, groups, token, expires_at in sorted(records)
     ]
@@ -71,13 +137,13 @@ def render_identity_snapshot(records: Iterable[TokenRecord], cached_for: float =
     return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
 
 
-def _identity(index: int, entry: Any) -> tuple[str, Identity]:
+def _identity(index: int, entry: Any, field: str) -> tuple[str, Identity]:
     where = f"identities[{index}]"
     if not isinstance(entry, dict):
         raise SnapshotError(f"identity snapshot: {where}: must be an object")
-    digest = entry.get("sha256")
+    digest = entry.get(field)
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise SnapshotError(f"identity snapshot: {where}.sha256: must be 64 lower-case hex digits")
+        raise SnapshotError(f"identity snapshot: {where}.{field}: must be 64 lower-case hex digits")
     values: dict[str, str] = {}
     for key in ("username", "uid"):
         value = entry.get(key)
@@ -103,7 +169,13 @@ def _identity(index: int, entry: Any) -> tuple[str, Identity]:
             raise SnapshotError(f"identity snapshot: {where}.expiresAt: {error}") from None
         if expires is None:
             raise SnapshotError(f"identity snapshot: {where}.expiresAt: must be a string")
-    return digest, Identity(values["username"], values["uid"], tuple(groups), expires)
+    credential = entry.get("credentialId")
+    if credential is not None and not (
+        isinstance(credential, str)
+        and re.fullmatch(r"kube-audit-token=[a-z0-9]+:[0-9a-f]{12}", credential)
+    ):
+        raise SnapshotError(f"identity snapshot: {where}.credentialId: not a token fingerprint")
+    return digest, Identity(values["username"], values["uid"], tuple(groups), expires, credential)
 
 
 def parse_identity_snapshot(data: bytes) -> dict[str, Identity]:
@@ -120,6 +192,10 @@ def parse_identity_snapshot(data: bytes) -> dict[str, Identity]:
             f"identity snapshot: apiVersion/kind must be {SNAPSHOT_API_VERSION}/{SNAPSHOT_KIND}, "
             f"not {document.get('apiVersion')}/{document.get('kind')}"
         )
+    kind = document.get("digest")
+    if kind not in DIGEST_FIELDS:
+        raise SnapshotError(f"identity snapshot: digest: must be {KEYED} or absent, not {kind!r}")
+    field = DIGEST_FIELDS[kind]
     entries = document.get("identities")
     if not isinstance(entries, list):
         raise SnapshotError("identity snapshot: identities: must be a list")
@@ -128,12 +204,12 @@ def parse_identity_snapshot(data: bytes) -> dict[str, Identity]:
         raise SnapshotError("identity snapshot: refuseBeforeExpirySeconds: must be 0 or more")
     identities: dict[str, Identity] = {}
     for index, entry in enumerate(entries):
-        digest, identity = _identity(index, entry)
+        digest, identity = _identity(index, entry, field)
         if identity.expires is not None:
             identity = identity._replace(expires=identity.expires - early)
         if digest in identities:
             raise SnapshotError(
-                f"identity snapshot: identities[{index}].sha256: the token of "
+                f"identity snapshot: identities[{index}].{field}: the token of "
                 f"{identities[digest].username} again (one token, one person)"
             )
         identities[digest] = identity
@@ -159,9 +235,9 @@ def parse_confirmation(data: bytes) -> float:
         ) from None
 
 
-def credential_id(token: str) -> str:
-    """The token's fingerprint as the status and ``kube-audit rotate`` show it."""
-    return "kube-audit-token=" + fingerprint(token)
+def credential_id(token: str, key: bytes | None = None) -> str:
+    """The token's fingerprint as the status shows it, as kube-apiserver's credential ID."""
+    return "kube-audit-token=" + fingerprint(token, key)
 
 
 class Allowed(NamedTuple):
@@ -191,6 +267,8 @@ def review_token(
     now: float | None = None,
     refuse: str | None = None,
     allowed: Allowed = NONE_ALLOWED,
+    *,
+    key: bytes | None = None,
 ) -> ReviewAnswer:
     """kube-apiserver's question, answered (``now``: epoch seconds, for expiry).
 
@@ -201,6 +279,7 @@ def review_token(
     whatever the snapshot says, but for those the operator's guard flags name (``allowed``):
     an identity from us is never one of the cluster's own. The token's fingerprint goes out as
     its credential ID, which kube-apiserver writes into every audit event of the request.
+    ``key``: the node's digest key, for a keyed snapshot.
     """
     try:
         review = json.loads(body)
@@ -223,7 +302,7 @@ def review_token(
         why = refuse or "identities not loaded yet"
         status = {"authenticated": False, "error": f"kube-audit: {why}"}
     else:
-        found = identities.get(token_digest(token)) if token else None
+        found = identities.get(lookup_digest(token, key)) if token else None
         if found is not None and found.expires is not None and now is not None:
             found = found if now < found.expires else None  # expired: as if unknown
         if found is not None and found.username.startswith("system:"):
@@ -232,8 +311,9 @@ def review_token(
             status = {"authenticated": False}
         else:
             groups = [g for g in found.groups if g in allowed.groups or not is_privileged_group(g)]
+            credential = found.credential or credential_id(token)
             user = {"username": found.username, "uid": found.uid, "groups": groups,
-                    "extra": {CREDENTIAL_ID: [credential_id(token)]}}  # fmt: skip
+                    "extra": {CREDENTIAL_ID: [credential]}}  # fmt: skip
             status = {"authenticated": True, "user": user}
     return ReviewAnswer(200, {"apiVersion": api_version, "kind": "TokenReview", "status": status})
 

@@ -254,6 +254,7 @@ def plan_desired(
         identities=render_identity_snapshot(
             resolution.records,
             go_duration_seconds(settings.webhook_cache_ttl) + SUCCESS_CACHE_EXTRA,
+            resolution.fingerprint_key,
         ),
         users=resolution,
         policies_accepted=tuple(p.meta.name for p in inputs.policies),

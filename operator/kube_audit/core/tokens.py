@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -184,6 +185,11 @@ def parse_token_file(data: bytes) -> list[TokenRecord]:
     return out
 
 
-def fingerprint(token: str) -> str:
-    """A short, non-reversible tag for a token, safe to print in plans and logs."""
+def fingerprint(token: str, key: bytes | None = None) -> str:
+    """A short, non-reversible tag for a token, safe to print in plans and logs. With the
+    cluster's fingerprint key (what status and audit events show): keyed, so nothing people
+    can read is a digest to guess a short token against; without (a plan from files): the
+    start of its SHA-256."""
+    if key is not None:
+        return "hmac:" + hmac.new(key, token.encode(), hashlib.sha256).hexdigest()[:12]
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]

@@ -7,7 +7,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from kube_audit.constants import TOKEN_FOR_LABEL
+from kube_audit.constants import FINGERPRINT_KEY, FINGERPRINT_KEY_SECRET, TOKEN_FOR_LABEL
 from kube_audit.core.models import AuditUser, SecretData
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import TokenRecord, fingerprint, name_problem, token_problem
@@ -31,6 +31,8 @@ class UserResolution:
     # served until a time: the operator plans again at the earliest.
     expired: tuple[str, ...] = field(default=())
     expiries: tuple[tuple[str, datetime], ...] = field(default=())
+    # The cluster's fingerprint key the ``tokens`` were made with (None: none in the inputs).
+    fingerprint_key: bytes | None = None
 
 
 # Groups outside 'system:' that make their members cluster-admin on every kubeadm cluster.
@@ -117,6 +119,16 @@ def _group_problems(
     return tuple(problems)
 
 
+def fingerprint_key(
+    secrets: Mapping[tuple[str, str], SecretData], settings: Settings
+) -> bytes | None:
+    """The cluster's fingerprint key from its Secret in the token namespace; None before the
+    operator has made it (or in a plan from files)."""
+    secret = secrets.get((settings.token_namespace, FINGERPRINT_KEY_SECRET))
+    value = secret.data.get(FINGERPRINT_KEY) if secret is not None else None
+    return value if value and len(value) >= 32 else None
+
+
 def _token(
     user: AuditUser,
     secrets: Mapping[tuple[str, str], SecretData],
@@ -125,6 +137,13 @@ def _token(
 ) -> tuple[str | None, Problem | None]:
     namespace, name, key = secret_location(user, settings)
     path = "spec.tokenSecretRef" if user.spec.token_secret_ref is not None else "spec"
+    if (namespace, name) == (settings.token_namespace, FINGERPRINT_KEY_SECRET):
+        return None, Problem(
+            user.ref,
+            path,
+            f"Secret {namespace}/{name} holds the key kube-audit makes token fingerprints with, "
+            "not a token: name a Secret of your own",
+        )
     owner = generated_for(namespace, name, settings)
     if owner is not None and owner != user.meta.name:
         return None, Problem(
@@ -204,6 +223,7 @@ def resolve_users(
     refused with a message naming both, so adding a bad object never locks out a working user.
     """
     by_ref = {(s.namespace, s.name): s for s in secrets}
+    key = fingerprint_key(by_ref, settings)
     records: list[TokenRecord] = []
     accepted: list[str] = []
     problems: list[Problem] = []
@@ -249,7 +269,7 @@ def resolve_users(
             continue
         owner_of_token[token] = user
         accepted.append(user.meta.name)
-        served.append((user.meta.name, fingerprint(token)))
+        served.append((user.meta.name, fingerprint(token, key)))
         if expires is not None:
             expiries.append((user.meta.name, expires))
         records.append(
@@ -262,6 +282,7 @@ def resolve_users(
             )
         )
     return UserResolution(
+        fingerprint_key=key,
         records=tuple(sorted(records)),
         accepted=tuple(sorted(accepted)),
         problems=tuple(sorted(problems)),

@@ -53,6 +53,32 @@ class Secrets(Transport):
             items.append(item)
         return items
 
+    def create_key_secret(
+        self, namespace: str, name: str, key: str, value: str
+    ) -> dict[str, Any] | None:
+        """Create a Secret holding one key of the operator's own (the fingerprint key); None
+        when another pod was first (409)."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": {key: base64.b64encode(value.encode()).decode()},
+        }
+        return self._create_secret(namespace, name, body)
+
+    def _create_secret(
+        self, namespace: str, name: str, body: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        try:
+            raw = self._json(
+                f"create Secret {namespace}/{name}", "POST", secret_path(namespace), body=body
+            )
+        except Conflict:
+            return None
+        raw.setdefault("metadata", {}).setdefault("namespace", namespace)
+        return raw
+
     def create_token_secret(
         self, namespace: str, name: str, token: str, owner: Mapping[str, Any]
     ) -> dict[str, Any] | None:
@@ -69,14 +95,7 @@ class Secrets(Transport):
             },
             "data": {"token": base64.b64encode(token.encode()).decode()},
         }
-        try:
-            raw = self._json(
-                f"create Secret {namespace}/{name}", "POST", secret_path(namespace), body=body
-            )
-        except Conflict:
-            return None
-        raw.setdefault("metadata", {}).setdefault("namespace", namespace)
-        return raw
+        return self._create_secret(namespace, name, body)
 
     def rotate_token_secret(
         self, namespace: str, name: str, token: str, nonce: str, resource_version: str
