@@ -87,6 +87,12 @@ def test_rbac_is_least_privilege(objects: list[dict[str, Any]]) -> None:
     (secrets,) = [r for r in token_role["rules"] if "secrets" in r["resources"]]
     assert set(secrets["verbs"]) == {"get", "list", "watch", "create", "patch"}
     assert token_role["metadata"]["namespace"] == "kube-audit"
+    # The Leases: the rollout and status locks (get, create, update), each node's record
+    # (patch), and every node's record read by the pod that writes conditions (list: without
+    # it kube-apiserver refused that read and webhook mode never reconciled, found on the
+    # real node tier; the emulator checks only Secrets).
+    (leases,) = [r for r in token_role["rules"] if "leases" in r["resources"]]
+    assert set(leases["verbs"]) == {"get", "list", "create", "update", "patch"}
     others = [o for o in objects if o["kind"] == "Role" and o is not token_role]
     assert not [r for o in others for r in o["rules"] if "secrets" in r["resources"]]
 

@@ -314,7 +314,13 @@ class StatusWriter:
         if self.config.settings.identity_mode != "webhook":
             self._stale_shown = set()
             return {}
-        records = await asyncio.to_thread(self.api.node_records, self.config.namespace)
+        try:
+            records = await asyncio.to_thread(self.api.node_records, self.config.namespace)
+        except KubeAuditError as error:
+            # Best effort: conditions are written whatever this says (and the webhook's own
+            # metric still tells the snapshot's age).
+            log.warning("node records not read, snapshot staleness not judged: %s", error)
+            return {}
         stale = stale_snapshots(records, nodes, now, self.config.snapshot_stale_after)
         self.metrics.stale_snapshots.set(len(stale))
         for node in sorted(stale.keys() - self._stale_shown):
