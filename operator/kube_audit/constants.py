@@ -55,6 +55,13 @@ AUTHN_WEBHOOK_PATH = "/authenticate"
 # calls a person live only once the webhook answers with them (an early "unknown" is cached by
 # kube-apiserver for the whole TTL).
 AUTHN_SNAPSHOT_HEADER = "X-Kube-Audit-Snapshot"
+# Every webhook process's health answers carry an ID of its own: at SIGTERM a webhook serves on
+# until another ID answers on its port (the node's next pod, during a surge update).
+AUTHN_INSTANCE_HEADER = "X-Kube-Audit-Instance"
+# Held by the node's operator and ship processes for their whole life (flock), under the state
+# folder: the node's next pod, started beside the old one by a surge update, waits for them.
+OPERATOR_LOCK = "operator.lock"
+SHIP_LOCK = "ship.lock"
 # Beside the identity snapshot: when the operator last confirmed it current (JSON).
 AUTHN_CONFIRMATION = "confirmed.json"
 # In the token namespace: the cluster's secret that people's token fingerprints are keyed with,

@@ -15,7 +15,7 @@ import io
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kube_audit.errors import HostError, LockBusy
@@ -232,6 +232,26 @@ def host_lock(path: Path, wait_seconds: float = 30.0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def take_lock(path: Path, busy: Callable[[], bool]) -> int | None:
+    """An exclusive flock held for the rest of the process (the descriptor is returned and
+    never closed here; the kernel lets go when the process ends, however it ends): one holder
+    per node though two pods run there for a moment. ``busy`` is called while another process
+    holds it and returns True to give up (a signal came): None then."""
+    ensure_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise HostError(f"cannot open {path}: {_describe(error)}") from None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if busy():
+                os.close(fd)
+                return None
 
 
 def audit_log_files(folder: Path, log_file: str = "audit.log") -> list[Path]:

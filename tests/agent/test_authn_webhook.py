@@ -323,6 +323,8 @@ def test_the_command_serves_from_the_host_tree_and_stops_on_sigterm(
             str(root),
             "--listen",
             f"127.0.0.1:{port}",
+            "--hand-over",
+            "1",  # nobody takes over here: it stops at this bound
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -353,7 +355,8 @@ def test_the_command_serves_from_the_host_tree_and_stops_on_sigterm(
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=30)
     assert process.returncode == 0, out
-    assert "1 identities loaded" in out and "SIGTERM: stopping" in out, out
+    assert "1 identities loaded" in out and "SIGTERM: serving on until" in out, out
+    assert "no other webhook answered" in out and out.rstrip().endswith("stopped"), out
 
 
 def test_the_command_names_a_missing_client_ca(pki: Pki, tmp_path: Path) -> None:

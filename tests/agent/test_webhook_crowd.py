@@ -202,7 +202,7 @@ def test_2000_slow_clients_neither_starve_reviews_nor_exhaust_memory(
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(KUBE_AUDIT), "authn-webhook", "--host-root", str(root), "--listen",
-             f"127.0.0.1:{port}"],
+             f"127.0.0.1:{port}", "--hand-over", "0"],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     context = ssl.create_default_context(cadata=pki.webhook_ca.cert.decode())

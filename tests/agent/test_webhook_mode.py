@@ -4,6 +4,7 @@ for the webhook; the real webhook serves what the agent wrote."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from kube_audit import hostfs
 from kube_audit.agent import pki
 from kube_audit.agent.apply import apply_node, plan_node, publish_identities
 from kube_audit.agent.authn_webhook import AuthnWebhook, WebhookFiles
@@ -34,11 +36,18 @@ from kube_audit.core.identities import (
     review_token,
     token_digest,
 )
-from kube_audit.core.manifest import flag_value, parse_manifest
+from kube_audit.core.manifest import (
+    WEBHOOK_CA_ANNOTATION,
+    config_hash_of,
+    flag_value,
+    parse_manifest,
+    render_manifest,
+    webhook_ca_of,
+)
 from kube_audit.core.plan import TOKEN_FILE, DesiredState, collect_inputs, plan_desired
 from kube_audit.core.settings import Settings
 from kube_audit.core.tokens import fingerprint
-from kube_audit.errors import WebhookNotAnswering
+from kube_audit.errors import NodeConfigError, WebhookNotAnswering
 from tests.agent.conftest import FakeNode, health, snapshot
 from tests.conftest import audit_policy, audit_user, long_token, token_secret
 
@@ -348,3 +357,70 @@ def test_the_snapshot_holds_no_digest_of_a_token_only_keyed_ones(layout: HostLay
     assert render_keyed_snapshot(desired.identities, bytes(32)) != data
     assert publish_identities(layout, desired, lambda: NOW) == []
     assert layout.identity_snapshot.read_bytes() == data
+
+
+def test_a_corrupt_digest_key_is_the_nodes_to_fix_and_named(layout: HostLayout) -> None:
+    """Before: a SnapshotError, retried on every reconcile and seen only in the log. Now the
+    node is Blocked (a NodeConfigError is shown on the status and as an Event) with the file
+    and what to do, and nothing is written."""
+    layout = _webhook_layout(layout)
+    desired = _desired(WEBHOOK, "alice")
+    publish_identities(layout, desired, lambda: NOW)
+    key_file = layout.webhook_dir / "digest.key"
+    key_file.write_bytes(b"not a key\n")
+    snapshot_before = layout.identity_snapshot.read_bytes()
+    with pytest.raises(NodeConfigError) as refused:
+        publish_identities(layout, _desired(WEBHOOK, "alice", "bob"), lambda: NOW)
+    assert str(key_file) in str(refused.value) and "remove it" in str(refused.value)
+    assert layout.identity_snapshot.read_bytes() == snapshot_before
+    key_file.unlink()
+    publish_identities(layout, _desired(WEBHOOK, "alice", "bob"), lambda: NOW)
+    assert _people(layout) == ["alice", "bob"]
+
+
+def test_a_new_ca_on_disk_restarts_the_apiserver_that_trusts_the_old_one(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """Issue 36 finding 9: kube-apiserver reads the webhook's CA from its kubeconfig only at
+    its start. The CA folder removed (a restore, a clean-up by hand): the node makes a new CA
+    and a new serving certificate, and the running apiserver refuses every token. Before, the
+    manifest stayed as it was and the node's status said live; now the manifest carries the
+    CA's fingerprint (outside the config hash: the same on every node), so it changes and the
+    apiserver restarts through the normal apply, and trusts the new CA."""
+    node, url = fake_node
+    layout = _webhook_layout(layout)
+    desired = _desired(WEBHOOK, "alice")
+    assert _apply(layout, desired, url).restarted
+    manifest = parse_manifest(layout.manifest.read_text())
+    first_ca = ca_files(layout)[0].read_bytes()
+    assert webhook_ca_of(manifest) == "sha256:" + hashlib.sha256(first_ca).hexdigest()
+    assert _apply(layout, desired, url).outcome == "unchanged"
+    hostfs.remove_tree(layout.webhook_ca_dir)
+    probes = node.probes
+    result = _apply(layout, desired, url)
+    assert result.outcome == "applied" and result.restarted, result
+    assert node.probes > probes, "the apiserver was restarted and waited for"
+    new_ca = ca_files(layout)[0].read_bytes()
+    assert new_ca != first_ca
+    again = parse_manifest(layout.manifest.read_text())
+    assert webhook_ca_of(again) == "sha256:" + hashlib.sha256(new_ca).hexdigest()
+    assert config_hash_of(again) == config_hash_of(manifest), "the config hash is the cluster's"
+    assert _apply(layout, desired, url).outcome == "unchanged"
+
+
+def test_a_manifest_from_before_the_ca_fingerprint_is_not_restarted_for_it(
+    layout: HostLayout, fake_node: tuple[FakeNode, str]
+) -> None:
+    """An upgrade restarts nothing: a webhook-mode manifest written without the fingerprint
+    (0.2.0) keeps running until the node's next change, which brings it."""
+    _, url = fake_node
+    layout = _webhook_layout(layout)
+    assert _apply(layout, _desired(WEBHOOK, "alice"), url).restarted
+    manifest = parse_manifest(layout.manifest.read_text())
+    del manifest["metadata"]["annotations"][WEBHOOK_CA_ANNOTATION]
+    layout.manifest.write_text(render_manifest(manifest))
+    assert _apply(layout, _desired(WEBHOOK, "alice", "bob"), url).outcome == "unchanged"
+    assert webhook_ca_of(parse_manifest(layout.manifest.read_text())) is None
+    settings = replace(WEBHOOK, log_maxbackup=3)
+    assert _apply(replace(layout, settings=settings), _desired(settings, "alice"), url).restarted
+    assert webhook_ca_of(parse_manifest(layout.manifest.read_text())) is not None

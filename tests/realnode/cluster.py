@@ -144,17 +144,21 @@ def install_with_local_image(
 
 
 def wait_operator_ready(cp: ControlPlane, timeout: float = 300) -> None:
-    """Every scheduled pod of the DaemonSet Ready (``rollout status`` passes before the
-    controller has made any); on timeout, what kubelet says of the pod."""
+    """Every scheduled pod of the DaemonSet Ready and no other left (``rollout status`` passes
+    before the controller has made any); on timeout, what kubelet says of the pod."""
 
     def ready() -> bool:
         ds = cp.kubectl_json("get", "daemonset", "kube-audit", "-n", NAMESPACE)
         status = ds.get("status") or {}
         wanted = status.get("desiredNumberScheduled", 0)
+        # A surge update: the old pod, still ending beside the new one, is not counted.
+        pods = cp.kubectl_json("get", "pods", "-n", NAMESPACE, "-l",
+                               "app.kubernetes.io/name=kube-audit-operator")["items"]  # fmt: skip
         return (
             bool(wanted)
             and status.get("numberReady") == wanted == status.get("updatedNumberScheduled")
             and status.get("observedGeneration") == ds["metadata"]["generation"]
+            and len(pods) == wanted
         )
 
     try:

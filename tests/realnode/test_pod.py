@@ -22,9 +22,10 @@ from kube_audit.constants import (
     ROLLOUT_LEASE,
 )
 from tests.contract import OPERATOR_USER
-from tests.controlplane.cluster import KUBE_AUDIT, ROOT, KubectlError, wait_for
+from tests.controlplane.cluster import KUBE_AUDIT, ROOT, wait_for
 from tests.controlplane.test_job import is_ready, status_of, token_of, who, whoami
 from tests.realnode.cluster import NAMESPACE, Real, wait_operator_ready
+from tests.realnode.samplers import StrangerReviews, TokenSampler, authentication_errors
 
 
 def _operator(pod: dict[str, Any]) -> dict[str, Any]:
@@ -486,43 +487,6 @@ def test_the_memory_limit_kills_without_writing(real: Real) -> None:
     _settled(real)
 
 
-class TokenSampler(threading.Thread):
-    """One person's token asked of the apiserver twice a second: how often it was refused
-    (401), as against accepted or no answer at all (the apiserver restarting)."""
-
-    def __init__(self, real: Real, token: str) -> None:
-        super().__init__(daemon=True)
-        self.cp, self.token = real.cp, token
-        self.accepted = self.down = 0
-        self.refused: list[float] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(0.5):
-            try:
-                answer = whoami(self.cp, self.token)
-            except (KubectlError, subprocess.TimeoutExpired):
-                self.down += 1
-                continue
-            if isinstance(answer, dict):
-                self.accepted += 1
-            else:
-                self.refused.append(time.monotonic())
-
-    def __enter__(self) -> TokenSampler:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.join(60)
-
-    @property
-    def refused_for(self) -> float:
-        """From the first refusal to the last (0: never refused)."""
-        return self.refused[-1] - self.refused[0] + 0.5 if self.refused else 0.0
-
-
 def _switch_mode(real: Real, mode: str) -> None:
     real.set_identity_mode(mode)
     _settled(real)
@@ -557,14 +521,48 @@ def test_identities_move_to_the_webhook_and_back(real: Real) -> None:
     assert deleted <= 10 + 10 + 5, f"refused only {deleted:.1f}s after the delete"
     assert real.node.manifest.read_bytes() == manifest
     assert real.apiserver_container() == container, "no apiserver restart"
+    update = _an_update_refuses_nobody(real, bob)
+    assert real.apiserver_container() == container, "no apiserver restart"
     with TokenSampler(real, bob) as sampler:
         _switch_mode(real, "token-file")
         wait_for("bob accepted", lambda: _user(whoami(cp, bob)), 60, 1)
     gap = sampler.refused_for
     assert gap < 60, f"bob refused for {gap:.1f}s while the pod was replaced"
     print(f"webhook mode: created -> Ready and accepted {created:.1f}s, "
-          f"deleted -> refused {deleted:.1f}s, no restart; a pod replacement in webhook mode "
-          f"refused bob for {gap:.1f}s")  # fmt: skip
+          f"deleted -> refused {deleted:.1f}s, no restart; {update}; the switch back to "
+          f"token-file refused bob for {gap:.1f}s")  # fmt: skip
+
+
+def _an_update_refuses_nobody(real: Real, token: str) -> str:
+    """Issue 36 finding 5: a DaemonSet update in webhook mode (a new pod template, as a new
+    image is) refuses no request. The node's new pod starts beside the old one, whose webhook
+    serves until the new one answers on the shared port. Judged by kube-apiserver: the person's
+    token never refused, and of the tokens nobody holds, asked about 50 a second throughout
+    (each a TokenReview the apiserver must send), none met an authentication error."""
+    cp = real.cp
+    old = real.operator_pod()["metadata"]["name"]
+    with StrangerReviews(real) as strangers, TokenSampler(real, token) as sampler:
+        time.sleep(2)
+        errors = authentication_errors(cp)
+        asked = sum(strangers.statuses.values())
+        started = time.monotonic()
+        cp.kubectl("-n", NAMESPACE, "patch", "daemonset", "kube-audit", "--type=merge", "-p",
+                   json.dumps({"spec": {"template": {"metadata": {"annotations": {
+                       "kube-audit.io/test-roll": uuid.uuid4().hex}}}}}))  # fmt: skip
+        wait_operator_ready(cp)  # and the old pod gone
+        took = time.monotonic() - started
+        time.sleep(3)
+        asked = sum(strangers.statuses.values()) - asked
+        errors = authentication_errors(cp) - errors
+    assert real.operator_pod()["metadata"]["name"] != old
+    assert not sampler.refused and sampler.accepted > 0, vars(sampler)
+    assert not strangers.failures, strangers.failures[:5]
+    assert set(strangers.statuses) == {401}, strangers.statuses
+    assert errors == 0, f"{errors:.0f} of {asked} reviews met an error: the webhook did not answer"
+    assert asked > 20 * took, f"only {asked} asked in {took:.0f}s"
+    return (f"a pod update in webhook mode ({took:.1f}s to the old pod gone) refused nobody: "
+            f"{asked} reviews of unknown tokens, 0 errors; bob asked {sampler.accepted} times, "
+            f"0 refused")  # fmt: skip
 
 
 def _patch_pod_template(real: Real, webhook_command: str, mode: str) -> None:

@@ -133,7 +133,9 @@ def test_daemonset(objects: list[dict[str, Any]]) -> None:
     assert pod["nodeSelector"] == {"node-role.kubernetes.io/control-plane": ""}
     assert {t["key"] for t in pod["tolerations"]} >= {"node-role.kubernetes.io/control-plane"}
     assert pod["hostNetwork"] is True and pod["priorityClassName"] == "system-node-critical"
-    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    # A surge update: the node's old webhook serves until the new one answers (issue 36
+    # finding 5); the new operator waits for the old one's node lock.
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     container, reader, _ = pod["containers"]
     assert container["name"] == "operator" and reader["name"] == "who"
     security = container["securityContext"]

@@ -42,6 +42,7 @@ from kube_audit.agent.records import (
 )
 from kube_audit.agent.webhook_files import (
     node_snapshot,
+    on_this_node,
     webhook_answers,
     write_confirmation,
     write_identities,
@@ -96,6 +97,7 @@ def needs_change(layout: HostLayout, desired: DesiredState) -> bool:
     """Whether ``apply_node`` would write anything; reads only (the operator's cheap check)."""
     if read_state(layout).get("pending") is not None:
         return True  # a wait that was never finished: verify it (or roll back) first
+    desired = on_this_node(layout, desired)
     current = read_current(layout)
     new = plan_manifest(current.manifest, desired)
     subdir = subdir_of(layout, new)
@@ -105,6 +107,7 @@ def needs_change(layout: HostLayout, desired: DesiredState) -> bool:
 
 def plan_node(layout: HostLayout, desired: DesiredState) -> str:
     """The diff ``apply`` would make; reads only."""
+    desired = on_this_node(layout, desired)
     current = read_current(layout)
     new_text = render_manifest(plan_manifest(current.manifest, desired))
     new_text = current.text if parse_manifest(new_text) == current.manifest else new_text
@@ -158,6 +161,7 @@ def apply_node(
     with hostfs.host_lock(layout.lock_file):
         cleanup_temporaries(layout)
         write_identities(layout, desired, _wall_datetime(wall))
+        desired = on_this_node(layout, desired)  # after the CA is made, if it had to be
         resumed = resume_pending(layout, health, now=now, wall=wall)
         current = read_current(layout)
         state = read_state(layout)

@@ -11,6 +11,9 @@ Every stage has its own deadline (the TLS handshake, a request whole, an answer 
 connections past a cap are closed at once. The inputs are looked at four times a second; a look
 that fails unexpectedly is logged and counted, never the end of the loop, and /healthz fails
 (kubelet restarts the container) if the loop stops looking.
+
+No review goes unanswered across a pod update: the port is shared with the node's next
+webhook, and this one hands over at SIGTERM (webhook_handover.py).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import logging
 import socket
 import ssl
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import generate_latest
 
+from kube_audit.agent.webhook_handover import DRAIN_SECONDS, await_successor, reset
 from kube_audit.agent.webhook_http import (
     Refused,
     close_connection,
@@ -42,7 +47,11 @@ from kube_audit.agent.webhook_sources import (
     WebhookFiles,
     WebhookMetrics,
 )
-from kube_audit.constants import AUTHN_SNAPSHOT_HEADER, AUTHN_WEBHOOK_PATH
+from kube_audit.constants import (
+    AUTHN_INSTANCE_HEADER,
+    AUTHN_SNAPSHOT_HEADER,
+    AUTHN_WEBHOOK_PATH,
+)
 from kube_audit.core.identities import NONE_ALLOWED, Allowed, review_token
 
 __all__ = ["AuthnWebhook", "WebhookFiles", "WebhookMetrics"]
@@ -120,17 +129,29 @@ class AuthnWebhook:
         # Every open connection's handler: ended (not cancelled) at shutdown.
         self._handlers: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
         self.metrics.snapshot_age.set_function(self._age_metric)
+        # Told apart from the node's next webhook on the same port.
+        self.instance = uuid.uuid4().hex
+        # Loaded before the port is shared: a review the kernel hands this process is answered.
         self.refresh()
         self._looked = time.monotonic()
         self._open = 0
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(address)
-        self._socket.listen(1024)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Shared with the node's next webhook during a pod update (same user only).
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._socket.bind(address)
+            self._socket.listen(1024)
+        except OSError:
+            self._socket.close()
+            raise
         self._socket.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._hand_over = 0.0
+        self._draining = False
+        self.successor: str | None = None
 
     @property
     def port(self) -> int:
@@ -184,25 +205,36 @@ class AuthnWebhook:
         self._stop = asyncio.Event()
         server = await asyncio.start_server(self._connection, sock=self._socket, limit=MAX_HEAD)
         looker = asyncio.create_task(self._look_often() if look else asyncio.Event().wait())
+        drain = 0.0
         try:
             await self._stop.wait()
+            if self._hand_over > 0:
+                address = self._socket.getsockname()[:2]
+                self.successor = await await_successor(address, self.instance, self._hand_over)
+                drain = DRAIN_SECONDS
         finally:
+            server.close()  # the listening socket: new connections go to the other listener
+            self._draining = True
+            if drain and self._handlers:
+                await asyncio.wait(list(self._handlers.values()), timeout=drain)
             looker.cancel()
-            server.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await looker
             for writer in list(self._handlers):
-                writer.transport.abort()  # each handler ends on its own, none is cancelled
+                reset(writer)  # each handler ends on its own, none is cancelled
             if self._handlers:
                 await asyncio.wait(list(self._handlers.values()), timeout=2.0)
             await server.wait_closed()
 
-    def shutdown(self) -> None:
-        """Stop serving; callable from any thread, before or after ``serve`` started."""
+    def shutdown(self, hand_over: float = 0.0) -> None:
+        """Stop serving; callable from any thread, before or after ``serve`` started.
+        ``hand_over``: first serve on for up to this many seconds, until another process
+        answers on the port with a snapshot loaded (``successor`` names it then)."""
         loop, stop = self._loop, self._stop
         while loop is None or stop is None:
             time.sleep(0.01)
             loop, stop = self._loop, self._stop
+        self._hand_over = hand_over
         with contextlib.suppress(RuntimeError):  # its loop ended already: stopped
             loop.call_soon_threadsafe(stop.set)
 
@@ -292,6 +324,8 @@ class AuthnWebhook:
             except TimeoutError:
                 raise TimeoutError("request") from None
             await self._answer(reader, writer, head, apiserver)
+            if self._draining:
+                raise Refused  # told "Connection: close": its next request goes elsewhere
 
     async def _answer(
         self,
@@ -380,6 +414,8 @@ class AuthnWebhook:
         content_type: str = "text/plain; charset=utf-8",
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        close = close or self._draining
+        headers = {**(headers or {}), AUTHN_INSTANCE_HEADER: self.instance}
         writer.write(render_response(status, body, content_type, close=close, headers=headers))
         try:
             await asyncio.wait_for(writer.drain(), WRITE_SECONDS)

@@ -12,6 +12,7 @@ from kube_audit.agent.current import Current, read_current
 from kube_audit.agent.health import Expectation, HealthCheck
 from kube_audit.agent.layout import HostLayout
 from kube_audit.agent.records import failures_of, read_state
+from kube_audit.agent.webhook_files import on_this_node
 from kube_audit.core.manifest import WEBHOOK_CONFIG_FLAG, Manifest, config_hash_of, flag_value
 from kube_audit.core.plan import (
     DesiredState,
@@ -78,6 +79,7 @@ def hold_of(
     """Why the operator must not apply ``desired`` on this node now (None: it may); reads only.
     A switch to webhook mode its webhook cannot take yet is held too (``waiting``, looked at
     again soon), so the identities it takes away go meanwhile, as for any other hold."""
+    desired = on_this_node(layout, desired)
     state, current = read_state(layout), read_current(layout)
     held = hold_for(state, current, desired, now)
     if held is not None:
@@ -94,6 +96,7 @@ def revocation_of(layout: HostLayout, desired: DesiredState, now: float) -> Desi
     takes away (see ``plan_revocation``). None if there is none, or if that step failed here
     itself and is not due for its retry. An admin's rollback does not stand in its way: what a
     rollback restores is a state of the node, never a person deleted since. Reads only."""
+    desired = on_this_node(layout, desired)
     state, current = read_state(layout), read_current(layout)
     running = config_hash_of(current.manifest) or ""
     step = plan_revocation(current.manifest, current.files, running, desired)

@@ -8,12 +8,14 @@ changed is written; each file by atomic rename, so the webhook never reads half 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import ssl
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from kube_audit.constants import (
 )
 from kube_audit.core.identities import (
     DIGEST_KEY_BYTES,
+    SnapshotError,
     parse_digest_key,
     render_confirmation,
     render_digest_key,
@@ -38,6 +41,7 @@ from kube_audit.core.identities import (
     snapshot_digest,
 )
 from kube_audit.core.plan import WEBHOOK_KUBECONFIG, DesiredState
+from kube_audit.errors import NodeConfigError
 
 SERVING_NAME = "kube-audit-authn-webhook"
 # Where 0.1.x kept the snapshot (in the state folder, beside the backups).
@@ -48,6 +52,19 @@ CATCH_UP_POLL = 0.1
 
 def ca_files(layout: HostLayout) -> tuple[Path, Path]:
     return layout.webhook_ca_dir / "ca.crt", layout.webhook_ca_dir / "ca.key"
+
+
+def on_this_node(layout: HostLayout, desired: DesiredState) -> DesiredState:
+    """``desired`` with what only this node knows: in webhook mode, its webhook CA's
+    fingerprint, which the manifest carries (a CA replaced on disk restarts the apiserver,
+    which reads the CA only at its start; before, it refused every token while the node's
+    status said live). Reads only."""
+    if not desired.webhook_mode:
+        return desired
+    cert = hostfs.read_optional(ca_files(layout)[0])
+    if cert is None:
+        return desired
+    return replace(desired, webhook_ca="sha256:" + hashlib.sha256(cert).hexdigest())
 
 
 def _move_from_earlier_places(layout: HostLayout, written: list[str]) -> None:
@@ -79,8 +96,16 @@ def digest_key_file(layout: HostLayout) -> Path:
 
 def digest_key(layout: HostLayout) -> bytes | None:
     """The node's digest key, if it has one yet (reads only)."""
-    data = hostfs.read_optional(digest_key_file(layout))
-    return None if data is None else parse_digest_key(data)
+    path = digest_key_file(layout)
+    data = hostfs.read_optional(path)
+    try:
+        return None if data is None else parse_digest_key(data)
+    except SnapshotError as error:
+        # Not retried away: the node is Blocked with this until someone acts on it.
+        raise NodeConfigError(
+            f"{path}: {error}; remove it and the node makes a new key and keys its snapshot "
+            "again (nothing else depends on it)"
+        ) from None
 
 
 def _ensure_digest_key(layout: HostLayout, written: list[str]) -> bytes:

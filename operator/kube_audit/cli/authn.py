@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import resource
 import signal
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # How often the serving certificate is looked for before the node agent has written it.
 WAIT_POLL = 1.0
+# How often the port is tried while a listener that does not share it holds it.
+BIND_POLL = 0.1
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -87,22 +90,43 @@ def cmd_authn_webhook(args: argparse.Namespace) -> int:
             log.info("%s: stopping", signal.Signals(early.si_signo).name)
             return 0
     _raise_open_files_limit()
-    try:
-        allowed = Allowed(
-            frozenset(args.allow_system_user or ()), frozenset(args.allow_system_group or ())
-        )
-        webhook = AuthnWebhook(
-            files, args.listen, refuse_after=args.refuse_after or None, allowed=allowed
-        )
-    except OSError as error:
-        raise HostError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {error}") from None
+    allowed = Allowed(
+        frozenset(args.allow_system_user or ()), frozenset(args.allow_system_group or ())
+    )
+    waited = False
+    while True:
+        try:
+            webhook = AuthnWebhook(
+                files, args.listen, refuse_after=args.refuse_after or None, allowed=allowed
+            )
+            break
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                where = f"{args.listen[0]}:{args.listen[1]}"
+                raise HostError(f"cannot listen on {where}: {error}") from None
+        # A listener that does not share the port: the node's previous pod of a version
+        # before 0.3.0 (it stops at SIGTERM), or another program (said in the log).
+        if not waited:
+            log.info("waiting for %s:%d, where another process listens", *args.listen)
+            waited = True
+        early = signal.sigtimedwait(signals, BIND_POLL)
+        if early is not None:
+            log.info("%s: stopping", signal.Signals(early.si_signo).name)
+            return 0
     server = threading.Thread(target=webhook.serve, name="authn-webhook", daemon=True)
     server.start()
     log.info("answering TokenReviews on https://%s:%d", *args.listen)
     received = signal.sigwait(signals)
-    log.info("%s: stopping", signal.Signals(received).name)
-    webhook.shutdown()
+    log.info(
+        "%s: serving on until the node's next webhook answers (at most %.0f s)",
+        signal.Signals(received).name,
+        args.hand_over,
+    )
+    webhook.shutdown(hand_over=args.hand_over)
     server.join()
+    log.info(
+        "stopped" + (f": webhook {webhook.successor} answers now" if webhook.successor else "")
+    )
     return 0
 
 
@@ -133,6 +157,15 @@ def add_parsers(sub: Any) -> None:
         "for this long (its container stuck or cut off from the API: a person deleted since "
         "would still be answered); 0: never, the snapshot's age is only reported (default 0, "
         "or $KUBE_AUDIT_AUTHN_REFUSE_AFTER). See docs/identity-modes.md for the trade-off",
+    )
+    cmd.add_argument(
+        "--hand-over",
+        type=_seconds,
+        default=env_str("KUBE_AUDIT_AUTHN_HAND_OVER", "30"),
+        metavar="SECONDS",
+        help="at SIGTERM, serve on until the node's next webhook answers on the port (a pod "
+        "update starts it beside this one), for at most this long; 0: stop at once (default "
+        "30, or $KUBE_AUDIT_AUTHN_HAND_OVER)",
     )
     cmd.add_argument(
         "--client-ca",

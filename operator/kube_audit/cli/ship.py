@@ -11,9 +11,10 @@ from typing import Any
 
 from kube_audit.agent.layout import STATE_DIR
 from kube_audit.agent.ship import Shipper, serve_metrics
+from kube_audit.agent.succession import wait_for_node
 from kube_audit.cli.common import store_access
 from kube_audit.cli.env import env_str
-from kube_audit.constants import SHIP_METRICS_PORT
+from kube_audit.constants import SHIP_LOCK, SHIP_METRICS_PORT
 from kube_audit.core.audit_query import parse_duration
 from kube_audit.core.settings import Settings
 from kube_audit.errors import InvalidInput, Problem
@@ -57,17 +58,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
     root = Path(args.host_root)
     log_dir = Path(args.log_dir) if args.log_dir else root / settings.log_dir.lstrip("/")
     access = store_access(args, timeout, "ship")
-    shipper = Shipper(
-        folder=log_dir,
-        log_file=settings.log_file,
-        state_dir=Path(args.state_dir) if args.state_dir else root / STATE_DIR.lstrip("/") / "ship",
-        store=LogStore(access),
-        node=args.node,
-        cluster=args.cluster_name,
-        keep_after=keep_after,
-    )
-    if args.metrics_port:
-        serve_metrics(shipper.metrics, args.metrics_address, args.metrics_port)
+    state_dir = Path(args.state_dir) if args.state_dir else root / STATE_DIR.lstrip("/") / "ship"
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -76,6 +67,21 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # The node's previous ship container (a surge update) keeps the positions until it ends.
+    metrics_at = (args.metrics_address, args.metrics_port)
+    if wait_for_node(state_dir / SHIP_LOCK, [metrics_at], "ship", stop.wait) is None:
+        return 0
+    shipper = Shipper(
+        folder=log_dir,
+        log_file=settings.log_file,
+        state_dir=state_dir,
+        store=LogStore(access),
+        node=args.node,
+        cluster=args.cluster_name,
+        keep_after=keep_after,
+    )
+    if args.metrics_port:
+        serve_metrics(shipper.metrics, args.metrics_address, args.metrics_port)
     log.info("shipping %s to %s as node %s", log_dir, args.store, args.node)
     shipper.run(stop.is_set, stop.wait, interval)
     return 0

@@ -11,6 +11,9 @@ from typing import Any
 
 import kopf
 
+from kube_audit.agent.layout import STATE_DIR, under
+from kube_audit.agent.succession import endpoint, wait_for_node
+from kube_audit.constants import OPERATOR_LOCK
 from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.handlers import build_registry
 from kube_audit.controller.metrics import Metrics
@@ -156,6 +159,22 @@ class KopfWatchTeardown(logging.Filter):
         return not (closing and "infinite_watch" in text)
 
 
+def _node_is_ours(config: OperatorConfig, ports: tuple[tuple[str, int] | None, ...]) -> bool:
+    """Wait for the node's previous operator (a surge update starts this pod beside it) to
+    end; False if SIGTERM or SIGINT came first. Nothing is started before: no two operators
+    ever reconcile one node."""
+    stop = threading.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in signals}
+    try:
+        lock = under(config.host_root, STATE_DIR) / OPERATOR_LOCK
+        held = wait_for_node(lock, ports, "operator", stop.wait)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return held is not None and not stop.is_set()
+
+
 def main(
     config: OperatorConfig,
     api: KubeApi,
@@ -163,6 +182,8 @@ def main(
     liveness: str,
     readiness: str,
 ) -> int:
+    if not _node_is_ours(config, (metrics_at, endpoint(liveness), endpoint(readiness))):
+        return 0
     metrics = Metrics()
     if metrics_at[1]:
         metrics.serve(*metrics_at)

@@ -17,6 +17,10 @@ from kube_audit.errors import ManifestError
 
 HASH_ANNOTATION = "kube-audit.io/config-hash"
 FLAGS_ANNOTATION = "kube-audit.io/patched-flags"
+# Webhook mode: the fingerprint of the node's webhook CA, which kube-apiserver reads (from the
+# webhook kubeconfig) only at its start. Node-local, outside the config hash: a new CA on disk
+# changes the manifest, so the apiserver restarts through the normal apply and trusts it.
+WEBHOOK_CA_ANNOTATION = "kube-audit.io/webhook-ca"
 CONFIG_VOLUME = "kube-audit-config"
 LOG_VOLUME = "kube-audit-log"
 CONTAINER = "kube-apiserver"
@@ -59,6 +63,8 @@ class ManifestConfig:
     # Webhook mode: the kubeconfig that points kube-apiserver at the node's authn-webhook.
     webhook_config: str | None = None
     webhook_cache_ttl: str = "10s"
+    # The node's webhook CA fingerprint (WEBHOOK_CA_ANNOTATION), in webhook mode.
+    webhook_ca: str | None = None
 
     def flags(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -179,6 +185,7 @@ def unpatch_manifest(manifest: Manifest) -> Manifest:
     _remove_named(out.get("spec") or {}, "volumes", (CONFIG_VOLUME, LOG_VOLUME))
     annotations.pop(HASH_ANNOTATION, None)
     annotations.pop(FLAGS_ANNOTATION, None)
+    annotations.pop(WEBHOOK_CA_ANNOTATION, None)
     if not annotations and "annotations" in out.get("metadata", {}):
         del out["metadata"]["annotations"]
     return out
@@ -289,4 +296,12 @@ def patch_manifest(manifest: Manifest, config: ManifestConfig) -> Manifest:
         annotations = metadata["annotations"] = {}
     annotations[HASH_ANNOTATION] = config.config_hash
     annotations[FLAGS_ANNOTATION] = json.dumps(patched, sort_keys=True, separators=(",", ":"))
+    if config.webhook_config and config.webhook_ca:
+        annotations[WEBHOOK_CA_ANNOTATION] = config.webhook_ca
     return out
+
+
+def webhook_ca_of(manifest: Manifest) -> str | None:
+    """The webhook CA fingerprint a manifest was written with (None: none, or before 0.3.0)."""
+    value = ((manifest.get("metadata") or {}).get("annotations") or {}).get(WEBHOOK_CA_ANNOTATION)
+    return str(value) if value is not None else None

@@ -17,8 +17,10 @@ from kube_audit.core.manifest import (
     WEBHOOK_CONFIG_FLAG,
     Manifest,
     ManifestConfig,
+    config_hash_of,
     flag_value,
     patch_manifest,
+    webhook_ca_of,
 )
 from kube_audit.core.models import (
     AuditPolicy,
@@ -71,6 +73,9 @@ class DesiredState:
     # The people of ``files``' token file, tokens as digests: what the authn-webhook answers
     # from. Kept in both modes, so a switch to webhook mode finds it answering already.
     identities: bytes = b""
+    # Node-local, set by the node agent in webhook mode: its webhook CA's fingerprint, which
+    # the manifest carries outside the config hash (``WEBHOOK_CA_ANNOTATION``).
+    webhook_ca: str | None = None
 
     @property
     def webhook_mode(self) -> bool:
@@ -110,6 +115,7 @@ class DesiredState:
             if self.webhook_mode
             else None,
             webhook_cache_ttl=s.webhook_cache_ttl,
+            webhook_ca=self.webhook_ca if self.webhook_mode else None,
         )
 
 
@@ -276,8 +282,17 @@ def plan_desired(
 
 
 def plan_manifest(current: Manifest, desired: DesiredState) -> Manifest:
-    """The manifest the node should run: patched for the desired files, or unpatched if none."""
-    return patch_manifest(current, desired.manifest_config())
+    """The manifest the node should run: patched for the desired files, or unpatched if none.
+
+    A manifest written before 0.3.0 names the webhook without its CA's fingerprint: which CA
+    its apiserver read is not known, and the fingerprint alone is no reason for a restart
+    (an upgrade restarts nothing), so it comes with the node's next change."""
+    config = desired.manifest_config()
+    new = patch_manifest(current, config)
+    unknown = config.webhook_ca and webhook_ca_of(current) is None and config_hash_of(current)
+    if unknown and patch_manifest(current, replace(config, webhook_ca=None)) == current:
+        return current
+    return new
 
 
 def removes_identities_only(
