@@ -10,11 +10,12 @@ if obj.status.observedGeneration ~= nil and obj.status.observedGeneration < gene
   hs.message = "Waiting for kube-audit to observe generation " .. generation
   return hs
 end
-local ready, stalled, reconciling
+local ready, stalled, reconciling, shipping
 for _, condition in ipairs(obj.status.conditions) do
   if condition.type == "Ready" then ready = condition end
   if condition.type == "Stalled" then stalled = condition end
   if condition.type == "Reconciling" then reconciling = condition end
+  if condition.type == "Shipping" then shipping = condition end
 end
 if stalled ~= nil and stalled.status == "True" then
   hs.status = "Degraded"
@@ -24,6 +25,10 @@ end
 if ready ~= nil and ready.status == "True" then
   hs.status = "Healthy"
   hs.message = ready.message or "Ready"
+  -- The audit store not reached from a node: a warning in the message, not a failure.
+  if shipping ~= nil and shipping.status == "False" then
+    hs.message = hs.message .. "; not shipping: " .. (shipping.message or shipping.reason or "")
+  end
   return hs
 end
 -- An AuditUser past its spec.expiresAt does what it says: nothing to wait for.

@@ -94,6 +94,13 @@ NODE_APPLIED_ANNOTATION = f"{GROUP}/applied-at"
 NODE_ROLLBACK_ANNOTATION = f"{GROUP}/rolled-back-at"
 # Webhook mode: when this node's operator last confirmed its identity snapshot current.
 NODE_CONFIRMED_ANNOTATION = f"{GROUP}/snapshot-confirmed-at"
+# With the audit store: this node's ship report (core.ship_report), copied from the ship
+# container's file every SHIP_REPORT_SECONDS; a node whose report is older than
+# SHIP_STALLED_AFTER is shown stalled on every AuditPolicy (seen within a minute).
+NODE_SHIPPING_ANNOTATION = f"{GROUP}/shipping"
+SHIP_REPORT_SECONDS = 15.0
+SHIP_STALLED_AFTER = 45.0
+SHIP_REPORT_FILE = "ship-report.json"
 
 EVENT_NAMESPACE = "default"
 # user.extra key kube-apiserver writes into every audit event: which credential made the

@@ -10,6 +10,8 @@ import orjson
 import pytest
 
 from kube_audit.agent.ship import STATE_FILE, Shipper
+from kube_audit.constants import SHIP_REPORT_FILE
+from kube_audit.core.ship_report import parse_ship_report
 from kube_audit.errors import HostError, StoreError
 from tests.auditlog import generate
 from tests.logwriter import RotatingLog
@@ -224,3 +226,42 @@ def test_a_damaged_state_file_is_named_and_left_alone(
     with pytest.raises(HostError, match=r"ship-state.json: not JSON.*move it away"):
         _shipper(tmp_path, store, clock)
     assert (tmp_path / "state" / STATE_FILE).read_bytes() == b"{not json"
+
+
+def test_the_report_says_how_far_and_why_not(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    """Issue 35 item 2: what the operator copies into the node's record. Written every few
+    seconds while nothing changes (its age is how the cluster sees a stopped shipper), at
+    once when the store starts or stops failing."""
+    clock.now = 1_800_000_000.0
+    log = RotatingLog(tmp_path / "log", max_bytes=10_000_000)
+    lines = _lines(200, seed=7)
+    log.write(lines[:100])
+    shipper = _shipper(tmp_path, store, clock)
+    stops = iter([False, True])
+    shipper.run(lambda: next(stops), lambda _: None)
+    report = parse_ship_report((tmp_path / "state" / SHIP_REPORT_FILE).read_bytes())
+    assert report.reported_at == clock.now and report.pending_bytes == 0 and not report.last_error
+    assert report.logged_until == orjson.loads(lines[99])["stageTimestamp"]
+    store.down = True
+    log.write(lines[100:])
+    clock.now += 1
+    stops = iter([False, True])
+    shipper.run(lambda: next(stops), lambda _: None)
+    failing = parse_ship_report((tmp_path / "state" / SHIP_REPORT_FILE).read_bytes())
+    assert "did not take" in failing.last_error or "broke the connection" in failing.last_error
+    assert failing.failing_since == clock.now and failing.pending_bytes > 0
+    assert failing.reported_at == clock.now, "a change of state is written at once"
+    clock.now += 2
+    stops = iter([False, True])
+    shipper.run(lambda: next(stops), lambda _: None)
+    again = parse_ship_report((tmp_path / "state" / SHIP_REPORT_FILE).read_bytes())
+    assert again.reported_at == clock.now - 2, "nothing changed: not rewritten within 5 s"
+    clock.now += 5
+    store.down = False
+    stops = iter([False, True])
+    shipper.run(lambda: next(stops), lambda _: None)
+    done = parse_ship_report((tmp_path / "state" / SHIP_REPORT_FILE).read_bytes())
+    assert not done.last_error and done.pending_bytes == 0 and done.failing_since is None
+    assert done.logged_until == orjson.loads(lines[-1])["stageTimestamp"]

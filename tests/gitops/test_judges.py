@@ -127,6 +127,19 @@ def _states(kind: str) -> list[tuple[str, dict[str, Any], tuple[str, str]]]:
         ("changed, not judged yet", _written(kind, 2, all_applied, seen=1), WORKING),
         ("invalid, then fixed", _written(kind, 2, {"cp-1": INVALID}, seen=1), WORKING),
     ]
+    if kind == "AuditPolicy":
+        # Issue 35 item 2: a node's audit log not reaching the store is a warning (Argo CD's
+        # message says it), never a failed or unfinished policy.
+        not_shipping = _written(kind, 1, all_applied)
+        not_shipping["status"]["conditions"].append(
+            {
+                "type": "Shipping",
+                "status": "False",
+                "reason": "ShippingStalled",
+                "message": "cp-2: its shipper last reported 60 s ago",
+            }  # fmt: skip
+        )
+        states.append(("live, one node not shipping to the store", not_shipping, DONE))
     if kind == "AuditUser":
         states.append(("disabled everywhere", _written(kind, 1, all_applied, disabled=True), DONE))
         expired = _written(kind, 1, all_applied, expiresAt="2026-12-03T00:00:00Z")
@@ -146,6 +159,10 @@ def test_flux_and_argo_cd_judge_every_state_as_documented(kind: str) -> None:
         if (flux, argo) == FAILED:
             stalled = conditions["Stalled"]["message"]
             assert verdict["kstatusMessage"] == stalled and verdict["argoMessage"] == stalled, what
+        if conditions.get("Shipping", {}).get("status") == "False":
+            assert verdict["argoMessage"].endswith(
+                "; not shipping: " + conditions["Shipping"]["message"]
+            ), (what, verdict)
 
 
 @pytest.mark.parametrize("kind", ["AuditUser", "AuditPolicy"])

@@ -74,6 +74,7 @@ def test_printer_columns_and_names() -> None:
         "Rules",
         "Ready",
         "Status",
+        "Shipping",
         "Age",
         "Message",
     ]

@@ -18,7 +18,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from kube_audit import hostfs
+from kube_audit.constants import SHIP_REPORT_FILE
 from kube_audit.core.logsql import parse_store_time
+from kube_audit.core.ship_report import ShipReport, render_ship_report
 from kube_audit.core.shipping import (
     LogFile,
     ShipState,
@@ -39,6 +41,8 @@ from kube_audit.logstore import LogStore
 log = logging.getLogger(__name__)
 
 STATE_FILE = "ship-state.json"
+# How often the report is written while nothing changes: well within SHIP_STALLED_AFTER.
+REPORT_EVERY = 5.0
 
 
 @dataclass
@@ -93,6 +97,12 @@ class Shipper:
     wall: Callable[[], float] = time.time
     state: ShipState = field(init=False)
     resume_from_kept: bool = field(init=False, default=True)
+    # What the report says (core.ship_report): the operator shows it on the AuditPolicies.
+    last_error: str = field(init=False, default="")
+    failing_since: float | None = field(init=False, default=None)
+    logged_until: str = field(init=False, default="")
+    pending: int = field(init=False, default=0)
+    _reported: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         hostfs.ensure_dir(self.state_dir)
@@ -104,6 +114,9 @@ class Shipper:
                 f"{path}: {error}; move it away to ship the folder from its start again"
             ) from None
         self.params = render_insert_params(self.node, self.cluster)
+        self.logged_until = max(
+            (p.logged_until for p in self.state.positions.values() if p.logged_until), default=""
+        )
 
     def _listing(self) -> list[tuple[LogFile, Path, bytes]]:
         found = hostfs.audit_log_identities(self.folder, self.log_file)
@@ -148,7 +161,8 @@ class Shipper:
         finally:
             self.state = settle(self.state, self.monotonic(), self.keep_after)
             self._save()
-            self.metrics.pending.set(pending_bytes(files, self.state))
+            self.pending = pending_bytes(files, self.state)
+            self.metrics.pending.set(self.pending)
         self.metrics.last_success.set(self.wall())
 
     def _send(self, file: LogFile, path: Path, first: bytes, start: int) -> None:
@@ -172,6 +186,7 @@ class Shipper:
                     )
                     self.metrics.shipped_bytes.inc(len(lines))
                     if until:
+                        self.logged_until = until
                         self.metrics.logged_until.set(_unix(until))
                     self._save()
                 if at_end:
@@ -192,14 +207,55 @@ class Shipper:
             try:
                 self.poll()
                 backoff = interval
+                self._failed("")
             except StoreError as error:
                 log.warning("%s; sending again from what the store has kept", error)
+                self._failed(str(error))
                 backoff = min(backoff * 2, 30.0)
                 sleep(backoff)
                 continue
             except HostError as error:
                 log.error("%s", error)
+                self._failed(str(error))
             sleep(interval)
+
+    def _failed(self, error: str) -> None:
+        """Note the outcome of a poll and write the report when it changed, or every
+        REPORT_EVERY seconds (its age is how the cluster sees a shipper that stopped)."""
+        changed = bool(error) != bool(self.last_error)
+        self.last_error = error
+        if not error:
+            self.failing_since = None
+        elif self.failing_since is None:
+            self.failing_since = self.wall()
+        now = self.monotonic()
+        if changed or self._reported is None or now - self._reported >= REPORT_EVERY:
+            self.write_report()
+            self._reported = now
+
+    def write_report(self) -> None:
+        report = ShipReport(
+            reported_at=self.wall(),
+            logged_until=self.logged_until,
+            pending_bytes=self.pending,
+            last_error=self.last_error,
+            failing_since=self.failing_since,
+        )
+        try:
+            hostfs.write_atomic(
+                self.state_dir / SHIP_REPORT_FILE, render_ship_report(report), sync_dir=False
+            )
+        except HostError as error:
+            log.error("the ship report was not written: %s", error)
+
+
+def read_ship_report(state_dir: Path) -> bytes | None:
+    """The node's ship report as its shipper wrote it (None: no shipper on this node)."""
+    try:
+        return hostfs.read_optional(state_dir / SHIP_REPORT_FILE)
+    except HostError as error:
+        log.warning("the ship report was not read: %s", error)
+        return None
 
 
 def _unix(stage_timestamp: str) -> float:

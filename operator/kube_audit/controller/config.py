@@ -10,6 +10,7 @@ from kube_audit.agent.health import HealthCheck
 from kube_audit.agent.holds import WebhookProbe
 from kube_audit.agent.layout import DEFAULT_KUBELET_CONFIG, HostLayout
 from kube_audit.agent.webhook_files import webhook_answers
+from kube_audit.constants import SHIP_REPORT_SECONDS, SHIP_STALLED_AFTER
 from kube_audit.core.settings import Settings
 
 
@@ -30,6 +31,10 @@ class OperatorConfig:
     # Webhook mode: a node's snapshot not confirmed for this long is shown stale on the
     # AuditUsers' status and with an Event (it is confirmed on every reconcile: above resync).
     snapshot_stale_after: float = 900.0
+    # With the audit store: how often the ship report is copied and judged, and the age past
+    # which a node is shown not shipping (constants.py says why these).
+    ship_report_every: float = SHIP_REPORT_SECONDS
+    ship_stalled_after: float = SHIP_STALLED_AFTER
     health_url: str | None = None
     timeout: float = 180.0
     no_wait: bool = False

@@ -21,6 +21,7 @@ from kube_audit.controller.config import OperatorConfig
 from kube_audit.controller.intake import Intake
 from kube_audit.controller.metrics import Metrics
 from kube_audit.controller.rollout import NodeReport, Planned, Rollout
+from kube_audit.controller.shipping import ShippingReporter
 from kube_audit.controller.status import StatusWriter
 from kube_audit.controller.tokens import TokenSecrets
 from kube_audit.core.plan import collect_inputs, plan_desired
@@ -61,6 +62,7 @@ class NodeRuntime:
             on_gone=self.intake.wake_plan,
         )
         self.applies = self.rollout.applies
+        self.shipping = ShippingReporter(self.status)
         # Set once the node is settled: the first reconcile ended (applied, unchanged, or a
         # permanent failure shown on the objects). The pod's readiness.
         self.settled = asyncio.Event()
@@ -105,6 +107,7 @@ class NodeRuntime:
             asyncio.create_task(self._loop(stop), name="reconcile"),
             asyncio.create_task(self.intake.watch_manifest(stop), name="manifest watch"),
             asyncio.create_task(self._show_changes(stop), name="status on change"),
+            asyncio.create_task(self.shipping.run(stop), name="shipping report"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -103,6 +103,8 @@ class StatusWriter:
         self._events_over: dict[str, int] = {}
         # Nodes the owner has posted a stale-snapshot Event for (one per episode).
         self._stale_shown: set[str] = set()
+        # The owner's last Shipping condition for every AuditPolicy (controller.shipping).
+        self.shipping: dict[str, str] | None = None
 
     async def write_node(self, report: NodeReport, stop: asyncio.Event) -> list[KubeAuditError]:
         """This node's record, then its entry on every object whose entry changed."""
@@ -253,6 +255,17 @@ class StatusWriter:
         else:
             self.metrics.events.inc()
 
+    async def post_node_event(
+        self, node: str, reason: str, message: str, *, warning: bool = False
+    ) -> None:
+        outcome = STALE if warning else APPLIED
+        await self._post_event(
+            {"metadata": {"name": node}}, "Node", outcome, message, reason=reason, api_version="v1"
+        )
+
+    async def patch_status(self, kind: str, name: str, patch: dict[str, Any]) -> bool:
+        return await self._patch_status(kind, name, patch)
+
     async def _patch_status(self, kind: str, name: str, patch: dict[str, Any]) -> bool:
         """Patch status; False when the object is gone (then it is forgotten: its delete may
         never have reached our watch)."""
@@ -293,8 +306,11 @@ class StatusWriter:
                     kept = {**status, "nodes": {n: e for n, e in entries.items() if n not in gone}}
                     token = self._tokens.get(f"{kind}/{name}") if kind == AUDIT_USER else None
                     judged = stale if kind == AUDIT_USER else None
+                    extra = [self.shipping] if self.shipping and kind != AUDIT_USER else []
                     patch = {
-                        **compute_conditions({**body, "status": kept}, nodes, now, token, judged),
+                        **compute_conditions(
+                            {**body, "status": kept}, nodes, now, token, judged, extra=extra
+                        ),
                         **_columns(kind, body),
                     }
                     if gone or conditions_differ(status, patch):

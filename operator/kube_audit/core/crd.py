@@ -229,6 +229,12 @@ def render_crd(kind: str, allowed: Allowed = NONE_ALLOWED) -> dict[str, Any]:
             {"name": "Rules", "type": "integer", "jsonPath": ".status.ruleCount"},
             _READY,
             _REASON,
+            # With the audit store: whether every node's audit log reaches it (empty without).
+            {
+                "name": "Shipping",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="Shipping")].status',
+            },
             _AGE,
             _MESSAGE,
         ]

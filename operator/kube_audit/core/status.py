@@ -128,11 +128,14 @@ def compute_conditions(
     now: str,
     token: str | None = None,
     stale: Mapping[str, str] | None = None,
+    *,
+    extra: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """``observedGeneration`` and conditions from the node entries of the current generation.
     ``token``: the fingerprint of the person's current token; a node is live for them only
     where it serves that one. ``stale`` (AuditUsers in webhook mode): nodes whose snapshot is
-    stale, with why; they are live for nobody."""
+    stale, with why; they are live for nobody. ``extra``: conditions judged elsewhere, kept
+    in the list (a merge patch replaces it whole)."""
     stale = stale or {}
     generation = int((obj.get("metadata") or {}).get("generation") or 0)
     status = obj.get("status") or {}
@@ -217,6 +220,7 @@ def compute_conditions(
             _condition("Reconciling", True, "Progressing", message, generation),
             _condition("Stalled", False, "Progressing", "", generation),
         ]
+    conditions += [dict(c) for c in extra]  # judged elsewhere: the Shipping condition
     previous = {c.get("type"): c for c in status.get("conditions") or []}
     for condition in conditions:
         old = previous.get(condition["type"])
