@@ -3,6 +3,9 @@ reaches the store whatever stops the shipper, counted line by line."""
 
 from __future__ import annotations
 
+import itertools
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -165,29 +168,94 @@ def test_the_store_down_while_the_log_rotates_loses_nothing(
     assert shipper.metrics.lost_bytes._value.get() == 0
 
 
-def test_a_backup_removed_before_it_was_shipped_is_counted_as_lost(
+def test_backups_rotated_away_while_the_store_is_down_are_held_and_shipped(
     tmp_path: Path, store: FakeStore, clock: Clock
 ) -> None:
-    log = RotatingLog(tmp_path / "log", max_bytes=100_000, max_backups=2)
+    """Issue 35 item 2: lumberjack removes the oldest backups (``--audit-log-maxbackup``)
+    while the store is down; the running shipper holds every file it has not shipped in full
+    open, reads the removed ones through their descriptors, and loses nothing. Before, the
+    removed backups were counted lost."""
+    log = RotatingLog(tmp_path / "log", max_bytes=100_000, max_backups=2, compress=True)
     lines = _lines(1000, seed=5)
     shipper = _shipper(tmp_path, store, clock)
+    log.write(lines[:100])
+    shipper.poll()
+    store.down = True
+    for start in range(100, len(lines), 100):  # the shipper looks now and then, the store down
+        log.write(lines[start : start + 100])
+        with pytest.raises(StoreError):
+            shipper.poll()
+        clock.now += 5
+    assert log.rotations >= 4, "more rotations than backups kept: some were removed"
+    store.down = False
+    shipper.poll()
+    clock.now += 60
+    shipper.poll()
+    assert shipper.metrics.lost_bytes._value.get() == 0
+    assert set(store.keys()) == {_key(line) for line in lines}
+    assert not shipper._held, "every file shipped in full is let go"
+
+
+def _rotate_away_while_down(
+    tmp_path: Path, store: FakeStore, clock: Clock, shipper: Shipper, lines: list[bytes]
+) -> RotatingLog:
+    log = RotatingLog(tmp_path / "log", max_bytes=100_000, max_backups=2)
     log.write(lines[:100])
     shipper.poll()
     store.down = True
     log.write(lines[100:300])  # the shipper sees these backups but cannot send them
     with pytest.raises(StoreError):
         shipper.poll()
-    seen = {p.name: p.stat().st_size for p in (tmp_path / "log").iterdir()}
     log.write(lines[300:])  # rotations remove the backups it saw
     store.down = False
+    return log
+
+
+def test_past_the_hold_bound_a_removed_backup_is_let_go_and_counted_lost(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    """Held removed files keep their disk space: past ``hold_max_bytes`` the oldest is let go
+    (the control-plane disk comes first), and what it held is counted in
+    kube_audit_ship_lost_bytes_total."""
+    lines = _lines(1000, seed=5)
+    shipper = _shipper(tmp_path, store, clock, hold_max_bytes=50_000)
+    _rotate_away_while_down(tmp_path, store, clock, shipper, lines)
+    store.down = True  # still down at the next look, which lets go past the bound
+    with pytest.raises(StoreError):
+        shipper.poll()
+    store.down = False
     shipper.poll()
-    gone = {name: size for name, size in seen.items() if not (tmp_path / "log" / name).exists()}
-    assert gone
-    shipped_of_gone = 0  # the first file was partly shipped before it became a backup
     lost = shipper.metrics.lost_bytes._value.get()
-    assert 0 < lost <= sum(gone.values()) - shipped_of_gone
+    assert lost > 0 and shipper.metrics.lost_files._value.get() >= 1
     sent = {_key(line) for _, line in store.rows}
     assert [line for line in lines if _key(line) not in sent]
+
+
+def test_a_shipper_killed_while_the_store_is_down_counts_what_rotated_away(
+    tmp_path: Path, store: FakeStore, clock: Clock
+) -> None:
+    """Holding protects only a running shipper: killed (its descriptors closed with it), the
+    next one finds the backups gone and counts them lost, never silently."""
+    lines = _lines(1000, seed=5)
+    first = _shipper(tmp_path, store, clock)
+    log = RotatingLog(tmp_path / "log", max_bytes=100_000, max_backups=2)
+    log.write(lines[:100])
+    first.poll()
+    store.down = True
+    log.write(lines[100:300])
+    with pytest.raises(StoreError):
+        first.poll()
+    seen = {p.name: p.stat().st_size for p in (tmp_path / "log").iterdir()}
+    for held in first._held.values():  # SIGKILL: the kernel closes its descriptors
+        os.close(held.fd)
+    log.write(lines[300:])
+    store.down = False
+    second = _shipper(tmp_path, store, clock)
+    second.poll()
+    gone = {name: size for name, size in seen.items() if not (tmp_path / "log" / name).exists()}
+    assert gone
+    lost = second.metrics.lost_bytes._value.get()
+    assert 0 < lost <= sum(gone.values())
 
 
 def test_a_line_longer_than_a_batch_is_sent_whole(
@@ -228,6 +296,12 @@ def test_a_damaged_state_file_is_named_and_left_alone(
     assert (tmp_path / "state" / STATE_FILE).read_bytes() == b"{not json"
 
 
+def _once() -> Callable[[], bool]:
+    """``stop`` for one turn of the shipper's loop."""
+    answers = itertools.chain([False], itertools.repeat(True))
+    return lambda: next(answers)
+
+
 def test_the_report_says_how_far_and_why_not(
     tmp_path: Path, store: FakeStore, clock: Clock
 ) -> None:
@@ -239,29 +313,25 @@ def test_the_report_says_how_far_and_why_not(
     lines = _lines(200, seed=7)
     log.write(lines[:100])
     shipper = _shipper(tmp_path, store, clock)
-    stops = iter([False, True])
-    shipper.run(lambda: next(stops), lambda _: None)
+    shipper.run(_once(), lambda _: None)
     report = parse_ship_report((tmp_path / "state" / SHIP_REPORT_FILE).read_bytes())
     assert report.reported_at == clock.now and report.pending_bytes == 0 and not report.last_error
     assert report.logged_until == orjson.loads(lines[99])["stageTimestamp"]
     store.down = True
     log.write(lines[100:])
     clock.now += 1
-    stops = iter([False, True])
-    shipper.run(lambda: next(stops), lambda _: None)
+    shipper.run(_once(), lambda _: None)
     failing = parse_ship_report((tmp_path / "state" / SHIP_REPORT_FILE).read_bytes())
     assert "did not take" in failing.last_error or "broke the connection" in failing.last_error
     assert failing.failing_since == clock.now and failing.pending_bytes > 0
     assert failing.reported_at == clock.now, "a change of state is written at once"
     clock.now += 2
-    stops = iter([False, True])
-    shipper.run(lambda: next(stops), lambda _: None)
+    shipper.run(_once(), lambda _: None)
     again = parse_ship_report((tmp_path / "state" / SHIP_REPORT_FILE).read_bytes())
     assert again.reported_at == clock.now - 2, "nothing changed: not rewritten within 5 s"
     clock.now += 5
     store.down = False
-    stops = iter([False, True])
-    shipper.run(lambda: next(stops), lambda _: None)
+    shipper.run(_once(), lambda _: None)
     done = parse_ship_report((tmp_path / "state" / SHIP_REPORT_FILE).read_bytes())
     assert not done.last_error and done.pending_bytes == 0 and done.failing_since is None
     assert done.logged_until == orjson.loads(lines[-1])["stageTimestamp"]

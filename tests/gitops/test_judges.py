@@ -137,7 +137,7 @@ def _states(kind: str) -> list[tuple[str, dict[str, Any], tuple[str, str]]]:
                 "status": "False",
                 "reason": "ShippingStalled",
                 "message": "cp-2: its shipper last reported 60 s ago",
-            }  # fmt: skip
+            }
         )
         states.append(("live, one node not shipping to the store", not_shipping, DONE))
     if kind == "AuditUser":

@@ -33,8 +33,10 @@ class Writer:
     """kube-apiserver's side: events appended at a steady rate, rotated and gzipped as
     lumberjack does, in a thread the test starts and stops."""
 
-    def __init__(self, folder: Path, per_second: int = 3_000, seed: int = 11) -> None:
-        self.log = RotatingLog(folder, ROTATE_BYTES, compress=True, max_backups=50)
+    def __init__(
+        self, folder: Path, per_second: int = 3_000, seed: int = 11, max_backups: int = 50
+    ) -> None:
+        self.log = RotatingLog(folder, ROTATE_BYTES, compress=True, max_backups=max_backups)
         self.per_second = per_second
         self.lines = generate(10_000_000, seed=seed)
         self.written = 0
@@ -122,6 +124,24 @@ def test_store_down_two_minutes_while_the_log_rotates(work: Path) -> None:
         down = time.monotonic()
         writer.wait_rotations(2)
         time.sleep(max(0.0, 120 - (time.monotonic() - down)))
+        store.start()
+        writer.wait_rotations(1)
+        print(_finish(writer, ship, store.url))
+
+
+def test_store_down_while_rotation_removes_more_backups_than_are_kept(work: Path) -> None:
+    """Issue 35 item 2: ``--audit-log-maxbackup=1`` and the store down while the log rotates
+    eight times: every backup is removed before the store is back. The running shipper holds
+    the files it has not shipped open and sends them from their descriptors. Before, the
+    removed backups were lost (counted in kube_audit_ship_lost_bytes_total)."""
+    with (
+        single_node(work) as store,
+        Writer(work / "audit", per_second=3_000, max_backups=1) as writer,
+    ):
+        ship = ShipProcess(work / "audit", work / "state", store.url).start()
+        writer.wait_rotations(1)
+        store.stop()
+        writer.wait_rotations(8)
         store.start()
         writer.wait_rotations(1)
         print(_finish(writer, ship, store.url))

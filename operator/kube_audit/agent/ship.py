@@ -60,6 +60,12 @@ class ShipMetrics:
             "while the store was unreachable longer than the backups last)",
             registry=r,
         )
+        self.lost_files = Counter(
+            "kube_audit_ship_lost_files",
+            "Audit log files removed from the node before they were shipped in full (a "
+            "compressed one's missing bytes are not known: see kube_audit_ship_lost_bytes)",
+            registry=r,
+        )
         self.errors = Counter(
             "kube_audit_ship_errors", "Batches the store did not acknowledge", registry=r
         )
@@ -78,6 +84,16 @@ class ShipMetrics:
             "When the store last acknowledged a batch, or confirmed nothing was pending",
             registry=r,
         )
+
+
+@dataclass(frozen=True)
+class Held:
+    """A file held open: its descriptor, and its name and first line when it was listed."""
+
+    fd: int
+    name: str
+    first: bytes
+    compressed: bool
 
 
 @dataclass
@@ -103,6 +119,11 @@ class Shipper:
     logged_until: str = field(init=False, default="")
     pending: int = field(init=False, default=0)
     _reported: float | None = field(init=False, default=None)
+    # Files not yet shipped in full, held open by fingerprint: a rotation that removes one
+    # (--audit-log-maxbackup, -maxage, or the original of a .gz) while the store is down does
+    # not take its content; their disk space is kept up to ``hold_max_bytes`` for removed ones.
+    hold_max_bytes: int = 1 << 30
+    _held: dict[str, Held] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         hostfs.ensure_dir(self.state_dir)
@@ -119,8 +140,9 @@ class Shipper:
         )
 
     def _listing(self) -> list[tuple[LogFile, Path, bytes]]:
+        """The folder's files, oldest first, after the held ones it no longer lists."""
         found = hostfs.audit_log_identities(self.folder, self.log_file)
-        return [
+        listed = [
             (
                 LogFile(
                     name=path.name,
@@ -134,17 +156,73 @@ class Shipper:
             )
             for order, (path, first, size) in enumerate(found)
         ]
+        present = {file.fingerprint for file, _, _ in listed}
+        removed = [(f, h) for f, h in sorted(self._held.items(), key=lambda i: i[1].name)]
+        removed = [(f, h) for f, h in removed if f not in present]
+        held = [
+            (
+                LogFile(
+                    name=held.name,
+                    fingerprint=fingerprint,
+                    size=-1 if held.compressed else hostfs.held_size(held.fd),
+                    order=index - len(removed),
+                    compressed=held.compressed,
+                ),
+                hostfs.held_path(held.fd),
+                held.first,
+            )
+            for index, (fingerprint, held) in enumerate(removed)
+        ]
+        return held + listed
+
+    def _hold(self, listing: list[tuple[LogFile, Path, bytes]]) -> None:
+        """Hold open every file not shipped in full; let go of the others, and of the oldest
+        removed ones past ``hold_max_bytes`` (they are then counted lost at the next look)."""
+        in_folder = {f.fingerprint for f, path, _ in listing if path.parent == self.folder}
+        for file, path, first in listing:
+            position = self.state.positions.get(file.fingerprint)
+            done = position is not None and 0 <= position.size <= position.acked
+            held = self._held.get(file.fingerprint)
+            if done and held is not None:
+                hostfs.release_log(self._held.pop(file.fingerprint).fd)
+            elif not done and held is None and path.parent == self.folder:
+                fd = hostfs.hold_log(path, first, file.compressed)
+                if fd is not None:
+                    self._held[file.fingerprint] = Held(fd, file.name, first, file.compressed)
+        listed = {f.fingerprint for f, _, _ in listing}
+        gone = [f for f in self._held if f not in self.state.positions and f not in listed]
+        for fingerprint in gone:
+            hostfs.release_log(self._held.pop(fingerprint).fd)
+        removed = [(f, h) for f, h in sorted(self._held.items(), key=lambda i: i[1].name)]
+        removed = [(f, h) for f, h in removed if f not in in_folder]
+        kept = sum(hostfs.held_size(h.fd) for _, h in removed)
+        for fingerprint, held in removed:
+            if kept <= self.hold_max_bytes:
+                break
+            log.error(
+                "%s: removed by rotation before it was shipped; holding it would keep more "
+                "than %d bytes of removed files: let go",
+                held.name,
+                self.hold_max_bytes,
+            )
+            kept -= hostfs.held_size(held.fd)
+            hostfs.release_log(self._held.pop(fingerprint).fd)
 
     def poll(self) -> None:
         """Send everything new, oldest file first; ``StoreError`` when the store did not take
         a batch (sent again, from what the store has kept, at the next poll)."""
         listing = self._listing()
         files = [f for f, _, _ in listing]
+        compressed = {f.fingerprint: f.compressed for f in files}
         plan = plan_reads(files, self.state, resume_from_kept=self.resume_from_kept)
         self.resume_from_kept = False
         for name, missing in plan.lost:
-            log.error("%s left %s before %d byte(s) of it were shipped", name, self.folder, missing)
-            self.metrics.lost_bytes.inc(missing)
+            amount = (
+                f"{missing} byte(s)" if missing >= 0 else "part (compressed: how much is not known)"
+            )
+            log.error("%s left %s before %s of it were shipped", name, self.folder, amount)
+            self.metrics.lost_files.inc()
+            self.metrics.lost_bytes.inc(max(missing, 0))
         self.state = plan.state
         where = {f.fingerprint: (path, first) for f, path, first in listing}
         try:
@@ -153,7 +231,7 @@ class Shipper:
             self.store.check()
             for read in plan.reads:
                 path, first = where[read.file.fingerprint]
-                self._send(read.file, path, first, read.start)
+                self._send(read.file, path, first, read.start, compressed[read.file.fingerprint])
         except StoreError:
             self.metrics.errors.inc()
             self.resume_from_kept = True
@@ -161,14 +239,15 @@ class Shipper:
         finally:
             self.state = settle(self.state, self.monotonic(), self.keep_after)
             self._save()
+            self._hold(listing)
             self.pending = pending_bytes(files, self.state)
             self.metrics.pending.set(self.pending)
         self.metrics.last_success.set(self.wall())
 
-    def _send(self, file: LogFile, path: Path, first: bytes, start: int) -> None:
+    def _send(self, file: LogFile, path: Path, first: bytes, start: int, gz: bool) -> None:
         """The file from ``start`` to its last whole line, batch by batch; a line the
         apiserver is still writing waits, and a line longer than a batch makes the batch grow."""
-        with hostfs.open_log_reader(path, first, start) as reader:
+        with hostfs.open_log_reader(path, first, start, gz) as reader:
             if reader is None:
                 return  # renamed or compressed since the listing: the next poll finds it
             offset, pending, limit = start, b"", self.batch_bytes
@@ -212,12 +291,31 @@ class Shipper:
                 log.warning("%s; sending again from what the store has kept", error)
                 self._failed(str(error))
                 backoff = min(backoff * 2, 30.0)
-                sleep(backoff)
+                self._look_while_waiting(backoff, interval, stop, sleep)
                 continue
             except HostError as error:
                 log.error("%s", error)
                 self._failed(str(error))
             sleep(interval)
+
+    def _look_while_waiting(
+        self,
+        seconds: float,
+        interval: float,
+        stop: Callable[[], bool],
+        sleep: Callable[[float], object],
+    ) -> None:
+        """Wait ``seconds`` for the store, looking at the folder every ``interval``: a file
+        the rotation makes and removes meanwhile is held open before it goes."""
+        waited = 0.0
+        while waited < seconds and not stop():
+            try:
+                self._hold(self._listing())
+            except HostError as error:
+                log.error("%s", error)
+            step = min(interval, seconds - waited)
+            sleep(step)
+            waited += step
 
     def _failed(self, error: str) -> None:
         """Note the outcome of a poll and write the report when it changed, or every

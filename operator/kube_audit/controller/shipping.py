@@ -94,9 +94,7 @@ class ShippingReporter:
     async def _tell(self, judged: ShippingJudgement | None) -> None:
         """A Warning Event on the Node when it stops shipping, a Normal one when it ships
         again: the condition says it too, the Event says when."""
-        stopped = {
-            e["node"] for e in (judged.entries if judged else []) if e["state"] in STOPPED
-        }
+        stopped = {e["node"] for e in (judged.entries if judged else []) if e["state"] in STOPPED}
         message = judged.condition["message"] if judged else ""
         for node in sorted(stopped - self._stopped):
             await self.status.post_node_event(

@@ -69,7 +69,8 @@ class Read:
 @dataclass(frozen=True)
 class Plan:
     reads: tuple[Read, ...]
-    # Files that left the folder before being shipped in full: (name, bytes never sent).
+    # Files that left the folder before being shipped in full: (name, bytes never sent; -1
+    # for a .gz not read to its end, whose size is not known).
     lost: tuple[tuple[str, int], ...]
     state: ShipState
 
@@ -91,6 +92,8 @@ def plan_reads(files: Sequence[LogFile], state: ShipState, *, resume_from_kept: 
         if current is None:
             if known.size > known.acked:
                 lost.append((known.name, known.size - known.acked))
+            elif known.size < 0:  # a .gz removed before it was read to its end: how much
+                lost.append((known.name, -1))  # is not known
             continue
         acked, acks = (known.kept, ()) if resume_from_kept else (known.acked, known.acks)
         # a compressed file's size is known only once it was read to its end
