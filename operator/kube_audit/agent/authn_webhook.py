@@ -32,6 +32,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from kube_audit.agent.webhook_admission import MAX_UNPROVEN, Unproven
 from kube_audit.agent.webhook_handover import DRAIN_SECONDS, await_successor, reset
 from kube_audit.agent.webhook_http import (
     Refused,
@@ -68,13 +69,7 @@ REQUEST_SECONDS = 5.0
 WRITE_SECONDS = 10.0
 # kube-apiserver keeps its connection between reviews; Go closes idle ones after 90 s.
 IDLE_SECONDS = 120.0
-# Connections not proven to be kube-apiserver's, at most: each holds about 70 KB (TLS state,
-# buffers), so a crowd costs at most about 36 MB. A new one pushes out the oldest known not to
-# be the apiserver (handshake done, without its certificate), else the oldest handshake older
-# than HANDSHAKE_GRACE (on loopback a real client's takes milliseconds); else it is turned away.
-# The apiserver's own connections are never pushed out.
-MAX_UNPROVEN = 256
-HANDSHAKE_GRACE = 1.0
+# Connections at most, the apiserver's included (unproven ones: webhook_admission.py).
 MAX_CONNECTIONS = 4096
 # How often the inputs are looked at (a stat of each): a new person is answered for this much
 # sooner, and the agent waits this much less before it calls them live.
@@ -121,11 +116,7 @@ class AuthnWebhook:
         self.refuse_after = refuse_after
         self.allowed = allowed
         self.max_connections = max_connections
-        self.max_unproven = max_unproven
-        # Oldest first (dicts keep insertion order): handshakes under way, with when they
-        # began (monotonic); and connections whose handshake showed another client.
-        self._handshaking: dict[asyncio.StreamWriter, float] = {}
-        self._strangers: dict[asyncio.StreamWriter, None] = {}
+        self._unproven: Unproven[asyncio.StreamWriter] = Unproven(max_unproven)
         # Every open connection's handler: ended (not cancelled) at shutdown.
         self._handlers: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
         self.metrics.snapshot_age.set_function(self._age_metric)
@@ -243,11 +234,15 @@ class AuthnWebhook:
             self.metrics.refused_connections.inc()
             writer.transport.abort()
             return
-        if not self._make_room():
+        room, pushed_out = self._unproven.make_room()
+        if pushed_out is not None:
+            self.metrics.refused_connections.inc()
+            pushed_out.transport.abort()
+        if not room:
             self.metrics.refused_connections.inc()
             writer.transport.abort()
             return
-        self._handshaking[writer] = time.monotonic()
+        self._unproven.began(writer)
         task = asyncio.current_task()
         if task is not None:
             self._handlers[writer] = task
@@ -264,28 +259,10 @@ class AuthnWebhook:
             self.metrics.timeouts.labels(str(timeout) or "request").inc()
         finally:
             self._handlers.pop(writer, None)
-            self._handshaking.pop(writer, None)
-            self._strangers.pop(writer, None)
+            self._unproven.ended(writer)
             self._open -= 1
             self.metrics.connections.set(self._open)
             await close_connection(writer, flush=answered)
-
-    def _make_room(self) -> bool:
-        """Room for one more unproven connection: push out a stranger, else a handshake past
-        its grace; False if every unproven one may still be the apiserver's."""
-        if len(self._handshaking) + len(self._strangers) < self.max_unproven:
-            return True
-        if self._strangers:
-            victim = next(iter(self._strangers))
-            del self._strangers[victim]
-        else:
-            victim, began = next(iter(self._handshaking.items()))
-            if time.monotonic() - began < HANDSHAKE_GRACE:
-                return False
-            del self._handshaking[victim]
-        self.metrics.refused_connections.inc()
-        victim.transport.abort()
-        return True
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -311,9 +288,7 @@ class AuthnWebhook:
         ssl_object = writer.get_extra_info("ssl_object")
         peer = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         apiserver = self.pin.allows(peer)
-        self._handshaking.pop(writer, None)
-        if not apiserver:
-            self._strangers[writer] = None
+        self._unproven.shown(writer, apiserver)
         idle = IDLE_SECONDS if apiserver else REQUEST_SECONDS
         while True:
             try:

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from kube_audit.constants import NODE_SHIPPING_ANNOTATION
+from kube_audit.core.shipping import parse_versioned
 
 REPORT_VERSION = 1
 SHIPPING = "Shipping"
@@ -54,12 +55,7 @@ def render_ship_report(report: ShipReport) -> bytes:
 
 def parse_ship_report(data: bytes | str) -> ShipReport:
     """A report back; ValueError when it is not one (the caller says where)."""
-    try:
-        raw: Any = orjson.loads(data)
-    except orjson.JSONDecodeError as error:
-        raise ValueError(f"not JSON: {error}") from None
-    if not isinstance(raw, dict) or raw.get("version") != REPORT_VERSION:
-        raise ValueError(f"not a version {REPORT_VERSION} ship report")
+    raw = parse_versioned(data, REPORT_VERSION, "ship report")
     try:
         failing = raw.get("failingSince")
         return ShipReport(

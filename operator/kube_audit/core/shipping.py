@@ -194,16 +194,22 @@ def render_state(state: ShipState) -> bytes:
     return orjson.dumps({"version": STATE_VERSION, "files": positions}, option=orjson.OPT_INDENT_2)
 
 
-def parse_state(data: bytes | None) -> ShipState:
-    """The state file back; ValueError when it is not one (the caller says where)."""
-    if not data:
-        return ShipState()
+def parse_versioned(data: bytes | str, version: int, what: str) -> dict[str, Any]:
+    """A JSON object of ours with its ``version``; ValueError saying what it is not."""
     try:
         raw: Any = orjson.loads(data)
     except orjson.JSONDecodeError as error:
         raise ValueError(f"not JSON: {error}") from None
-    if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
-        raise ValueError(f"not a version {STATE_VERSION} ship state")
+    if not isinstance(raw, dict) or raw.get("version") != version:
+        raise ValueError(f"not a version {version} {what}")
+    return raw
+
+
+def parse_state(data: bytes | None) -> ShipState:
+    """The state file back; ValueError when it is not one (the caller says where)."""
+    if not data:
+        return ShipState()
+    raw = parse_versioned(data, STATE_VERSION, "ship state")
     positions = {}
     for item in raw.get("files") or []:
         try:
