@@ -97,6 +97,10 @@ class WebhookNode:
                 self.node.tree,
                 "--listen",
                 listen,
+                # Stopped here to be down (no next pod takes over): at once, not after its
+                # wait for one (tests/realnode measures the hand-over).
+                "--hand-over",
+                "0",
             ]
             self.process = subprocess.Popen(
                 [str(part) for part in command],
