@@ -154,6 +154,18 @@ def test_with_no_next_webhook_it_serves_until_its_bound(
         answered = len(reviewer.answered)
         time.sleep(0.3)
         assert len(reviewer.answered) > answered, "still answering within its bound"
+        # ... but not ready: the node agent's probe must not switch to a webhook about to go
+        # (found by the real node tier: a switch made to the old pod's webhook in its last
+        # seconds, none after it).
+        probe = http.client.HTTPSConnection(
+            "127.0.0.1",
+            old.webhook.port,
+            context=_client(None, pki, tmp_path, None),
+            timeout=5,  # type: ignore[arg-type]
+        )
+        probe.request("GET", "/healthz")
+        answer = probe.getresponse()
+        assert answer.status == 503 and b"handing over" in answer.read()
         stopped = old.stopped_within(10)
         took = time.monotonic() - told
     finally:

@@ -142,6 +142,7 @@ class AuthnWebhook:
         self._stop: asyncio.Event | None = None
         self._hand_over = 0.0
         self._draining = False
+        self._stopping = False
         self.successor: str | None = None
 
     @property
@@ -199,6 +200,7 @@ class AuthnWebhook:
         drain = 0.0
         try:
             await self._stop.wait()
+            self._stopping = True
             if self._hand_over > 0:
                 address = self._socket.getsockname()[:2]
                 self.successor = await await_successor(address, self.instance, self._hand_over)
@@ -362,6 +364,10 @@ class AuthnWebhook:
             await self._send(writer, 503, b"the inputs are not looked at any more\n", close=close)
         elif route == "/livez":
             await self._send(writer, 200, b"ok\n", close=close)
+        elif self._stopping:
+            # Still answering reviews until the next webhook does, but not to be counted on:
+            # the agent's probe must not switch the node to a webhook about to go.
+            await self._send(writer, 503, b"stopping: handing over\n", close=close)
         elif digest is None:
             await self._send(writer, 503, b"not loaded\n", close=close)
         else:
