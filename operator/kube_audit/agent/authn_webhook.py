@@ -161,19 +161,8 @@ class AuthnWebhook:
         return -1.0 if age is None else age
 
     def stale(self) -> str | None:
-        """Why every token is refused now (None: it is not): the snapshot was not confirmed
-        within ``refuse_after``."""
-        if self.refuse_after is None:
-            return None
-        age = self.source.age(self.clock())
-        if age is not None and age <= self.refuse_after:
-            return None
-        since = "never confirmed" if age is None else f"last confirmed {age:.0f} s ago"
-        return (
-            f"the identity snapshot is {since}, over this node's bound of "
-            f"{self.refuse_after:.0f} s (--refuse-after): every token is refused until the "
-            "operator on this node confirms it again"
-        )
+        """Why every token is refused now (None: it is not)."""
+        return self.source.too_old(self.clock(), self.refuse_after)
 
     async def _look_often(self) -> None:
         while True:

@@ -213,7 +213,6 @@ class Shipper:
         a batch (sent again, from what the store has kept, at the next poll)."""
         listing = self._listing()
         files = [f for f, _, _ in listing]
-        compressed = {f.fingerprint: f.compressed for f in files}
         plan = plan_reads(files, self.state, resume_from_kept=self.resume_from_kept)
         self.resume_from_kept = False
         for name, missing in plan.lost:
@@ -231,7 +230,7 @@ class Shipper:
             self.store.check()
             for read in plan.reads:
                 path, first = where[read.file.fingerprint]
-                self._send(read.file, path, first, read.start, compressed[read.file.fingerprint])
+                self._send(read.file, path, first, read.start)
         except StoreError:
             self.metrics.errors.inc()
             self.resume_from_kept = True
@@ -244,10 +243,10 @@ class Shipper:
             self.metrics.pending.set(self.pending)
         self.metrics.last_success.set(self.wall())
 
-    def _send(self, file: LogFile, path: Path, first: bytes, start: int, gz: bool) -> None:
+    def _send(self, file: LogFile, path: Path, first: bytes, start: int) -> None:
         """The file from ``start`` to its last whole line, batch by batch; a line the
         apiserver is still writing waits, and a line longer than a batch makes the batch grow."""
-        with hostfs.open_log_reader(path, first, start, gz) as reader:
+        with hostfs.open_log_reader(path, first, start, file.compressed) as reader:
             if reader is None:
                 return  # renamed or compressed since the listing: the next poll finds it
             offset, pending, limit = start, b"", self.batch_bytes

@@ -172,6 +172,21 @@ class IdentitySource:
         """Seconds since the last confirmation; None if there never was one."""
         return None if self.confirmed is None else max(0.0, now - self.confirmed)
 
+    def too_old(self, now: float, bound: float | None) -> str | None:
+        """Why every token is refused (None: it is not): the snapshot was not confirmed within
+        ``bound`` seconds (--refuse-after; None: never refused for its age)."""
+        if bound is None:
+            return None
+        age = self.age(now)
+        if age is not None and age <= bound:
+            return None
+        since = "never confirmed" if age is None else f"last confirmed {age:.0f} s ago"
+        return (
+            f"the identity snapshot is {since}, over this node's bound of {bound:.0f} s "
+            "(--refuse-after): every token is refused until the operator on this node "
+            "confirms it again"
+        )
+
 
 def _certificate(pem: bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem)

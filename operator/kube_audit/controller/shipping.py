@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from kube_audit.agent.layout import STATE_DIR, under
 from kube_audit.agent.ship import read_ship_report
 from kube_audit.constants import AUDIT_POLICY, NODE_SHIPPING_ANNOTATION
 from kube_audit.controller.clock import micro_time, rfc3339
 from kube_audit.controller.status import StatusWriter
-from kube_audit.core.ship_report import SHIPPING, ShippingJudgement, judge_shipping
-from kube_audit.core.status import conditions_differ
+from kube_audit.core.ship_report import ShippingJudgement, judge_shipping, shipping_patch
 from kube_audit.errors import KubeAuditError
 
 log = logging.getLogger(__name__)
@@ -112,25 +110,3 @@ def _part(message: str, node: str) -> str:
         if part.startswith(f"{node}:"):
             return part.removeprefix(f"{node}:").strip()
     return message
-
-
-def shipping_patch(
-    status: dict[str, Any], judged: ShippingJudgement | None, now: str
-) -> dict[str, Any] | None:
-    """The status patch that brings one AuditPolicy to ``judged`` (None: nothing to write).
-    Its other conditions are kept as they are (a merge patch replaces the list whole)."""
-    others = [c for c in status.get("conditions") or [] if c.get("type") != SHIPPING]
-    if judged is None:
-        if "shipping" not in status and len(others) == len(status.get("conditions") or []):
-            return None
-        return {"conditions": others, "shipping": None}
-    old = next((c for c in status.get("conditions") or [] if c.get("type") == SHIPPING), None)
-    condition = dict(judged.condition)
-    same = old is not None and old.get("status") == condition["status"]
-    condition["lastTransitionTime"] = (
-        str(old.get("lastTransitionTime", now)) if same and old else now
-    )
-    patch: dict[str, Any] = {"conditions": [*others, condition], "shipping": judged.entries}
-    if not conditions_differ(status, patch):
-        return None
-    return patch

@@ -218,7 +218,7 @@ class StatusWriter:
     ) -> None:
         """Write one node entry and the Event that goes with it (best effort: an Event the
         API refuses never stops the status writes)."""
-        if not await self._patch_status(kind, name, patch):
+        if not await self.patch_status(kind, name, patch):
             return
         outcome = str(entry["outcome"])
         if self._events_left <= 0:
@@ -264,9 +264,6 @@ class StatusWriter:
         )
 
     async def patch_status(self, kind: str, name: str, patch: dict[str, Any]) -> bool:
-        return await self._patch_status(kind, name, patch)
-
-    async def _patch_status(self, kind: str, name: str, patch: dict[str, Any]) -> bool:
         """Patch status; False when the object is gone (then it is forgotten: its delete may
         never have reached our watch)."""
         plural = PLURALS[kind]
@@ -360,7 +357,7 @@ class StatusWriter:
         self, kind: str, name: str, patch: dict[str, Any], expired: Mapping[str, Any] | None
     ) -> None:
         """The conditions; a person who just expired gets an Event too (once, by the owner)."""
-        if await self._patch_status(kind, name, patch) and expired is not None:
+        if await self.patch_status(kind, name, patch) and expired is not None:
             message = next(c["message"] for c in patch["conditions"] if c["type"] == "Ready")
             await self._post_event(expired, kind, EXPIRED, message)
 

@@ -17,6 +17,7 @@ import orjson
 
 from kube_audit.constants import NODE_SHIPPING_ANNOTATION
 from kube_audit.core.shipping import parse_versioned
+from kube_audit.core.status import conditions_differ, with_transition_times
 
 REPORT_VERSION = 1
 SHIPPING = "Shipping"
@@ -182,3 +183,19 @@ def _judge_node(
         )
         return entry, (FAILING, why)
     return entry, None
+
+
+def shipping_patch(
+    status: Mapping[str, Any], judged: ShippingJudgement | None, now: str
+) -> dict[str, Any] | None:
+    """The status patch that brings one AuditPolicy to ``judged`` (None: nothing to write).
+    Its other conditions are kept as they are (a merge patch replaces the list whole)."""
+    conditions = list(status.get("conditions") or [])
+    others = [c for c in conditions if c.get("type") != SHIPPING]
+    if judged is None:
+        if "shipping" not in status and len(others) == len(conditions):
+            return None
+        return {"conditions": others, "shipping": None}
+    shipping = with_transition_times([dict(judged.condition)], status, now)
+    patch: dict[str, Any] = {"conditions": [*others, *shipping], "shipping": judged.entries}
+    return patch if conditions_differ(status, patch) else None

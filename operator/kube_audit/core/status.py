@@ -221,6 +221,15 @@ def compute_conditions(
             _condition("Stalled", False, "Progressing", "", generation),
         ]
     conditions += [dict(c) for c in extra]  # judged elsewhere: the Shipping condition
+    with_transition_times(conditions, status, now)
+    return {"observedGeneration": generation, "conditions": conditions}
+
+
+def with_transition_times(
+    conditions: list[dict[str, Any]], status: Mapping[str, Any], now: str
+) -> list[dict[str, Any]]:
+    """Each condition's lastTransitionTime: kept from ``status`` while its status is the same,
+    else ``now`` (set in place; returned for convenience)."""
     previous = {c.get("type"): c for c in status.get("conditions") or []}
     for condition in conditions:
         old = previous.get(condition["type"])
@@ -228,7 +237,7 @@ def compute_conditions(
         condition["lastTransitionTime"] = (
             old.get("lastTransitionTime", now) if same and old else now
         )
-    return {"observedGeneration": generation, "conditions": conditions}
+    return conditions
 
 
 def conditions_differ(status: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:

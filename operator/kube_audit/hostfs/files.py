@@ -213,30 +213,29 @@ def remove_tree(path: Path) -> None:
 @contextlib.contextmanager
 def host_lock(path: Path, wait_seconds: float = 30.0) -> Iterator[None]:
     """An exclusive flock, so two writers (two pods, a pod and a person) never interleave."""
-    ensure_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait_seconds
+
+    def busy() -> bool:
+        if time.monotonic() >= deadline:
+            raise LockBusy(f"another kube-audit writer holds {path}; try again when it is done")
+        time.sleep(0.05)
+        return False
+
+    fd = take_lock(path, busy)
+    if fd is None:  # busy never gives up, it raises: for the type checker
+        raise LockBusy(f"{path}: not taken")
     try:
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockBusy(
-                        f"another kube-audit writer holds {path}; try again when it is done"
-                    ) from None
-                time.sleep(0.05)
         yield
     finally:
         os.close(fd)
 
 
 def take_lock(path: Path, busy: Callable[[], bool]) -> int | None:
-    """An exclusive flock held for the rest of the process (the descriptor is returned and
-    never closed here; the kernel lets go when the process ends, however it ends): one holder
-    per node though two pods run there for a moment. ``busy`` is called while another process
-    holds it and returns True to give up (a signal came): None then."""
+    """An exclusive flock, its descriptor returned: the caller closes it, or holds it for the
+    rest of the process (the kernel lets go when the process ends, however it ends: one holder
+    per node though two pods run there for a moment). ``busy`` is called while another process
+    holds it and returns True to give up (a signal came): None then; what it raises is raised,
+    the descriptor closed."""
     ensure_dir(path.parent)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -247,6 +246,11 @@ def take_lock(path: Path, busy: Callable[[], bool]) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
-            if busy():
+            try:
+                given_up = busy()
+            except BaseException:
+                os.close(fd)
+                raise
+            if given_up:
                 os.close(fd)
                 return None
