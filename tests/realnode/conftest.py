@@ -3,6 +3,7 @@ containerd, with kube-audit installed as users install it (the image, the Daemon
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -12,6 +13,9 @@ import pytest
 from tests.controlplane.cluster import require_tier
 from tests.realnode.cluster import NAMESPACE, Real, real_node
 from tests.realnode.node import why_unavailable
+
+# What kubelet logs when it removes images or evicts pods for want of room.
+PRESSURE_WORDS = ("garbage", "Evict", "evict", "DiskPressure", "MemoryPressure", "RemoveImage")
 
 
 @pytest.fixture(scope="package")
@@ -48,6 +52,7 @@ def _node_at_failure(plane: Real) -> str:
         parts.append(
             f"--- {log.relative_to(tree)}, kube_audit's last lines\n" + "\n".join(ours[-40:])
         )
+    parts.extend(_control_plane_at_failure(plane))
     try:
         pods = plane.cp.kubectl("get", "pods", "-A", "-o", "wide", check=False, timeout=20)
         parts.append("--- kubectl get pods -A\n" + (pods.stdout or pods.stderr))
@@ -57,3 +62,34 @@ def _node_at_failure(plane: Real) -> str:
     except subprocess.TimeoutExpired:
         parts.append("--- the API did not answer within 20 s")
     return "\n".join(parts)
+
+
+def _control_plane_at_failure(plane: Real) -> list[str]:
+    """What kubelet and containerd did with the static pods: with the API down (a restart that
+    never came back), only the node can say whether the apiserver crashed, was never started, or
+    is still the old one."""
+    tree = plane.node.tree
+    parts: list[str] = []
+    for pod in ("kube-apiserver", "etcd"):
+        logs = sorted(
+            (tree / "var/log/pods").glob(f"kube-system_{pod}-*/{pod}/*.log"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        for log in logs[-2:]:
+            lines = log.read_text(errors="replace").splitlines()
+            parts.append(f"--- {log.relative_to(tree)}, last lines\n" + "\n".join(lines[-15:]))
+    kubelet_log = plane.node.work / "logs" / "kubelet.log"
+    if kubelet_log.is_file():
+        lines = kubelet_log.read_text(errors="replace").splitlines()
+        about = [line for line in lines if "kube-apiserver" in line or "static pod" in line.lower()]
+        parts.append("--- kubelet's last lines about kube-apiserver\n" + "\n".join(about[-30:]))
+        pressure = [line for line in lines if any(w in line for w in PRESSURE_WORDS)]
+        parts.append("--- kubelet on images and eviction\n" + "\n".join(pressure[-15:]))
+        parts.append("--- kubelet's last lines\n" + "\n".join(lines[-15:]))
+    disk = shutil.disk_usage(tree)
+    parts.append(
+        f"--- the node's disk: {disk.free / 2**30:.1f} GiB free of {disk.total / 2**30:.1f}"
+    )
+    tasks = plane.node.ctr("tasks", "ls", check=False)
+    parts.append("--- containerd's tasks\n" + (tasks.stdout or tasks.stderr))
+    return parts

@@ -528,6 +528,10 @@ def _node_registration(node: RealNode) -> dict[str, Any]:
     }
 
 
+# kubelet's disk eviction signals (all of them: a partial evictionHard does not merge defaults).
+DISK_SIGNALS = ("nodefs.available", "nodefs.inodesFree", "imagefs.available", "imagefs.inodesFree")
+
+
 def kubeadm_configuration(
     node: RealNode, cluster_name: str, endpoint: str | None = None
 ) -> list[dict[str, Any]]:
@@ -577,6 +581,16 @@ def kubeadm_configuration(
             "failSwapOn": False,
             "makeIPTablesUtilChains": False,
             "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
+            # The node's disk is the host's, shared with everything else on it, and the node
+            # has no registry: kubelet must neither delete an image no container uses at the
+            # moment (the apiserver's between two restarts, ours after an uninstall) nor
+            # evict pods because the host's disk is full. 0% turns a disk signal off.
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": {
+                "memory.available": "100Mi",
+                **{signal: "0%" for signal in DISK_SIGNALS},
+            },
         },
     ]
 
